@@ -1,0 +1,209 @@
+//! The command line: `run`, `check`, `route`, `init`, `demo`.
+
+use crate::config::Config;
+use crate::routing::{backend_addr, Router};
+use crate::server::{self, RunMode};
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The demo's configuration, embedded so that `gopush demo` needs no file.
+pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
+
+/// Files written by `gopush init`, relative to the target directory.
+const INIT_FILES: &[(&str, &str)] = &[
+    ("conf/local.yaml", include_str!("../conf/local.yaml")),
+    ("conf/develop.yaml", include_str!("../conf/develop.yaml")),
+    ("conf/production.yaml", include_str!("../conf/production.yaml")),
+    ("hooks/README.md", include_str!("../hooks/README.md")),
+];
+
+#[derive(Parser, Debug)]
+#[command(name = "gopush", version, about = "uid-sticky edge proxy for Socket.IO clusters")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent.
+    Run {
+        /// Configuration file [default: conf/${GOPUSH_ENV:-local}.yaml]
+        #[arg(short, long)]
+        conf: Option<PathBuf>,
+        /// Run in the background.
+        #[arg(short, long)]
+        daemon: bool,
+        /// Take over the listening sockets of a running gopush (graceful binary upgrade).
+        #[arg(short, long)]
+        upgrade: bool,
+    },
+    /// Validate the configuration and print the pools.
+    Check {
+        /// Configuration file [default: conf/${GOPUSH_ENV:-local}.yaml]
+        #[arg(short, long)]
+        conf: Option<PathBuf>,
+    },
+    /// Print the backend a uid maps to (offline: every backend assumed healthy).
+    Route {
+        /// The uid, exactly as the client sends it.
+        uid: String,
+        /// The product (pool); default pool when absent.
+        #[arg(short, long)]
+        product: Option<String>,
+        /// Configuration file [default: conf/${GOPUSH_ENV:-local}.yaml]
+        #[arg(short, long)]
+        conf: Option<PathBuf>,
+    },
+    /// Write example conf/ and hooks/ into DIR (never overwrites).
+    Init {
+        /// Target directory.
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// The agent on :6003 in front of two built-in Socket.IO backends on :4000 and :4001.
+    Demo,
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run {
+            conf,
+            daemon,
+            upgrade,
+        } => {
+            let config = match load(conf) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            crate::logging::init(daemon || config.server.daemon);
+            report(server::run(&config, RunMode { daemon, upgrade }, None))
+        }
+        Command::Check { conf } => {
+            let config = match load(conf) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            print_pools(&config);
+            ExitCode::SUCCESS
+        }
+        Command::Route { uid, product, conf } => {
+            let config = match load(conf) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            route(&config, &uid, product.as_deref())
+        }
+        Command::Init { dir } => report(init(&dir)),
+        Command::Demo => demo(),
+    }
+}
+
+fn default_conf_path() -> PathBuf {
+    let env = std::env::var("GOPUSH_ENV").unwrap_or_else(|_| "local".into());
+    PathBuf::from(format!("conf/{env}.yaml"))
+}
+
+fn load(conf: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let path = conf.unwrap_or_else(default_conf_path);
+    Config::load(&path).map_err(|e| {
+        eprintln!("gopush: configuration error: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("gopush: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_pools(config: &Config) {
+    let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
+    println!("configuration ok; listen {}", listen.join(", "));
+    for (name, pool) in &config.pools {
+        println!("pool {name}:");
+        for b in &pool.backends {
+            println!("  {} weight {}", b.addr, b.weight);
+        }
+    }
+}
+
+fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
+    if let Err(crate::uid::UidError::Invalid(why)) = crate::uid::validate(uid, config.uid.max_len) {
+        eprintln!("gopush: invalid uid: {why}");
+        return ExitCode::FAILURE;
+    }
+    let router = Router::new(config);
+    let Ok(pool) = router.pool(product) else {
+        eprintln!("gopush: unknown product `{}`", product.unwrap_or_default());
+        return ExitCode::FAILURE;
+    };
+    let Some(primary) = pool.select_ignoring_health(uid.as_bytes()) else {
+        eprintln!("gopush: pool `{}` has no backends", pool.name());
+        return ExitCode::FAILURE;
+    };
+    let fmt = |b: &pingora::lb::Backend| backend_addr(b).map_or("-".to_string(), |a| a.to_string());
+    let failover = pool
+        .failover(uid.as_bytes(), &primary)
+        .map_or_else(|| "none".to_string(), |b| fmt(&b));
+    println!("{}", fmt(&primary));
+    println!("pool: {}", pool.name());
+    println!("if it is down: {failover}");
+    ExitCode::SUCCESS
+}
+
+fn init(dir: &Path) -> anyhow::Result<()> {
+    for (rel, _) in INIT_FILES {
+        let path = dir.join(rel);
+        if path.exists() {
+            anyhow::bail!("{} exists; refusing to overwrite anything", path.display());
+        }
+    }
+    for (rel, text) in INIT_FILES {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&path, text)?;
+        println!("wrote {}", path.display());
+    }
+    println!("next: edit conf/local.yaml, then `gopush run` (GOPUSH_ENV picks local/develop/production)");
+    Ok(())
+}
+
+fn demo() -> ExitCode {
+    crate::logging::init(false);
+    let config = match Config::from_str_named(DEMO_CONFIG, Path::new("<embedded demo config>")) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("gopush: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let addrs: Vec<_> = config
+        .pools
+        .values()
+        .flat_map(|p| p.backends.iter().map(|b| b.addr))
+        .collect();
+    let _backends = match crate::demo::spawn_backends(&addrs) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("gopush: demo backends: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
+    report(server::run(
+        &config,
+        RunMode::default(),
+        Some(crate::demo::PAGE_HTML),
+    ))
+}

@@ -1,0 +1,159 @@
+//! The configuration file: YAML in, a validated [`Config`] out.
+//!
+//! This is the only module that parses YAML. Everything the request path needs is checked here,
+//! once, at start (and on reload), so the proxy phases never see a malformed value: addresses are
+//! literal socket addresses, header names are valid, every pool has at least one backend.
+//!
+//! Errors name the file, the line and column where the parser knows them, the key path
+//! (`pools.default.backends[1]`) and what is wrong; see [`ConfigError`].
+
+mod env;
+mod types;
+
+pub use types::*;
+
+use std::path::{Path, PathBuf};
+
+/// Where the configuration came from and what was wrong with it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A `${VAR}` reference could not be substituted.
+    #[error("{file}:{line}: {message}")]
+    Env {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line of the reference.
+        line: usize,
+        /// What is wrong.
+        message: String,
+    },
+    /// YAML syntax, an unknown key, a wrong type or a value that failed its own check.
+    #[error("{file}:{location}{key}: {message}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// `line:column: ` when the parser knows it, else empty.
+        location: String,
+        /// The key path, e.g. `pools.default.backends[1]`, or empty.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The document parsed, but its parts do not fit together.
+    #[error("{file}: {key}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// The key path.
+        key: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, substitutes `${VAR}` references, parses and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_path_buf(),
+            source,
+        })?;
+        Self::from_str_named(&text, path)
+    }
+
+    /// Parses a configuration held in memory; `name` is used in error messages.
+    pub fn from_str_named(text: &str, name: &Path) -> Result<Config, ConfigError> {
+        let text = env::substitute(text, |var| std::env::var(var).ok()).map_err(|e| {
+            ConfigError::Env {
+                file: name.to_path_buf(),
+                line: e.line,
+                message: e.message,
+            }
+        })?;
+        let de = serde_yaml::Deserializer::from_str(&text);
+        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let location = inner
+                .location()
+                .map(|l| format!("{}:{}: ", l.line(), l.column()))
+                .unwrap_or_default();
+            ConfigError::Parse {
+                file: name.to_path_buf(),
+                location,
+                key: if key == "." { String::new() } else { key },
+                message: strip_serde_yaml_decorations(&inner.to_string()),
+            }
+        })?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            file: name.to_path_buf(),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// Cross-field checks that a single value's deserializer cannot make.
+    fn validate(&self) -> Result<(), (String, String)> {
+        if !self.pools.contains_key(DEFAULT_POOL) {
+            return Err((
+                "pools".into(),
+                format!("a pool named `{DEFAULT_POOL}` is required (requests without a product use it)"),
+            ));
+        }
+        for (name, pool) in &self.pools {
+            if pool.backends.is_empty() {
+                return Err((format!("pools.{name}.backends"), "needs at least one backend".into()));
+            }
+            for (i, b) in pool.backends.iter().enumerate() {
+                if pool.backends[..i].iter().any(|o| o.addr == b.addr) {
+                    return Err((
+                        format!("pools.{name}.backends[{i}]"),
+                        format!("backend {} is listed twice", b.addr),
+                    ));
+                }
+            }
+        }
+        if self.uid.sources.is_empty() {
+            return Err(("uid.sources".into(), "needs at least one source".into()));
+        }
+        if self.uid.forward.header.is_none() && self.uid.forward.query.is_none() {
+            return Err((
+                "uid.forward".into(),
+                "set `header`, `query` or both: the backend must receive the uid".into(),
+            ));
+        }
+        if self.health_check.kind == HealthCheckKind::Http && !self.health_check.path.starts_with('/')
+        {
+            return Err(("health_check.path".into(), "must start with `/`".into()));
+        }
+        if self.server.threads == 0 {
+            return Err(("server.threads".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml repeats the path and location we already print; keep only the message.
+fn strip_serde_yaml_decorations(msg: &str) -> String {
+    let msg = match msg.rfind(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    // "key.path: message" → "message" (the key is printed separately).
+    match msg.split_once(": ") {
+        Some((head, rest)) if !head.contains(' ') => rest.to_string(),
+        _ => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

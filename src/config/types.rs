@@ -1,0 +1,496 @@
+//! The configuration's shape. Each value checks itself while it is deserialized, so that a wrong
+//! value is reported with its line and key path.
+
+use serde::{de, Deserialize, Deserializer};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The pool used when a request names no product.
+pub const DEFAULT_POOL: &str = "default";
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Addresses the agent listens on.
+    #[serde(default = "default_listen")]
+    pub listen: Listen,
+    /// Where the uid comes from and how it is handed to the backend.
+    #[serde(default)]
+    pub uid: UidConfig,
+    /// Query parameter that selects a pool (the original gopush's `product`).
+    #[serde(default = "default_product_param")]
+    pub product_param: String,
+    /// Named backend pools; `default` is required.
+    pub pools: BTreeMap<String, PoolConfig>,
+    /// Active health checks of every backend.
+    #[serde(default)]
+    pub health_check: HealthCheckConfig,
+    /// Connections to backends.
+    #[serde(default)]
+    pub upstream: UpstreamConfig,
+    /// Engine.IO session → backend memory.
+    #[serde(default)]
+    pub affinity: AffinityConfig,
+    /// The per-request access log.
+    #[serde(default)]
+    pub access_log: AccessLogConfig,
+    /// Pingora's server settings.
+    #[serde(default)]
+    pub server: ServerSection,
+}
+
+fn default_listen() -> Listen {
+    Listen(vec![SocketAddr::from(([0, 0, 0, 0], 6003))])
+}
+
+fn default_product_param() -> String {
+    "product".into()
+}
+
+/// One address or a list of addresses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen(pub Vec<SocketAddr>);
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum OneOrMany {
+            One(String),
+            Many(Vec<String>),
+        }
+        let list = match OneOrMany::deserialize(d)? {
+            OneOrMany::One(s) => vec![s],
+            OneOrMany::Many(v) => v,
+        };
+        if list.is_empty() {
+            return Err(de::Error::custom("needs at least one address"));
+        }
+        list.iter()
+            .map(|s| parse_socket_addr(s).map_err(de::Error::custom))
+            .collect::<Result<_, _>>()
+            .map(Listen)
+    }
+}
+
+fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse().map_err(|_| {
+        format!("`{s}` is not a literal IP:port (host names are not resolved here: nginx-compatible hashing needs the exact address)")
+    })
+}
+
+/// Where the uid is read from, and how it is forwarded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UidConfig {
+    /// Sources tried in order; the first that yields a non-empty value wins.
+    #[serde(default = "default_sources")]
+    pub sources: Vec<UidSource>,
+    /// How the backend receives the resolved uid.
+    #[serde(default)]
+    pub forward: ForwardConfig,
+    /// Longest accepted uid in bytes.
+    #[serde(default = "default_max_len")]
+    pub max_len: usize,
+}
+
+impl Default for UidConfig {
+    fn default() -> Self {
+        UidConfig {
+            sources: default_sources(),
+            forward: ForwardConfig::default(),
+            max_len: default_max_len(),
+        }
+    }
+}
+
+fn default_sources() -> Vec<UidSource> {
+    vec![UidSource::Cookie("uid".into()), UidSource::Query("uid".into())]
+}
+
+fn default_max_len() -> usize {
+    256
+}
+
+/// One place a uid can come from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawSource")]
+pub enum UidSource {
+    /// A cookie of this name.
+    Cookie(String),
+    /// A query parameter of this name.
+    Query(String),
+    /// A request header (lower-case name).
+    Header(http::HeaderName),
+}
+
+impl fmt::Display for UidSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UidSource::Cookie(n) => write!(f, "cookie `{n}`"),
+            UidSource::Query(n) => write!(f, "query `{n}`"),
+            UidSource::Header(n) => write!(f, "header `{n}`"),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    cookie: Option<String>,
+    query: Option<String>,
+    header: Option<String>,
+}
+
+impl TryFrom<RawSource> for UidSource {
+    type Error = String;
+    fn try_from(raw: RawSource) -> Result<Self, String> {
+        let source = match (raw.cookie, raw.query, raw.header) {
+            (Some(c), None, None) => UidSource::Cookie(c),
+            (None, Some(q), None) => UidSource::Query(q),
+            (None, None, Some(h)) => UidSource::Header(parse_header_name(&h)?),
+            _ => {
+                return Err(
+                    "a source is exactly one of `cookie: NAME`, `query: NAME`, `header: NAME`"
+                        .into(),
+                )
+            }
+        };
+        match &source {
+            UidSource::Cookie(n) | UidSource::Query(n) if n.is_empty() => {
+                Err("the name must not be empty".into())
+            }
+            _ => Ok(source),
+        }
+    }
+}
+
+fn parse_header_name(s: &str) -> Result<http::HeaderName, String> {
+    http::HeaderName::from_bytes(s.to_ascii_lowercase().as_bytes())
+        .map_err(|_| format!("`{s}` is not a valid header name"))
+}
+
+/// How the backend receives the resolved uid. Client-sent copies of both are removed first.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForwardConfig {
+    /// Header carrying the uid (`null` to not send one).
+    #[serde(default = "default_forward_header", deserialize_with = "opt_header_name")]
+    pub header: Option<http::HeaderName>,
+    /// Query parameter carrying the uid (`null` to not send one).
+    #[serde(default = "default_forward_query")]
+    pub query: Option<String>,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            header: default_forward_header(),
+            query: default_forward_query(),
+        }
+    }
+}
+
+fn default_forward_header() -> Option<http::HeaderName> {
+    Some(http::HeaderName::from_static("x-gopush-uid"))
+}
+
+fn default_forward_query() -> Option<String> {
+    Some("uid".into())
+}
+
+fn opt_header_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<http::HeaderName>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_header_name(&s).map_err(de::Error::custom))
+        .transpose()
+}
+
+/// One pool of interchangeable backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Backends as `"IP:port"` or `{addr: "IP:port", weight: N}`.
+    pub backends: Vec<BackendConfig>,
+}
+
+/// One backend and its Ketama weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// Literal socket address.
+    pub addr: SocketAddr,
+    /// Relative share of uids (1..=100); nginx's `weight=`.
+    pub weight: u16,
+}
+
+impl<'de> Deserialize<'de> for BackendConfig {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            addr: String,
+            #[serde(default = "one")]
+            weight: u16,
+        }
+        fn one() -> u16 {
+            1
+        }
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Addr(String),
+            Full(Full),
+        }
+        let (addr, weight) = match Raw::deserialize(d).map_err(|_| {
+            de::Error::custom("a backend is \"IP:port\" or {addr: \"IP:port\", weight: N}")
+        })? {
+            Raw::Addr(a) => (a, 1),
+            Raw::Full(f) => (f.addr, f.weight),
+        };
+        if !(1..=100).contains(&weight) {
+            return Err(de::Error::custom(format!(
+                "weight {weight} of {addr} is out of range 1..=100"
+            )));
+        }
+        let addr = parse_socket_addr(&addr).map_err(de::Error::custom)?;
+        Ok(BackendConfig { addr, weight })
+    }
+}
+
+/// How backends are probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HealthCheckKind {
+    /// A TCP connect succeeds.
+    Tcp,
+    /// `GET path` answers 200.
+    Http,
+    /// No probing: every backend is always considered healthy.
+    None,
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckConfig {
+    /// Probe kind.
+    #[serde(default = "default_hc_kind")]
+    pub kind: HealthCheckKind,
+    /// Time between probes of one backend.
+    #[serde(default = "default_hc_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Connect (and for HTTP, response) timeout of one probe.
+    #[serde(default = "default_hc_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Path for `kind: http`.
+    #[serde(default = "default_hc_path")]
+    pub path: String,
+    /// Host header for `kind: http`.
+    #[serde(default = "default_hc_host")]
+    pub host: String,
+}
+
+impl Default for HealthCheckConfig {
+    fn default() -> Self {
+        HealthCheckConfig {
+            kind: default_hc_kind(),
+            interval: default_hc_interval(),
+            timeout: default_hc_timeout(),
+            path: default_hc_path(),
+            host: default_hc_host(),
+        }
+    }
+}
+
+fn default_hc_kind() -> HealthCheckKind {
+    HealthCheckKind::Tcp
+}
+fn default_hc_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_hc_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_hc_path() -> String {
+    "/".into()
+}
+fn default_hc_host() -> String {
+    "localhost".into()
+}
+
+/// Connections to backends.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// TCP connect timeout; a backend that does not accept within it counts as failed.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            connect_timeout: default_connect_timeout(),
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+/// Engine.IO session → backend memory (session continuity).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AffinityConfig {
+    /// Remember sessions at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Upper bound of remembered sessions (least useful are evicted first).
+    #[serde(default = "default_max_sessions")]
+    pub max_sessions: usize,
+    /// How long a session is remembered after its handshake.
+    #[serde(default = "default_affinity_ttl", with = "humantime_serde")]
+    pub ttl: Duration,
+}
+
+impl Default for AffinityConfig {
+    fn default() -> Self {
+        AffinityConfig {
+            enabled: true,
+            max_sessions: default_max_sessions(),
+            ttl: default_affinity_ttl(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_max_sessions() -> usize {
+    100_000
+}
+fn default_affinity_ttl() -> Duration {
+    Duration::from_secs(24 * 3600)
+}
+
+/// The access log: one line per request and per closed tunnel, written off the request path.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// Write it at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig { enabled: true }
+    }
+}
+
+/// Pingora's own server settings (see Pingora's `ServerConf`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Worker threads of the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Let idle worker threads take tasks from busy ones.
+    #[serde(default = "yes")]
+    pub work_stealing: bool,
+    /// Run in the background (`-d` also sets it).
+    #[serde(default)]
+    pub daemon: bool,
+    /// PID file (daemon mode).
+    #[serde(default = "default_pid_file")]
+    pub pid_file: String,
+    /// Unix socket over which listening sockets are handed to a new binary (`-u`).
+    #[serde(default = "default_upgrade_sock")]
+    pub upgrade_sock: String,
+    /// Error log file (daemon mode); stderr otherwise.
+    #[serde(default)]
+    pub error_log: Option<String>,
+    /// Drop privileges to this user (daemon mode).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Drop privileges to this group (daemon mode).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// After a graceful stop/upgrade signal, how long existing connections may finish.
+    #[serde(default = "default_grace")]
+    pub grace_period_seconds: u64,
+    /// After the grace period, how long services get to shut down.
+    #[serde(default = "default_shutdown_timeout")]
+    pub graceful_shutdown_timeout_seconds: u64,
+    /// Idle upstream connections kept for reuse.
+    #[serde(default = "default_keepalive_pool")]
+    pub upstream_keepalive_pool_size: usize,
+    /// In daemon mode, the parent exits only once the services are ready.
+    #[serde(default = "yes")]
+    pub daemon_wait_for_ready: bool,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        ServerSection {
+            threads: default_threads(),
+            work_stealing: true,
+            daemon: false,
+            pid_file: default_pid_file(),
+            upgrade_sock: default_upgrade_sock(),
+            error_log: None,
+            user: None,
+            group: None,
+            grace_period_seconds: default_grace(),
+            graceful_shutdown_timeout_seconds: default_shutdown_timeout(),
+            upstream_keepalive_pool_size: default_keepalive_pool(),
+            daemon_wait_for_ready: true,
+        }
+    }
+}
+
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+fn default_pid_file() -> String {
+    "/tmp/gopush.pid".into()
+}
+fn default_upgrade_sock() -> String {
+    "/tmp/gopush_upgrade.sock".into()
+}
+fn default_grace() -> u64 {
+    // Long enough for a held long-poll (pingInterval 25 s) to complete on the old process.
+    30
+}
+fn default_shutdown_timeout() -> u64 {
+    5
+}
+fn default_keepalive_pool() -> usize {
+    128
+}
+
+impl ServerSection {
+    /// Pingora's `ServerConf` with these settings applied over its defaults.
+    pub fn to_pingora(&self) -> pingora::server::configuration::ServerConf {
+        let mut conf = pingora::server::configuration::ServerConf {
+            threads: self.threads,
+            work_stealing: self.work_stealing,
+            daemon: self.daemon,
+            pid_file: self.pid_file.clone(),
+            upgrade_sock: self.upgrade_sock.clone(),
+            error_log: self.error_log.clone(),
+            user: self.user.clone(),
+            group: self.group.clone(),
+            grace_period_seconds: Some(self.grace_period_seconds),
+            graceful_shutdown_timeout_seconds: Some(self.graceful_shutdown_timeout_seconds),
+            upstream_keepalive_pool_size: self.upstream_keepalive_pool_size,
+            daemon_wait_for_ready: self.daemon_wait_for_ready,
+            ..Default::default()
+        };
+        conf.version = 1;
+        conf
+    }
+}

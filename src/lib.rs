@@ -1,0 +1,21 @@
+//! gopush: a uid-sticky edge proxy for Socket.IO, WebSocket and long-polling clusters.
+//!
+//! Every request is resolved to a user id ([`uid`]), routed by Ketama consistent hashing of that
+//! uid to a healthy backend of its pool ([`routing`], with [`affinity`] for live sessions), and
+//! forwarded with the uid the agent resolved ([`forward`]); WebSocket upgrades pass through
+//! ([`upgrade`]). [`proxy`] is the one Pingora `ProxyHttp` implementation tying the steps together;
+//! [`config`] is the validated YAML model, [`server`] assembles the Pingora server, [`cli`] is the
+//! command line and [`demo`] the built-in demo backends. See docs/ARCHITECTURE.md.
+
+pub mod access_log;
+pub mod affinity;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod forward;
+pub mod logging;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod uid;
+pub mod upgrade;

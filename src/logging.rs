@@ -1,0 +1,30 @@
+//! Process-wide logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+//!
+//! Pingora logs through the `log` crate; `tracing-subscriber` bridges those records, so operators
+//! get one stream. In the foreground the writer is non-blocking (a background thread does the
+//! I/O, so the access log costs the request path only the formatting). A daemon forks after this
+//! runs and would lose that thread, so there the writer is plain stderr (which Pingora points at
+//! `error_log`).
+
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber; `daemon` selects the fork-safe writer. Calling it twice is
+/// harmless (the second call does nothing).
+pub fn init(daemon: bool) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_ansi(false);
+    if daemon {
+        let _ = builder.with_writer(std::io::stderr).try_init();
+    } else {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .finish(std::io::stderr());
+        if builder.with_writer(writer).try_init().is_ok() {
+            // The server runs until the process exits; the guard must live as long.
+            std::mem::forget(guard);
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Routing: product → pool → Ketama ring → healthy backend.
+//!
+//! Second step of the request path. Each pool is a `pingora-load-balancing` [`LoadBalancer`] over
+//! a [`KetamaHashing`] ring, which is a port of nginx's `hash ... consistent` (160 points per
+//! weight, CRC32): the same uid bytes and the same literal `IP:port` list give the same backend
+//! as nginx, in any number of agents. An unhealthy backend does not rebuild the ring; selection
+//! walks past it, so only its own uids move, and they come back when it recovers.
+
+use crate::config::{Config, HealthCheckKind, HealthCheckConfig, DEFAULT_POOL};
+use async_trait::async_trait;
+use pingora::lb::selection::consistent::KetamaHashing;
+use pingora::lb::{discovery, health_check, Backend, Backends, LoadBalancer};
+use pingora::services::background::GenBackgroundService;
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// How many ring points `select` may visit. It counts points, repeats included (160 per backend
+/// and weight unit), so this bounds the walk past unhealthy backends; Pingora's examples use 256.
+const MAX_RING_STEPS: usize = 256;
+
+/// One named pool of backends and its ring.
+pub struct Pool {
+    name: Arc<str>,
+    lb: Arc<LoadBalancer<KetamaHashing>>,
+}
+
+impl Pool {
+    fn new(name: &str, backends: &[crate::config::BackendConfig], hc: &HealthCheckConfig) -> Self {
+        let set: BTreeSet<Backend> = backends
+            .iter()
+            .map(|b| Backend {
+                addr: pingora::protocols::l4::socket::SocketAddr::Inet(b.addr),
+                weight: usize::from(b.weight),
+                ext: Default::default(),
+            })
+            .collect();
+        let mut backends = Backends::new(discovery::Static::new(set));
+        match hc.kind {
+            HealthCheckKind::None => {}
+            HealthCheckKind::Tcp => {
+                let mut check = health_check::TcpHealthCheck::new();
+                check.peer_template.options.connection_timeout = Some(hc.timeout);
+                check.health_changed_callback = Some(Box::new(LogHealth(name.into())));
+                backends.set_health_check(check);
+            }
+            HealthCheckKind::Http => {
+                let mut check = health_check::HttpHealthCheck::new(&hc.host, false);
+                check.peer_template.options.connection_timeout = Some(hc.timeout);
+                check.peer_template.options.read_timeout = Some(hc.timeout);
+                // The path was validated at load time, so building the request cannot fail on it.
+                if let Ok(req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None)
+                {
+                    check.req = req;
+                    let _ = check.req.insert_header("Host", hc.host.as_str());
+                }
+                check.health_changed_callback = Some(Box::new(LogHealth(name.into())));
+                backends.set_health_check(Box::new(check));
+            }
+        }
+        let mut lb = LoadBalancer::<KetamaHashing>::from_backends(backends);
+        lb.health_check_frequency = Some(hc.interval);
+        lb.parallel_health_check = true;
+        let lb = Arc::new(lb);
+        // A static discovery never blocks and never fails: fill the ring now, so that `route`
+        // and the first requests see it before the background service has run.
+        use futures::FutureExt;
+        let _ = lb.update().now_or_never();
+        Pool {
+            name: name.into(),
+            lb,
+        }
+    }
+
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The pool's name, shared (for the request context, without copying).
+    pub fn name_arc(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// The first healthy backend on the ring for `key`, or `None` if none is healthy.
+    pub fn select(&self, key: &[u8]) -> Option<Backend> {
+        self.lb.select(key, MAX_RING_STEPS)
+    }
+
+    /// Like [`Pool::select`], skipping `avoid` (a backend that just refused a connection).
+    pub fn select_avoiding(&self, key: &[u8], avoid: &Backend) -> Option<Backend> {
+        self.lb
+            .select_with(key, MAX_RING_STEPS, |b, healthy| healthy && b.addr != avoid.addr)
+    }
+
+    /// The ring's answer ignoring health: where `key` belongs when every backend is up.
+    pub fn select_ignoring_health(&self, key: &[u8]) -> Option<Backend> {
+        self.lb.select_with(key, MAX_RING_STEPS, |_, _| true)
+    }
+
+    /// Where `key` goes when `primary` is down (ignoring every other backend's health).
+    pub fn failover(&self, key: &[u8], primary: &Backend) -> Option<Backend> {
+        self.lb
+            .select_with(key, MAX_RING_STEPS, |b, _| b.addr != primary.addr)
+    }
+
+    /// Is `backend` a current member of this pool and healthy?
+    pub fn is_ready(&self, backend: &Backend) -> bool {
+        self.lb.backends().ready(backend)
+    }
+
+    /// The pool's backends, in address order.
+    pub fn backends(&self) -> Vec<Backend> {
+        self.lb.backends().get_backend().iter().cloned().collect()
+    }
+
+    /// The background service that runs this pool's health checks.
+    pub fn health_service(&self) -> GenBackgroundService<LoadBalancer<KetamaHashing>> {
+        GenBackgroundService::new(format!("health check: pool {}", self.name), self.lb.clone())
+    }
+}
+
+/// Logs health transitions; they are rare and operators need to see them.
+struct LogHealth(Arc<str>);
+
+#[async_trait]
+impl health_check::HealthObserve for LogHealth {
+    async fn observe(&self, target: &Backend, healthy: bool) {
+        if healthy {
+            tracing::info!(pool = %self.0, backend = %target.addr, "backend is healthy");
+        } else {
+            tracing::warn!(pool = %self.0, backend = %target.addr, "backend is unhealthy: its uids move to the next backend on the ring");
+        }
+    }
+}
+
+/// Why a request could not be routed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteError {
+    /// The product names no pool.
+    UnknownProduct,
+    /// Every backend of the pool is down.
+    NoHealthyBackend,
+}
+
+/// All pools, by name.
+pub struct Router {
+    pools: HashMap<String, Pool>,
+}
+
+impl Router {
+    /// Builds every pool's ring (health checks are not started: see [`Router::health_services`]).
+    pub fn new(config: &Config) -> Self {
+        let pools = config
+            .pools
+            .iter()
+            .map(|(name, p)| (name.clone(), Pool::new(name, &p.backends, &config.health_check)))
+            .collect();
+        Router { pools }
+    }
+
+    /// The pool for a product; an absent or empty product means the `default` pool.
+    pub fn pool(&self, product: Option<&str>) -> Result<&Pool, RouteError> {
+        let name = product.filter(|p| !p.is_empty()).unwrap_or(DEFAULT_POOL);
+        self.pools.get(name).ok_or(RouteError::UnknownProduct)
+    }
+
+    /// Pool and backend for `uid` (ring + health).
+    pub fn route(&self, product: Option<&str>, uid: &str) -> Result<(&Pool, Backend), RouteError> {
+        let pool = self.pool(product)?;
+        let backend = pool.select(uid.as_bytes()).ok_or(RouteError::NoHealthyBackend)?;
+        Ok((pool, backend))
+    }
+
+    /// Every pool, by name.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        let mut v: Vec<&Pool> = self.pools.values().collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v.into_iter()
+    }
+
+    /// One health-check background service per pool, for the server to run.
+    pub fn health_services(&self) -> Vec<GenBackgroundService<LoadBalancer<KetamaHashing>>> {
+        self.pools().map(Pool::health_service).collect()
+    }
+}
+
+/// The socket address of a backend, for display.
+pub fn backend_addr(b: &Backend) -> Option<SocketAddr> {
+    b.addr.as_inet().copied()
+}
+
+#[cfg(test)]
+mod tests;
