@@ -14,12 +14,19 @@ pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 const INIT_FILES: &[(&str, &str)] = &[
     ("conf/local.yaml", include_str!("../conf/local.yaml")),
     ("conf/develop.yaml", include_str!("../conf/develop.yaml")),
-    ("conf/production.yaml", include_str!("../conf/production.yaml")),
+    (
+        "conf/production.yaml",
+        include_str!("../conf/production.yaml"),
+    ),
     ("hooks/README.md", include_str!("../hooks/README.md")),
 ];
 
 #[derive(Parser, Debug)]
-#[command(name = "gopush", version, about = "uid-sticky edge proxy for Socket.IO clusters")]
+#[command(
+    name = "gopush",
+    version,
+    about = "uid-sticky edge proxy for Socket.IO clusters"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -175,7 +182,9 @@ fn init(dir: &Path) -> anyhow::Result<()> {
         std::fs::write(&path, text)?;
         println!("wrote {}", path.display());
     }
-    println!("next: edit conf/local.yaml, then `gopush run` (GOPUSH_ENV picks local/develop/production)");
+    println!(
+        "next: edit conf/local.yaml, then `gopush run` (GOPUSH_ENV picks local/develop/production)"
+    );
     Ok(())
 }
 

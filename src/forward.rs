@@ -31,9 +31,9 @@ pub fn set_uid(req: &mut RequestHeader, forward: &ForwardConfig, uid: &str) -> R
     }
     if let Some(param) = &forward.query {
         if let Some(new_uri) = rewrite_query(&req.uri, param, uid) {
-            let uri = new_uri
-                .parse()
-                .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "rewritten uri"))?;
+            let uri = new_uri.parse().map_err(|_| {
+                pingora::Error::explain(pingora::ErrorType::InternalError, "rewritten uri")
+            })?;
             req.set_uri(uri);
         }
     }
@@ -54,10 +54,14 @@ pub fn rewrite_query(uri: &http::Uri, param: &str, uid: &str) -> Option<String> 
             }
         }
     }
-    let mut out = String::with_capacity(uri.path().len() + query.len() + param.len() + uid.len() * 3 + 2);
+    let mut out =
+        String::with_capacity(uri.path().len() + query.len() + param.len() + uid.len() * 3 + 2);
     out.push_str(uri.path());
     out.push('?');
-    for pair in query.split('&').filter(|p| !p.is_empty() && key_of(p) != param) {
+    for pair in query
+        .split('&')
+        .filter(|p| !p.is_empty() && key_of(p) != param)
+    {
         out.push_str(pair);
         out.push('&');
     }
@@ -89,7 +93,10 @@ impl EqStr for percent_encoding::PercentEncode<'_> {
 
 /// Adds `X-Forwarded-For` (appending to a client-sent chain, as nginx's
 /// `$proxy_add_x_forwarded_for`), `X-Real-IP` and `X-Forwarded-Proto`.
-pub fn set_proxy_headers(req: &mut RequestHeader, client_ip: Option<std::net::IpAddr>) -> Result<()> {
+pub fn set_proxy_headers(
+    req: &mut RequestHeader,
+    client_ip: Option<std::net::IpAddr>,
+) -> Result<()> {
     if let Some(ip) = client_ip {
         let ip = http::HeaderValue::try_from(ip.to_string())
             .map_err(|_| pingora::Error::explain(pingora::ErrorType::InternalError, "client ip"))?;
@@ -124,7 +131,10 @@ mod tests {
             rewrite_query(&uri("/socket.io/?EIO=4&transport=polling"), "uid", "alice").as_deref(),
             Some("/socket.io/?EIO=4&transport=polling&uid=alice")
         );
-        assert_eq!(rewrite_query(&uri("/x"), "uid", "a").as_deref(), Some("/x?uid=a"));
+        assert_eq!(
+            rewrite_query(&uri("/x"), "uid", "a").as_deref(),
+            Some("/x?uid=a")
+        );
     }
 
     #[test]

@@ -110,7 +110,10 @@ impl Agent {
         let uid = span.get(&self.resolver, req);
         let query = req.uri.query().unwrap_or("");
         let product = query_value(query, &self.product_param);
-        let pool = self.router.pool(product).map_err(|_| Refusal::UnknownProduct)?;
+        let pool = self
+            .router
+            .pool(product)
+            .map_err(|_| Refusal::UnknownProduct)?;
         ctx.pool = Some(pool.name_arc().clone());
 
         if let Some(memory) = &self.affinity {
@@ -124,7 +127,9 @@ impl Agent {
                 ctx.learn_sid = affinity::is_polling_handshake(query);
             }
         }
-        let backend = pool.select(uid.as_bytes()).ok_or(Refusal::NoHealthyBackend)?;
+        let backend = pool
+            .select(uid.as_bytes())
+            .ok_or(Refusal::NoHealthyBackend)?;
         ctx.backend = Some(backend);
         Ok(())
     }
@@ -137,7 +142,11 @@ impl Agent {
                 "Bad Request",
                 Bytes::from(format!("gopush: invalid uid: {why}\n")),
             ),
-            Refusal::UnknownProduct => (404, "Not Found", Bytes::from_static(b"gopush: unknown product\n")),
+            Refusal::UnknownProduct => (
+                404,
+                "Not Found",
+                Bytes::from_static(b"gopush: unknown product\n"),
+            ),
             Refusal::NoHealthyBackend => (
                 503,
                 "Service Unavailable",
@@ -170,7 +179,9 @@ pub async fn respond(
         // An unread request body would be parsed as the next request.
         session.set_keepalive(None);
     }
-    session.write_response_header(Box::new(header), false).await?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
 }

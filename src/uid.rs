@@ -67,9 +67,10 @@ impl UidResolver {
                         let v = cookie_in(header, name)?;
                         Some((Origin::Cookie(n as u32), header, v))
                     }),
-                UidSource::Query(name) => req.uri.query().and_then(|q| {
-                    query_value(q, name).map(|v| (Origin::Query, q, v))
-                }),
+                UidSource::Query(name) => req
+                    .uri
+                    .query()
+                    .and_then(|q| query_value(q, name).map(|v| (Origin::Query, q, v))),
                 UidSource::Header(name) => req
                     .headers
                     .get(name)
@@ -122,7 +123,9 @@ impl UidSpan {
                 .and_then(|v| v.to_str().ok()),
             Origin::Query => req.uri.query(),
             Origin::Header(i) => match resolver.sources.get(i as usize) {
-                Some(UidSource::Header(name)) => req.headers.get(name).and_then(|v| v.to_str().ok()),
+                Some(UidSource::Header(name)) => {
+                    req.headers.get(name).and_then(|v| v.to_str().ok())
+                }
                 _ => None,
             },
         };
@@ -243,7 +246,9 @@ mod tests {
     #[test]
     fn header_only_resolver() {
         let r = req("/?uid=q", &[("cookie", "uid=c")]);
-        let res = resolver(vec![UidSource::Header(http::HeaderName::from_static("x-id"))]);
+        let res = resolver(vec![UidSource::Header(http::HeaderName::from_static(
+            "x-id",
+        ))]);
         assert_eq!(res.resolve(&r), Err(UidError::Missing));
         assert_eq!(res.describe_sources(), "header `x-id`");
     }

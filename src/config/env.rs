@@ -14,10 +14,7 @@ pub struct EnvError {
 }
 
 /// Replaces every `${NAME}` / `${NAME:-default}` in `text` using `lookup`.
-pub fn substitute(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, EnvError> {
+pub fn substitute(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, EnvError> {
     if !text.contains("${") {
         return Ok(text.to_string());
     }
@@ -25,7 +22,10 @@ pub fn substitute(
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
-        let line = text[..text.len() - rest.len() + start].matches('\n').count() + 1;
+        let line = text[..text.len() - rest.len() + start]
+            .matches('\n')
+            .count()
+            + 1;
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| EnvError {
             line,

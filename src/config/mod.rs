@@ -71,13 +71,12 @@ impl Config {
 
     /// Parses a configuration held in memory; `name` is used in error messages.
     pub fn from_str_named(text: &str, name: &Path) -> Result<Config, ConfigError> {
-        let text = env::substitute(text, |var| std::env::var(var).ok()).map_err(|e| {
-            ConfigError::Env {
+        let text =
+            env::substitute(text, |var| std::env::var(var).ok()).map_err(|e| ConfigError::Env {
                 file: name.to_path_buf(),
                 line: e.line,
                 message: e.message,
-            }
-        })?;
+            })?;
         let de = serde_yaml::Deserializer::from_str(&text);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
@@ -93,11 +92,13 @@ impl Config {
                 message: strip_serde_yaml_decorations(&inner.to_string()),
             }
         })?;
-        config.validate().map_err(|(key, message)| ConfigError::Invalid {
-            file: name.to_path_buf(),
-            key,
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: name.to_path_buf(),
+                key,
+                message,
+            })?;
         Ok(config)
     }
 
@@ -106,12 +107,17 @@ impl Config {
         if !self.pools.contains_key(DEFAULT_POOL) {
             return Err((
                 "pools".into(),
-                format!("a pool named `{DEFAULT_POOL}` is required (requests without a product use it)"),
+                format!(
+                    "a pool named `{DEFAULT_POOL}` is required (requests without a product use it)"
+                ),
             ));
         }
         for (name, pool) in &self.pools {
             if pool.backends.is_empty() {
-                return Err((format!("pools.{name}.backends"), "needs at least one backend".into()));
+                return Err((
+                    format!("pools.{name}.backends"),
+                    "needs at least one backend".into(),
+                ));
             }
             for (i, b) in pool.backends.iter().enumerate() {
                 if pool.backends[..i].iter().any(|o| o.addr == b.addr) {
@@ -131,7 +137,8 @@ impl Config {
                 "set `header`, `query` or both: the backend must receive the uid".into(),
             ));
         }
-        if self.health_check.kind == HealthCheckKind::Http && !self.health_check.path.starts_with('/')
+        if self.health_check.kind == HealthCheckKind::Http
+            && !self.health_check.path.starts_with('/')
         {
             return Err(("health_check.path".into(), "must start with `/`".into()));
         }

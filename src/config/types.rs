@@ -108,7 +108,10 @@ impl Default for UidConfig {
 }
 
 fn default_sources() -> Vec<UidSource> {
-    vec![UidSource::Cookie("uid".into()), UidSource::Query("uid".into())]
+    vec![
+        UidSource::Cookie("uid".into()),
+        UidSource::Query("uid".into()),
+    ]
 }
 
 fn default_max_len() -> usize {
@@ -178,7 +181,10 @@ fn parse_header_name(s: &str) -> Result<http::HeaderName, String> {
 #[serde(deny_unknown_fields)]
 pub struct ForwardConfig {
     /// Header carrying the uid (`null` to not send one).
-    #[serde(default = "default_forward_header", deserialize_with = "opt_header_name")]
+    #[serde(
+        default = "default_forward_header",
+        deserialize_with = "opt_header_name"
+    )]
     pub header: Option<http::HeaderName>,
     /// Query parameter carrying the uid (`null` to not send one).
     #[serde(default = "default_forward_query")]

@@ -6,7 +6,7 @@
 //! as nginx, in any number of agents. An unhealthy backend does not rebuild the ring; selection
 //! walks past it, so only its own uids move, and they come back when it recovers.
 
-use crate::config::{Config, HealthCheckKind, HealthCheckConfig, DEFAULT_POOL};
+use crate::config::{Config, HealthCheckConfig, HealthCheckKind, DEFAULT_POOL};
 use async_trait::async_trait;
 use pingora::lb::selection::consistent::KetamaHashing;
 use pingora::lb::{discovery, health_check, Backend, Backends, LoadBalancer};
@@ -49,7 +49,8 @@ impl Pool {
                 check.peer_template.options.connection_timeout = Some(hc.timeout);
                 check.peer_template.options.read_timeout = Some(hc.timeout);
                 // The path was validated at load time, so building the request cannot fail on it.
-                if let Ok(req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None)
+                if let Ok(req) =
+                    pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None)
                 {
                     check.req = req;
                     let _ = check.req.insert_header("Host", hc.host.as_str());
@@ -89,8 +90,9 @@ impl Pool {
 
     /// Like [`Pool::select`], skipping `avoid` (a backend that just refused a connection).
     pub fn select_avoiding(&self, key: &[u8], avoid: &Backend) -> Option<Backend> {
-        self.lb
-            .select_with(key, MAX_RING_STEPS, |b, healthy| healthy && b.addr != avoid.addr)
+        self.lb.select_with(key, MAX_RING_STEPS, |b, healthy| {
+            healthy && b.addr != avoid.addr
+        })
     }
 
     /// The ring's answer ignoring health: where `key` belongs when every backend is up.
@@ -154,7 +156,12 @@ impl Router {
         let pools = config
             .pools
             .iter()
-            .map(|(name, p)| (name.clone(), Pool::new(name, &p.backends, &config.health_check)))
+            .map(|(name, p)| {
+                (
+                    name.clone(),
+                    Pool::new(name, &p.backends, &config.health_check),
+                )
+            })
             .collect();
         Router { pools }
     }
@@ -168,7 +175,9 @@ impl Router {
     /// Pool and backend for `uid` (ring + health).
     pub fn route(&self, product: Option<&str>, uid: &str) -> Result<(&Pool, Backend), RouteError> {
         let pool = self.pool(product)?;
-        let backend = pool.select(uid.as_bytes()).ok_or(RouteError::NoHealthyBackend)?;
+        let backend = pool
+            .select(uid.as_bytes())
+            .ok_or(RouteError::NoHealthyBackend)?;
         Ok((pool, backend))
     }
 
