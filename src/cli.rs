@@ -82,12 +82,19 @@ pub fn main() -> ExitCode {
             daemon,
             upgrade,
         } => {
-            let config = match load(conf) {
+            let path = conf.unwrap_or_else(default_conf_path);
+            let config = match load(Some(path.clone())) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             crate::logging::init(daemon || config.server.daemon);
-            report(server::run(&config, RunMode { daemon, upgrade }, None))
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
+            report(server::run(
+                &config,
+                Some(path),
+                RunMode { daemon, upgrade },
+                None,
+            ))
         }
         Command::Check { conf } => {
             let config = match load(conf) {
@@ -148,7 +155,7 @@ fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
         eprintln!("gopush: invalid uid: {why}");
         return ExitCode::FAILURE;
     }
-    let router = Router::new(config);
+    let router = Router::offline(config);
     let Ok(pool) = router.pool(product) else {
         eprintln!("gopush: unknown product `{}`", product.unwrap_or_default());
         return ExitCode::FAILURE;
@@ -212,6 +219,7 @@ fn demo() -> ExitCode {
     println!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
     report(server::run(
         &config,
+        None,
         RunMode::default(),
         Some(crate::demo::PAGE_HTML),
     ))

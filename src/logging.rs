@@ -1,4 +1,5 @@
-//! Process-wide logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+//! Process-wide logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`, with
+//! `pingora_load_balancing` at `error`: gopush logs health changes itself, in one line).
 //!
 //! Pingora logs through the `log` crate; `tracing-subscriber` bridges those records, so operators
 //! get one stream. In the foreground the writer is non-blocking (a background thread does the
@@ -11,7 +12,8 @@ use tracing_subscriber::EnvFilter;
 /// Installs the global subscriber; `daemon` selects the fork-safe writer. Calling it twice is
 /// harmless (the second call does nothing).
 pub fn init(daemon: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,pingora_load_balancing=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)

@@ -12,9 +12,8 @@
 
 use crate::access_log;
 use crate::affinity::{self, Affinity};
-use crate::config::{Config, ForwardConfig};
-use crate::routing::Router;
-use crate::uid::{query_value, UidError, UidResolver, UidSpan};
+use crate::live::{Live, Snapshot};
+use crate::uid::{query_value, UidError, UidSpan};
 use crate::upgrade;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -25,17 +24,11 @@ use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Everything the agent needs per request, built once from the configuration.
+/// The agent: the live configuration plus what outlives a reload.
 pub struct Agent {
-    resolver: UidResolver,
-    router: Router,
+    live: Arc<Live>,
+    /// Session memory outlives configuration snapshots: a reload must not move live sessions.
     affinity: Option<Affinity>,
-    forward: ForwardConfig,
-    product_param: String,
-    connect_timeout: Duration,
-    access_log: bool,
-    /// The 430 body names the sources tried; it never changes, so it is built once.
-    missing_uid_body: Bytes,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
 }
@@ -43,8 +36,11 @@ pub struct Agent {
 /// What one request learned, filled in phase order and read by `logging`.
 pub struct Ctx {
     start: Instant,
+    /// The configuration this request is handled with, from start to end.
+    snapshot: Option<Arc<Snapshot>>,
     uid: Option<UidSpan>,
-    pool: Option<Arc<str>>,
+    /// Index of the pool in the snapshot's router.
+    pool: Option<usize>,
     backend: Option<Backend>,
     /// A backend that refused the connection; the retry picks the next one on the ring.
     refused: Option<Backend>,
@@ -65,25 +61,16 @@ enum Refusal {
 }
 
 impl Agent {
-    /// Builds the agent from a validated configuration.
-    pub fn new(config: &Config) -> Self {
-        let resolver = UidResolver::new(&config.uid);
-        let missing_uid_body = Bytes::from(format!(
-            "gopush: no uid in the request (tried {})\n",
-            resolver.describe_sources()
-        ));
+    /// Builds the agent around a live configuration.
+    pub fn new(live: Arc<Live>) -> Self {
+        let snapshot = live.load();
+        let affinity = &snapshot.config.affinity;
+        let affinity = affinity
+            .enabled
+            .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
         Agent {
-            resolver,
-            router: Router::new(config),
-            affinity: config
-                .affinity
-                .enabled
-                .then(|| Affinity::new(config.affinity.max_sessions, config.affinity.ttl)),
-            forward: config.uid.forward.clone(),
-            product_param: config.product_param.clone(),
-            connect_timeout: config.upstream.connect_timeout,
-            access_log: config.access_log.enabled,
-            missing_uid_body,
+            live,
+            affinity,
             demo_page: None,
         }
     }
@@ -94,27 +81,23 @@ impl Agent {
         self
     }
 
-    /// The pools and rings (for the health-check services).
-    pub fn router(&self) -> &Router {
-        &self.router
-    }
-
     /// Resolves uid, pool and backend, or says why the request is refused.
-    fn route(&self, session: &Session, ctx: &mut Ctx) -> Result<(), Refusal> {
+    fn route(&self, snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<(), Refusal> {
         let req = session.req_header();
-        let span = self.resolver.locate(req).map_err(|e| match e {
+        let span = snap.resolver.locate(req).map_err(|e| match e {
             UidError::Missing => Refusal::MissingUid,
             UidError::Invalid(why) => Refusal::InvalidUid(why),
         })?;
         ctx.uid = Some(span);
-        let uid = span.get(&self.resolver, req);
+        let uid = span.get(&snap.resolver, req);
         let query = req.uri.query().unwrap_or("");
-        let product = query_value(query, &self.product_param);
-        let pool = self
+        let product = query_value(query, &snap.config.product_param);
+        let index = snap
             .router
-            .pool(product)
+            .pool_index(product)
             .map_err(|_| Refusal::UnknownProduct)?;
-        ctx.pool = Some(pool.name_arc().clone());
+        ctx.pool = Some(index);
+        let pool = snap.router.pool_at(index).ok_or(Refusal::UnknownProduct)?;
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
@@ -134,9 +117,9 @@ impl Agent {
         Ok(())
     }
 
-    async fn refuse(&self, session: &mut Session, why: Refusal) -> Result<()> {
+    async fn refuse(&self, snap: &Snapshot, session: &mut Session, why: Refusal) -> Result<()> {
         let (status, reason, body) = match why {
-            Refusal::MissingUid => (430, "Uid Required", self.missing_uid_body.clone()),
+            Refusal::MissingUid => (430, "Uid Required", snap.missing_uid_body.clone()),
             Refusal::InvalidUid(why) => (
                 400,
                 "Bad Request",
@@ -155,10 +138,15 @@ impl Agent {
         };
         respond(session, status, reason, "text/plain; charset=utf-8", body).await
     }
+}
 
-    fn uid<'s>(&self, session: &'s Session, ctx: &Ctx) -> &'s str {
-        ctx.uid
-            .map_or("", |span| span.get(&self.resolver, session.req_header()))
+impl Ctx {
+    /// The request's uid ("" before it is resolved).
+    fn uid<'s>(&self, session: &'s Session) -> &'s str {
+        match (&self.snapshot, self.uid) {
+            (Some(snap), Some(span)) => span.get(&snap.resolver, session.req_header()),
+            _ => "",
+        }
     }
 }
 
@@ -193,6 +181,7 @@ impl ProxyHttp for Agent {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
+            snapshot: None,
             uid: None,
             pool: None,
             backend: None,
@@ -212,8 +201,11 @@ impl ProxyHttp for Agent {
                 return Ok(true);
             }
         }
-        if let Err(why) = self.route(session, ctx) {
-            self.refuse(session, why).await?;
+        let snap = self.live.load();
+        let routed = self.route(&snap, session, ctx);
+        ctx.snapshot = Some(snap.clone());
+        if let Err(why) = routed {
+            self.refuse(&snap, session, why).await?;
             return Ok(true);
         }
         ctx.upgrade_guard = upgrade::guard_request(session);
@@ -221,16 +213,17 @@ impl ProxyHttp for Agent {
     }
 
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        if let Some(refused) = &ctx.refused {
+        if let (Some(refused), Some(snap), Some(index)) = (&ctx.refused, &ctx.snapshot, ctx.pool) {
             // Retry after a refused connect: the next backend on this uid's ring.
-            let uid = self.uid(session, ctx);
-            let next = ctx
-                .pool
-                .as_deref()
-                .and_then(|name| self.router.pool(Some(name)).ok())
+            let uid = ctx.uid(session);
+            ctx.backend = snap
+                .router
+                .pool_at(index)
                 .and_then(|pool| pool.select_avoiding(uid.as_bytes(), refused));
-            ctx.backend = next;
         }
+        let connect_timeout = ctx.snapshot.as_ref().map_or(Duration::from_secs(1), |s| {
+            s.config.upstream.connect_timeout
+        });
         let addr = match ctx.backend.as_ref().map(|b| &b.addr) {
             Some(PeerAddr::Inet(addr)) => *addr,
             _ => {
@@ -241,7 +234,7 @@ impl ProxyHttp for Agent {
             }
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.connection_timeout = Some(connect_timeout);
         Ok(Box::new(peer))
     }
 
@@ -267,8 +260,10 @@ impl ProxyHttp for Agent {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let uid = self.uid(session, ctx);
-        crate::forward::set_uid(upstream_request, &self.forward, uid)?;
+        let uid = ctx.uid(session);
+        if let Some(snap) = &ctx.snapshot {
+            crate::forward::set_uid(upstream_request, &snap.config.uid.forward, uid)?;
+        }
         let client_ip = session
             .client_addr()
             .and_then(|a| a.as_inet())
@@ -316,14 +311,20 @@ impl ProxyHttp for Agent {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if !self.access_log {
+        let Some(snap) = &ctx.snapshot else {
+            return; // the demo page, or a request that never got this far
+        };
+        if !snap.config.access_log.enabled {
             return;
         }
-        let uid = self.uid(session, ctx);
+        let pool = ctx
+            .pool
+            .and_then(|i| snap.router.pool_at(i))
+            .map_or("-", |p| p.name());
         access_log::write(access_log::Entry {
             session,
-            uid,
-            pool: ctx.pool.as_deref().unwrap_or("-"),
+            uid: ctx.uid(session),
+            pool,
             backend: ctx.backend.as_ref(),
             affinity: ctx.via_affinity,
             elapsed: ctx.start.elapsed(),

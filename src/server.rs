@@ -1,10 +1,14 @@
-//! Assembles the Pingora server: the proxy service on the listen addresses and one health-check
-//! background service per pool, then runs it until a signal ends it.
+//! Assembles the Pingora server: the proxy service on the listen addresses, the health-check loop
+//! and the SIGHUP reloader, then runs it until a signal ends it.
 
 use crate::config::Config;
+use crate::live::{HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
+use pingora::services::background::background_service;
+use std::path::PathBuf;
+use std::sync::Arc;
 
 /// How `gopush run` was asked to start.
 #[derive(Debug, Clone, Copy, Default)]
@@ -16,7 +20,12 @@ pub struct RunMode {
 }
 
 /// Runs the agent; returns only if the server could not be set up.
-pub fn run(config: &Config, mode: RunMode, demo_page: Option<&'static str>) -> anyhow::Result<()> {
+pub fn run(
+    config: &Config,
+    config_path: Option<PathBuf>,
+    mode: RunMode,
+    demo_page: Option<&'static str>,
+) -> anyhow::Result<()> {
     let opt = Opt {
         upgrade: mode.upgrade,
         daemon: mode.daemon || config.server.daemon,
@@ -25,19 +34,21 @@ pub fn run(config: &Config, mode: RunMode, demo_page: Option<&'static str>) -> a
     let mut server = Server::new_with_opt_and_conf(opt, config.server.to_pingora());
     server.bootstrap();
 
-    let mut agent = Agent::new(config);
+    let live = Arc::new(Live::new(config.clone(), config_path));
+    let mut agent = Agent::new(live.clone());
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
-    let health = agent.router().health_services();
     let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, agent);
     for addr in &config.listen.0 {
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
-    for service in health {
-        server.add_service(service);
-    }
+    server.add_service(background_service(
+        "health checks",
+        HealthLoop(live.clone()),
+    ));
+    server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
     tracing::info!(listen = ?config.listen.0, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }

@@ -278,7 +278,7 @@ pub enum HealthCheckKind {
 }
 
 /// Active health checks.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// Probe kind.
@@ -348,7 +348,7 @@ fn default_connect_timeout() -> Duration {
 }
 
 /// Engine.IO session → backend memory (session continuity).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AffinityConfig {
     /// Remember sessions at all.
@@ -398,7 +398,7 @@ impl Default for AccessLogConfig {
 }
 
 /// Pingora's own server settings (see Pingora's `ServerConf`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSection {
     /// Worker threads of the proxy service.

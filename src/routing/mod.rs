@@ -6,11 +6,11 @@
 //! as nginx, in any number of agents. An unhealthy backend does not rebuild the ring; selection
 //! walks past it, so only its own uids move, and they come back when it recovers.
 
-use crate::config::{Config, HealthCheckConfig, HealthCheckKind, DEFAULT_POOL};
+use crate::config::{BackendConfig, Config, HealthCheckConfig, HealthCheckKind, DEFAULT_POOL};
 use async_trait::async_trait;
+use futures::FutureExt;
 use pingora::lb::selection::consistent::KetamaHashing;
-use pingora::lb::{discovery, health_check, Backend, Backends, LoadBalancer};
-use pingora::services::background::GenBackgroundService;
+use pingora::lb::{discovery, health_check, Backend, Backends, HealthRegistry, LoadBalancer};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -22,11 +22,11 @@ const MAX_RING_STEPS: usize = 256;
 /// One named pool of backends and its ring.
 pub struct Pool {
     name: Arc<str>,
-    lb: Arc<LoadBalancer<KetamaHashing>>,
+    lb: LoadBalancer<KetamaHashing>,
 }
 
 impl Pool {
-    fn new(name: &str, backends: &[crate::config::BackendConfig], hc: &HealthCheckConfig) -> Self {
+    fn new(name: &str, backends: &[BackendConfig], health: &Arc<HealthRegistry>) -> Self {
         let set: BTreeSet<Backend> = backends
             .iter()
             .map(|b| Backend {
@@ -35,37 +35,12 @@ impl Pool {
                 ext: Default::default(),
             })
             .collect();
-        let mut backends = Backends::new(discovery::Static::new(set));
-        match hc.kind {
-            HealthCheckKind::None => {}
-            HealthCheckKind::Tcp => {
-                let mut check = health_check::TcpHealthCheck::new();
-                check.peer_template.options.connection_timeout = Some(hc.timeout);
-                check.health_changed_callback = Some(Box::new(LogHealth(name.into())));
-                backends.set_health_check(check);
-            }
-            HealthCheckKind::Http => {
-                let mut check = health_check::HttpHealthCheck::new(&hc.host, false);
-                check.peer_template.options.connection_timeout = Some(hc.timeout);
-                check.peer_template.options.read_timeout = Some(hc.timeout);
-                // The path was validated at load time, so building the request cannot fail on it.
-                if let Ok(req) =
-                    pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None)
-                {
-                    check.req = req;
-                    let _ = check.req.insert_header("Host", hc.host.as_str());
-                }
-                check.health_changed_callback = Some(Box::new(LogHealth(name.into())));
-                backends.set_health_check(Box::new(check));
-            }
-        }
-        let mut lb = LoadBalancer::<KetamaHashing>::from_backends(backends);
-        lb.health_check_frequency = Some(hc.interval);
-        lb.parallel_health_check = true;
-        let lb = Arc::new(lb);
-        // A static discovery never blocks and never fails: fill the ring now, so that `route`
-        // and the first requests see it before the background service has run.
-        use futures::FutureExt;
+        // Views of one shared registry: a backend listed in several pools (or kept across a
+        // reload) is probed once and keeps its health state.
+        let backends =
+            Backends::new_with_health_registry(discovery::Static::new(set), health.clone());
+        let lb = LoadBalancer::<KetamaHashing>::from_backends(backends);
+        // A static discovery never blocks and never fails: fill the ring now.
         let _ = lb.update().now_or_never();
         Pool {
             name: name.into(),
@@ -75,11 +50,6 @@ impl Pool {
 
     /// The pool's name.
     pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The pool's name, shared (for the request context, without copying).
-    pub fn name_arc(&self) -> &Arc<str> {
         &self.name
     }
 
@@ -115,23 +85,45 @@ impl Pool {
     pub fn backends(&self) -> Vec<Backend> {
         self.lb.backends().get_backend().iter().cloned().collect()
     }
+}
 
-    /// The background service that runs this pool's health checks.
-    pub fn health_service(&self) -> GenBackgroundService<LoadBalancer<KetamaHashing>> {
-        GenBackgroundService::new(format!("health check: pool {}", self.name), self.lb.clone())
+/// The health registry for a configuration: the probe it describes, shared by every pool.
+pub fn health_registry(hc: &HealthCheckConfig) -> Arc<HealthRegistry> {
+    let registry = HealthRegistry::new();
+    match hc.kind {
+        HealthCheckKind::None => {}
+        HealthCheckKind::Tcp => {
+            let mut check = health_check::TcpHealthCheck::new();
+            check.peer_template.options.connection_timeout = Some(hc.timeout);
+            check.health_changed_callback = Some(Box::new(LogHealth));
+            registry.set_health_check(check);
+        }
+        HealthCheckKind::Http => {
+            let mut check = health_check::HttpHealthCheck::new(&hc.host, false);
+            check.peer_template.options.connection_timeout = Some(hc.timeout);
+            check.peer_template.options.read_timeout = Some(hc.timeout);
+            // The path was validated at load time, so building the request cannot fail on it.
+            if let Ok(req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None) {
+                check.req = req;
+                let _ = check.req.insert_header("Host", hc.host.as_str());
+            }
+            check.health_changed_callback = Some(Box::new(LogHealth));
+            registry.set_health_check(Box::new(check));
+        }
     }
+    Arc::new(registry)
 }
 
 /// Logs health transitions; they are rare and operators need to see them.
-struct LogHealth(Arc<str>);
+struct LogHealth;
 
 #[async_trait]
 impl health_check::HealthObserve for LogHealth {
     async fn observe(&self, target: &Backend, healthy: bool) {
         if healthy {
-            tracing::info!(pool = %self.0, backend = %target.addr, "backend is healthy");
+            tracing::info!(backend = %target.addr, "backend is healthy");
         } else {
-            tracing::warn!(pool = %self.0, backend = %target.addr, "backend is unhealthy: its uids move to the next backend on the ring");
+            tracing::warn!(backend = %target.addr, "backend is unhealthy: its uids move to the next backend on the ring");
         }
     }
 }
@@ -145,31 +137,62 @@ pub enum RouteError {
     NoHealthyBackend,
 }
 
-/// All pools, by name.
+/// All pools of one configuration, by name.
 pub struct Router {
-    pools: HashMap<String, Pool>,
+    pools: Vec<Pool>,
+    by_name: HashMap<String, usize>,
+    default: usize,
 }
 
 impl Router {
-    /// Builds every pool's ring (health checks are not started: see [`Router::health_services`]).
-    pub fn new(config: &Config) -> Self {
-        let pools = config
+    /// Builds every pool's ring as views of `health` (probing is the caller's: see
+    /// [`crate::live`]).
+    pub fn new(config: &Config, health: &Arc<HealthRegistry>) -> Self {
+        let pools: Vec<Pool> = config
             .pools
             .iter()
-            .map(|(name, p)| {
-                (
-                    name.clone(),
-                    Pool::new(name, &p.backends, &config.health_check),
-                )
-            })
+            .map(|(name, p)| Pool::new(name, &p.backends, health))
             .collect();
-        Router { pools }
+        let by_name: HashMap<String, usize> = pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name.to_string(), i))
+            .collect();
+        // Validation guarantees the default pool; 0 only keeps this total.
+        let default = by_name.get(DEFAULT_POOL).copied().unwrap_or(0);
+        Router {
+            pools,
+            by_name,
+            default,
+        }
+    }
+
+    /// A router whose backends are all considered healthy (offline use: `gopush route`).
+    pub fn offline(config: &Config) -> Self {
+        Self::new(config, &Arc::new(HealthRegistry::new()))
+    }
+
+    /// The index of the pool for a product; an absent or empty product means `default`.
+    pub fn pool_index(&self, product: Option<&str>) -> Result<usize, RouteError> {
+        match product.filter(|p| !p.is_empty()) {
+            None => Ok(self.default),
+            Some(name) => self
+                .by_name
+                .get(name)
+                .copied()
+                .ok_or(RouteError::UnknownProduct),
+        }
+    }
+
+    /// The pool at `index` (from [`Router::pool_index`] of this router).
+    pub fn pool_at(&self, index: usize) -> Option<&Pool> {
+        self.pools.get(index)
     }
 
     /// The pool for a product; an absent or empty product means the `default` pool.
     pub fn pool(&self, product: Option<&str>) -> Result<&Pool, RouteError> {
-        let name = product.filter(|p| !p.is_empty()).unwrap_or(DEFAULT_POOL);
-        self.pools.get(name).ok_or(RouteError::UnknownProduct)
+        let i = self.pool_index(product)?;
+        self.pools.get(i).ok_or(RouteError::UnknownProduct)
     }
 
     /// Pool and backend for `uid` (ring + health).
@@ -181,16 +204,9 @@ impl Router {
         Ok((pool, backend))
     }
 
-    /// Every pool, by name.
+    /// Every pool, in name order.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        let mut v: Vec<&Pool> = self.pools.values().collect();
-        v.sort_by(|a, b| a.name.cmp(&b.name));
-        v.into_iter()
-    }
-
-    /// One health-check background service per pool, for the server to run.
-    pub fn health_services(&self) -> Vec<GenBackgroundService<LoadBalancer<KetamaHashing>>> {
-        self.pools().map(Pool::health_service).collect()
+        self.pools.iter()
     }
 }
 

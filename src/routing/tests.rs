@@ -14,7 +14,7 @@ fn addr(b: &Backend) -> String {
 /// weights, read back through `$upstream_addr`): the ring must stay nginx's.
 #[test]
 fn ring_matches_nginx_vectors() {
-    let router = Router::new(&config(
+    let router = Router::offline(&config(
         r#"
 pools:
   default:
@@ -54,7 +54,10 @@ pools:
     backends: ["10.0.0.1:4000", "10.0.0.2:4000", "10.0.0.3:4000"]
 health_check: {kind: none}
 "#;
-    let (a, b) = (Router::new(&config(yaml)), Router::new(&config(yaml)));
+    let (a, b) = (
+        Router::offline(&config(yaml)),
+        Router::offline(&config(yaml)),
+    );
     for i in 0..1000 {
         let uid = format!("user-{i}");
         assert_eq!(
@@ -66,7 +69,7 @@ health_check: {kind: none}
 
 #[test]
 fn removing_one_of_five_moves_only_its_uids() {
-    let five = Router::new(&config(
+    let five = Router::offline(&config(
         r#"
 pools:
   default:
@@ -74,7 +77,7 @@ pools:
 health_check: {kind: none}
 "#,
     ));
-    let four = Router::new(&config(
+    let four = Router::offline(&config(
         r#"
 pools:
   default:
@@ -104,7 +107,7 @@ health_check: {kind: none}
 
 #[test]
 fn weights_shift_the_share() {
-    let router = Router::new(&config(
+    let router = Router::offline(&config(
         r#"
 pools:
   default:
@@ -124,7 +127,7 @@ health_check: {kind: none}
 
 #[test]
 fn products_pick_pools_and_failover_skips_the_primary() {
-    let router = Router::new(&config(
+    let router = Router::offline(&config(
         r#"
 pools:
   default: {backends: ["10.0.0.1:4000", "10.0.0.2:4000"]}

@@ -1,0 +1,174 @@
+//! The running configuration: an immutable [`Snapshot`] that the request path reads lock-free and
+//! that a reload replaces whole.
+//!
+//! A request takes the current snapshot once (`request_filter`) and keeps it to its end, so a
+//! reload never changes the rules under a request in flight; open tunnels and live polling
+//! sessions keep their backend (the sid memory in [`crate::affinity`] outlives snapshots).
+//! Health state lives in a [`HealthRegistry`] shared by all pools and carried into the next
+//! snapshot when the health-check settings did not change, so a reload does not forget which
+//! backends are down.
+
+use crate::config::{Config, ConfigError};
+use crate::routing::{health_registry, Router};
+use crate::uid::UidResolver;
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::lb::HealthRegistry;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+/// Everything the request path derives from one configuration.
+pub struct Snapshot {
+    /// The validated configuration.
+    pub config: Config,
+    /// When it was loaded.
+    pub loaded_at: SystemTime,
+    /// Uid sources.
+    pub resolver: UidResolver,
+    /// Pools and rings.
+    pub router: Router,
+    /// Health state of every backend.
+    pub health: Arc<HealthRegistry>,
+    /// The 430 body names the sources tried; built once per configuration.
+    pub missing_uid_body: Bytes,
+}
+
+impl Snapshot {
+    fn build(config: Config, health: Arc<HealthRegistry>) -> Self {
+        let resolver = UidResolver::new(&config.uid);
+        let missing_uid_body = Bytes::from(format!(
+            "gopush: no uid in the request (tried {})\n",
+            resolver.describe_sources()
+        ));
+        Snapshot {
+            router: Router::new(&config, &health),
+            resolver,
+            health,
+            missing_uid_body,
+            loaded_at: SystemTime::now(),
+            config,
+        }
+    }
+}
+
+/// The current snapshot and where to reload it from.
+pub struct Live {
+    current: ArcSwap<Snapshot>,
+    path: Option<PathBuf>,
+    reloading: tokio::sync::Mutex<()>,
+}
+
+impl Live {
+    /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused).
+    pub fn new(config: Config, path: Option<PathBuf>) -> Self {
+        let health = health_registry(&config.health_check);
+        Live {
+            current: ArcSwap::from_pointee(Snapshot::build(config, health)),
+            path,
+            reloading: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The current snapshot (one atomic increment; hold it for a whole request).
+    pub fn load(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// The file reloads read.
+    pub fn path(&self) -> Option<&PathBuf> {
+        self.path.as_ref()
+    }
+
+    /// Re-reads the file and swaps in the new snapshot. On any error the running snapshot stays
+    /// and the error is returned. Settings that need new sockets or a new process (`listen`,
+    /// `server`, `affinity`) are kept as they were, with a warning.
+    pub async fn reload(&self) -> Result<(), ConfigError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let Some(path) = &self.path else {
+            return Err(ConfigError::Invalid {
+                file: PathBuf::from("<embedded>"),
+                key: String::new(),
+                message: "this configuration was not loaded from a file".into(),
+            });
+        };
+        let mut config = Config::load(path)?;
+        let old = self.load();
+        if config.listen != old.config.listen {
+            tracing::warn!("reload: `listen` changes need a restart or a graceful upgrade; keeping the old addresses");
+            config.listen = old.config.listen.clone();
+        }
+        if config.server != old.config.server || config.affinity != old.config.affinity {
+            tracing::warn!("reload: `server` and `affinity` changes need a restart or a graceful upgrade; keeping the old values");
+            config.server = old.config.server.clone();
+            config.affinity = old.config.affinity.clone();
+        }
+        let health = if config.health_check == old.config.health_check {
+            old.health.clone()
+        } else {
+            health_registry(&config.health_check)
+        };
+        let fresh_health = !Arc::ptr_eq(&health, &old.health);
+        let next = Snapshot::build(config, health);
+        if fresh_health {
+            // New probes start out "healthy": learn the truth before taking traffic.
+            next.health.run_health_check(true).await;
+        }
+        let pools: Vec<String> = next.router.pools().map(|p| p.name().to_string()).collect();
+        self.current.store(Arc::new(next));
+        tracing::info!(file = %path.display(), ?pools, "configuration reloaded");
+        Ok(())
+    }
+}
+
+/// Probes every backend of the current snapshot at its configured interval.
+pub struct HealthLoop(pub Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for HealthLoop {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let snapshot = self.0.load();
+            snapshot.health.run_health_check(true).await;
+            let interval = snapshot.config.health_check.interval;
+            drop(snapshot);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// Reloads the configuration on SIGHUP.
+pub struct ReloadOnHangup(pub Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for ReloadOnHangup {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGHUP, reload disabled: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = hangup.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    if let Err(e) = self.0.reload().await {
+                        tracing::error!("reload refused, the running configuration stays: {e}");
+                    }
+                }
+            }
+        }
+    }
+}
