@@ -11,7 +11,7 @@ use pingora::Result;
 use std::fmt::Write;
 
 /// Characters escaped when the uid is put in a query value, so that the backend's decoded value
-/// equals the raw uid (the one in the header).
+/// equals the uid in the header.
 const QUERY_VALUE: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
@@ -24,10 +24,12 @@ const QUERY_VALUE: &AsciiSet = &CONTROLS
     .add(b'>');
 
 /// Sets the uid header and query parameter on the upstream request, replacing client copies.
+/// `uid` is the decoded uid ([`crate::uid::decode`]).
 pub fn set_uid(req: &mut RequestHeader, forward: &ForwardConfig, uid: &str) -> Result<()> {
     if let Some(name) = &forward.header {
-        // insert_header replaces every existing value of the header.
-        req.insert_header(name.clone(), uid)?;
+        // insert_header replaces every existing value of the header. Bytes, not &str: a decoded
+        // uid may be non-ASCII UTF-8, which `HeaderValue::from_str` refuses.
+        req.insert_header(name.clone(), uid.as_bytes())?;
     }
     if let Some(param) = &forward.query {
         if let Some(new_uri) = rewrite_query(&req.uri, param, uid) {
@@ -173,6 +175,14 @@ mod tests {
         let all: Vec<_> = req.headers.get_all("x-gopush-uid").iter().collect();
         assert_eq!(all, vec!["alice"]);
         assert_eq!(req.uri.to_string(), "/?uid=alice");
+    }
+
+    #[test]
+    fn non_ascii_uid_is_forwarded_in_header_and_query() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        set_uid(&mut req, &ForwardConfig::default(), "zoë").unwrap();
+        assert_eq!(req.headers["x-gopush-uid"].as_bytes(), "zoë".as_bytes());
+        assert_eq!(req.uri.to_string(), "/?uid=zo%C3%AB");
     }
 
     #[test]

@@ -260,9 +260,11 @@ impl ProxyHttp for Agent {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        let uid = ctx.uid(session);
         if let Some(snap) = &ctx.snapshot {
-            crate::forward::set_uid(upstream_request, &snap.config.uid.forward, uid)?;
+            // Validated in request_filter, so decoding succeeds; the raw value is the fallback.
+            let raw = ctx.uid(session);
+            let uid = crate::uid::decode(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
+            crate::forward::set_uid(upstream_request, &snap.config.uid.forward, &uid)?;
         }
         let client_ip = session
             .client_addr()

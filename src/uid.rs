@@ -135,14 +135,31 @@ impl UidSpan {
 }
 
 /// Checks a found uid: bounded length, no control characters.
+/// Checks a found uid, raw and decoded: bounded length, no control characters, and valid UTF-8
+/// once percent-decoded.
 pub fn validate(uid: &str, max_len: usize) -> Result<&str, UidError> {
     if uid.len() > max_len {
         return Err(UidError::Invalid("too long"));
     }
-    if uid.bytes().any(|b| b < 0x20 || b == 0x7f) {
+    let decoded = decode(uid)?;
+    if decoded.bytes().any(|b| b < 0x20 || b == 0x7f) {
         return Err(UidError::Invalid("contains control characters"));
     }
     Ok(uid)
+}
+
+/// The uid as the backend receives it: percent-decoded, as `decodeURIComponent` (and so
+/// Socket.IO's `handshake.query`) would give it. Borrowed unless the uid contains `%`.
+///
+/// The *raw* uid stays the hash key (that is what nginx hashes); the backend gets the value the
+/// client meant, so `io(url, {query: {uid: "a@b.com"}})` is `a@b.com` behind gopush as without it.
+pub fn decode(raw: &str) -> Result<std::borrow::Cow<'_, str>, UidError> {
+    if !raw.contains('%') {
+        return Ok(std::borrow::Cow::Borrowed(raw));
+    }
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| UidError::Invalid("not UTF-8 once percent-decoded"))
 }
 
 /// The value of the first cookie called `name` in one `Cookie` header, as sent.
@@ -207,6 +224,12 @@ mod tests {
         assert_eq!(default_resolver().resolve(&r), Ok("\"q\""));
         let r = req("/", &[("cookie", "uid=a%20b")]);
         assert_eq!(default_resolver().resolve(&r), Ok("a%20b"));
+        assert_eq!(decode("a%20b").unwrap(), "a b");
+        assert_eq!(decode("a%40b.com").unwrap(), "a@b.com");
+        assert!(matches!(
+            decode("plain").unwrap(),
+            std::borrow::Cow::Borrowed("plain")
+        ));
     }
 
     #[test]
@@ -269,6 +292,14 @@ mod tests {
         assert_eq!(
             validate("a\u{7f}", 256),
             Err(UidError::Invalid("contains control characters"))
+        );
+        assert_eq!(
+            validate("%01x", 256),
+            Err(UidError::Invalid("contains control characters"))
+        );
+        assert_eq!(
+            validate("%ff", 256),
+            Err(UidError::Invalid("not UTF-8 once percent-decoded"))
         );
     }
 
