@@ -19,6 +19,9 @@ const INIT_FILES: &[(&str, &str)] = &[
         include_str!("../conf/production.yaml"),
     ),
     ("hooks/README.md", include_str!("../hooks/README.md")),
+    ("hooks/uid.js", include_str!("../hooks/uid.js")),
+    ("hooks/route.js", include_str!("../hooks/route.js")),
+    ("hooks/admin.js", include_str!("../hooks/admin.js")),
 ];
 
 #[derive(Parser, Debug)]
@@ -146,6 +149,13 @@ fn print_pools(config: &Config) {
         println!("pool {name}:");
         for b in &pool.backends {
             println!("  {} weight {}", b.addr, b.weight);
+        }
+    }
+    if let Some(program) = &config.hooks.program {
+        for kind in crate::hooks::HookKind::ALL {
+            if let Some(f) = program.file(kind) {
+                println!("hook {}: {} (compiled)", kind.name(), f.name);
+            }
         }
     }
 }

@@ -5,16 +5,23 @@
 //! forwarded with the uid the agent resolved ([`forward`]); WebSocket upgrades pass through
 //! ([`upgrade`]). [`proxy`] is the one Pingora `ProxyHttp` implementation tying the steps together;
 //! [`config`] is the validated YAML model, [`server`] assembles the Pingora server, [`cli`] is the
-//! command line and [`demo`] the built-in demo backends. See docs/ARCHITECTURE.md.
+//! command line and [`demo`] the built-in demo backends. [`hooks`] runs the operator's
+//! JavaScript hooks; [`jwt`] and [`callback`] are the signed-token and auth-callback uid sources;
+//! [`metrics`] counts their failures. See docs/ARCHITECTURE.md.
 
 pub mod access_log;
 pub mod affinity;
+pub mod callback;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod hooks;
+pub mod jwt;
 pub mod live;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

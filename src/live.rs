@@ -9,6 +9,7 @@
 //! backends are down.
 
 use crate::config::{Config, ConfigError};
+use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::routing::{health_registry, Router};
 use crate::uid::UidResolver;
 use arc_swap::ArcSwap;
@@ -35,23 +36,57 @@ pub struct Snapshot {
     pub health: Arc<HealthRegistry>,
     /// The 430 body names the sources tried; built once per configuration.
     pub missing_uid_body: Bytes,
+    /// The JavaScript hooks, if any are configured (`None` costs the request path nothing).
+    pub hooks: Option<Hooks>,
 }
 
 impl Snapshot {
-    fn build(config: Config, health: Arc<HealthRegistry>) -> Self {
+    /// Derives everything from a loaded configuration (hooks were read and checked by
+    /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
+    pub fn build(config: Config, health: Arc<HealthRegistry>) -> Self {
         let resolver = UidResolver::new(&config.uid);
-        let missing_uid_body = Bytes::from(format!(
-            "gopush: no uid in the request (tried {})\n",
-            resolver.describe_sources()
-        ));
+        let hooks = config.hooks.program.clone().map(Hooks::new);
+        let tried = match hooks.as_ref().and_then(|h| h.program().file(HookKind::Uid)) {
+            // The file name only: the body goes to clients, the directory is nobody's business.
+            Some(f) => format!(
+                "the uid hook {}",
+                f.path
+                    .file_name()
+                    .map_or("".into(), |n| n.to_string_lossy())
+            ),
+            None => resolver.describe_sources().to_string(),
+        };
+        let missing_uid_body =
+            Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
         Snapshot {
             router: Router::new(&config, &health),
             resolver,
             health,
             missing_uid_body,
+            hooks,
             loaded_at: SystemTime::now(),
             config,
         }
+    }
+
+    /// Asks the admin hook whether `req` may use the admin console: `Ok(None)` when no admin
+    /// hook is configured (the console applies its own rule), `Err` when the hook failed (deny).
+    /// `peer` is the TCP peer; trusted `X-Forwarded-For` is applied as for every hook.
+    pub fn admin_allowed(
+        &self,
+        req: &pingora::http::RequestHeader,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Option<bool>, crate::hooks::HookError> {
+        let Some(hooks) = &self.hooks else {
+            return Ok(None);
+        };
+        let query = req.uri.query().unwrap_or("");
+        let hook_req = HookRequest {
+            header: req,
+            ip: crate::client_ip::of_request(&self.config.trusted_proxies, peer, req),
+            product: crate::uid::query_value(query, &self.config.product_param),
+        };
+        hooks.admin(&hook_req)
     }
 }
 
