@@ -377,20 +377,15 @@ async fn exchange(
     let status = header.status.as_u16();
     let uid = header.headers.get(uid_header).cloned();
     let mut body = BytesMut::new();
-    loop {
-        match http
-            .read_body_bytes()
-            .await
-            .map_err(|e| format!("reading the answer body: {e}"))?
-        {
-            Some(chunk) => {
-                if body.len() + chunk.len() > MAX_BODY {
-                    return Ok((status, uid, None));
-                }
-                body.extend_from_slice(&chunk);
-            }
-            None => break,
+    while let Some(chunk) = http
+        .read_body_bytes()
+        .await
+        .map_err(|e| format!("reading the answer body: {e}"))?
+    {
+        if body.len() + chunk.len() > MAX_BODY {
+            return Ok((status, uid, None));
         }
+        body.extend_from_slice(&chunk);
     }
     Ok((status, uid, Some(body.freeze())))
 }

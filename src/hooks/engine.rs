@@ -139,20 +139,22 @@ impl Engine {
             Some(l) => format!("{file}:{l}: {text}"),
             None => format!("{file}: {text}"),
         };
-        if timed_out {
-            return HookError::Timeout(format!(
-                "{at} (the time budget of {:?} is spent)",
-                self.timeout
-            ));
-        }
         let lower = text.to_ascii_lowercase();
         if lower.contains("out of memory")
             || lower.contains("stack overflow")
             || lower.contains("call stack size")
             || allocation
         {
-            self.rt.run_gc();
+            ctx.run_gc();
             return HookError::Memory(at);
+        }
+        // After the memory check: a slow allocation loop may also be past its deadline, but the
+        // allocator is what stopped it.
+        if timed_out {
+            return HookError::Timeout(format!(
+                "{at} (the time budget of {:?} is spent)",
+                self.timeout
+            ));
         }
         HookError::Threw(at)
     }
