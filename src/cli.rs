@@ -234,3 +234,34 @@ fn demo() -> ExitCode {
         Some(crate::demo::PAGE_HTML),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_hooks_that_load_with_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("gopush-init-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init(&dir).unwrap();
+        for f in [
+            "hooks/uid.js",
+            "hooks/route.js",
+            "hooks/admin.js",
+            "conf/local.yaml",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        // Turning the hooks on, as conf/local.yaml's comment says, gives a configuration that
+        // loads (the hooks compile) and routes product `test` by the function.
+        let local = std::fs::read_to_string(dir.join("conf/local.yaml")).unwrap();
+        assert!(local.contains("#   uid: ../hooks/uid.js"), "{local}");
+        let yaml = "pools: {default: {backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]}}\nhooks: {uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}\n";
+        std::fs::write(dir.join("conf/hooks.yaml"), yaml).unwrap();
+        let config = Config::load(&dir.join("conf/hooks.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.hooks.program.is_some());
+        // init never overwrites.
+        assert!(init(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

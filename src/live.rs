@@ -207,3 +207,64 @@ impl BackgroundService for ReloadOnHangup {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let config = Config::from_str_named(
+            yaml,
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Snapshot::build(config, Arc::new(HealthRegistry::new()))
+    }
+
+    fn req(xff: Option<&str>) -> pingora::http::RequestHeader {
+        let mut r = pingora::http::RequestHeader::build("GET", b"/admin", None).unwrap();
+        if let Some(x) = xff {
+            r.append_header("x-forwarded-for", x).unwrap();
+        }
+        r
+    }
+
+    const POOLS: &str = "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\n";
+
+    #[test]
+    fn admin_hook_sees_the_client_behind_trusted_proxies_only() {
+        let loopback = Some("127.0.0.1".parse().unwrap());
+        let s = snapshot(&format!("{POOLS}hooks: {{admin: ../hooks/admin.js}}\n"));
+        assert_eq!(s.admin_allowed(&req(None), loopback), Ok(Some(true)));
+        // Untrusted peer: its X-Forwarded-For is ignored, the peer is the client.
+        assert_eq!(
+            s.admin_allowed(&req(Some("203.0.113.5")), loopback),
+            Ok(Some(true))
+        );
+        let s = snapshot(&format!(
+            "{POOLS}hooks: {{admin: ../hooks/admin.js}}\ntrusted_proxies: [\"127.0.0.1\"]\n"
+        ));
+        assert_eq!(
+            s.admin_allowed(&req(Some("203.0.113.5")), loopback),
+            Ok(Some(false))
+        );
+        assert_eq!(s.admin_allowed(&req(Some("::1")), loopback), Ok(Some(true)));
+        // No admin hook: the console decides by itself.
+        assert_eq!(
+            snapshot(POOLS).admin_allowed(&req(None), loopback),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn the_430_body_names_the_uid_hook_file_not_its_directory() {
+        let s = snapshot(&format!("{POOLS}hooks: {{uid: ../hooks/uid.js}}\n"));
+        let body = String::from_utf8_lossy(&s.missing_uid_body).to_string();
+        assert_eq!(
+            body,
+            "gopush: no uid in the request (tried the uid hook uid.js)\n"
+        );
+        assert!(s.hooks.is_some());
+        assert!(snapshot(POOLS).hooks.is_none());
+    }
+}

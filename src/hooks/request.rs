@@ -71,11 +71,15 @@ fn map<'js, K: AsRef<str>, V: AsRef<str>>(
 ) -> rquickjs::Result<Object<'js>> {
     let o = Object::new(ctx.clone())?;
     o.set_prototype(None)?;
+    // First wins. Deduplicated here rather than by asking the object: a request has a handful
+    // of names, and every JS property lookup costs an atom.
+    let mut seen: Vec<K> = Vec::new();
     for (k, v) in pairs {
-        let k = k.as_ref();
-        if !o.contains_key(k)? {
-            o.set(k, v.as_ref())?;
+        if seen.iter().any(|s| s.as_ref() == k.as_ref()) {
+            continue;
         }
+        o.set(k.as_ref(), v.as_ref())?;
+        seen.push(k);
     }
     Ok(o)
 }
