@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod proxy;

@@ -12,6 +12,7 @@
 
 use crate::access_log;
 use crate::affinity::{self, Affinity};
+use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
 use crate::uid::{query_value, UidError, UidSpan};
 use crate::upgrade;
@@ -29,6 +30,8 @@ pub struct Agent {
     live: Arc<Live>,
     /// Session memory outlives configuration snapshots: a reload must not move live sessions.
     affinity: Option<Affinity>,
+    /// Rate and concurrency counters; they outlive snapshots too.
+    limiter: Arc<Limiter>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
 }
@@ -50,6 +53,10 @@ pub struct Ctx {
     learn_sid: bool,
     /// The #946 guard is in place for this upgrade request.
     upgrade_guard: bool,
+    /// Concurrency slots held until the request (or tunnel) ends.
+    slots: Slots,
+    /// Counts this request in the open tunnels while it is one.
+    tunnel: Option<TunnelSlot>,
 }
 
 /// A request the agent answers itself.
@@ -58,6 +65,7 @@ enum Refusal {
     InvalidUid(&'static str),
     UnknownProduct,
     NoHealthyBackend,
+    Limit(Exceeded),
 }
 
 impl Agent {
@@ -71,6 +79,7 @@ impl Agent {
         Agent {
             live,
             affinity,
+            limiter: Arc::new(Limiter::default()),
             demo_page: None,
         }
     }
@@ -84,12 +93,23 @@ impl Agent {
     /// Resolves uid, pool and backend, or says why the request is refused.
     fn route(&self, snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<(), Refusal> {
         let req = session.req_header();
+        let limits = &snap.config.limits;
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        self.limiter
+            .admit_client(limits, head_size(req), client_ip, &mut ctx.slots)
+            .map_err(Refusal::Limit)?;
         let span = snap.resolver.locate(req).map_err(|e| match e {
             UidError::Missing => Refusal::MissingUid,
             UidError::Invalid(why) => Refusal::InvalidUid(why),
         })?;
         ctx.uid = Some(span);
         let uid = span.get(&snap.resolver, req);
+        self.limiter
+            .admit_uid(limits, uid, session.is_upgrade_req(), &mut ctx.slots)
+            .map_err(Refusal::Limit)?;
         let query = req.uri.query().unwrap_or("");
         let product = query_value(query, &snap.config.product_param);
         let index = snap
@@ -135,6 +155,10 @@ impl Agent {
                 "Service Unavailable",
                 Bytes::from_static(b"gopush: no healthy backend in the pool\n"),
             ),
+            Refusal::Limit(which) => {
+                let (status, reason, body) = which.response();
+                (status, reason, Bytes::from_static(body.as_bytes()))
+            }
         };
         respond(session, status, reason, "text/plain; charset=utf-8", body).await
     }
@@ -148,6 +172,16 @@ impl Ctx {
             _ => "",
         }
     }
+}
+
+/// Size of the request head as the limit counts it: request target and header lines.
+fn head_size(req: &RequestHeader) -> usize {
+    let headers: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    req.uri.path_and_query().map_or(0, |p| p.as_str().len()) + headers
 }
 
 /// Writes a complete small response and keeps the connection reusable when that is safe.
@@ -189,6 +223,8 @@ impl ProxyHttp for Agent {
             via_affinity: false,
             learn_sid: false,
             upgrade_guard: false,
+            slots: Slots::default(),
+            tunnel: None,
         }
     }
 
@@ -285,6 +321,9 @@ impl ProxyHttp for Agent {
     ) -> Result<()> {
         if ctx.upgrade_guard {
             upgrade::on_response(session, upstream_response.status.as_u16());
+        }
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.tunnel = Some(self.limiter.tunnel_opened());
         }
         if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
             ctx.learn_sid = false;

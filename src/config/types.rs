@@ -37,6 +37,9 @@ pub struct Config {
     /// The per-request access log.
     #[serde(default)]
     pub access_log: AccessLogConfig,
+    /// Limits on request size, rates and concurrency.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Pingora's server settings.
     #[serde(default)]
     pub server: ServerSection,
@@ -395,6 +398,55 @@ impl Default for AccessLogConfig {
     fn default() -> Self {
         AccessLogConfig { enabled: true }
     }
+}
+
+/// Limits; excess requests are refused with 429 / 431 / 503 and the limit's name.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest request head (request line and headers) in bytes; Node rejects > 16 KiB anyway.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Most WebSocket tunnels open at once; upgrades past it get 503.
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
+    /// Per client IP (the peer address of the connection).
+    #[serde(default)]
+    pub per_ip: RateLimit,
+    /// Per uid.
+    #[serde(default)]
+    pub per_uid: RateLimit,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_header_bytes: default_max_header_bytes(),
+            max_tunnels: default_max_tunnels(),
+            per_ip: RateLimit::default(),
+            per_uid: RateLimit::default(),
+        }
+    }
+}
+
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_max_tunnels() -> usize {
+    100_000
+}
+
+/// A request rate and a concurrency cap; 0 turns either off (the default: clients behind one NAT
+/// share an IP, and one user may have many tabs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Requests per second (a one-second window).
+    #[serde(default)]
+    pub requests_per_second: u32,
+    /// Requests and tunnels open at once.
+    #[serde(default)]
+    pub max_concurrent: u32,
 }
 
 /// Pingora's own server settings (see Pingora's `ServerConf`).
