@@ -49,6 +49,10 @@ pub fn run(
         HealthLoop(live.clone()),
     ));
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
+    if let Some(path) = &config.server.error_log {
+        let reopen = crate::logging::ReopenOnUsr1 { path: path.into() };
+        server.add_service(background_service("reopen error log on SIGUSR1", reopen));
+    }
     tracing::info!(listen = ?config.listen.0, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }
