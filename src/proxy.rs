@@ -128,7 +128,7 @@ impl Agent {
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
-                if let Some(b) = memory.lookup(sid).filter(|b| pool.is_ready(b)) {
+                if let Some(b) = memory.lookup(sid).filter(|b| pool.accepts_session(b)) {
                     ctx.via_affinity = true;
                     ctx.backend = Some(b);
                     return Ok(());
