@@ -19,6 +19,7 @@ pub mod demo;
 pub mod forward;
 pub mod hooks;
 pub mod jwt;
+pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod metrics;

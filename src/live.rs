@@ -18,7 +18,7 @@ use bytes::Bytes;
 use pingora::lb::HealthRegistry;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -43,7 +43,12 @@ pub struct Snapshot {
 impl Snapshot {
     /// Derives everything from a loaded configuration (hooks were read and checked by
     /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
-    pub fn build(config: Config, health: Arc<HealthRegistry>) -> Self {
+    /// `file` names the configuration in errors.
+    pub fn build(
+        config: Config,
+        health: Arc<HealthRegistry>,
+        file: &Path,
+    ) -> Result<Self, ConfigError> {
         let resolver = UidResolver::new(&config.uid);
         let hooks = config.hooks.program.clone().map(Hooks::new);
         let tried = match hooks.as_ref().and_then(|h| h.program().file(HookKind::Uid)) {
@@ -58,15 +63,20 @@ impl Snapshot {
         };
         let missing_uid_body =
             Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
-        Snapshot {
-            router: Router::new(&config, &health),
+        let router = Router::new(&config, &health).map_err(|message| ConfigError::Invalid {
+            file: file.to_path_buf(),
+            key: "pools".into(),
+            message,
+        })?;
+        Ok(Snapshot {
+            router,
             resolver,
             health,
             missing_uid_body,
             hooks,
             loaded_at: SystemTime::now(),
             config,
-        }
+        })
     }
 
     /// Asks the admin hook whether `req` may use the admin console: `Ok(None)` when no admin
@@ -98,14 +108,21 @@ pub struct Live {
 }
 
 impl Live {
-    /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused).
-    pub fn new(config: Config, path: Option<PathBuf>) -> Self {
+    /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused). Pools with
+    /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
+    pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
-        Live {
-            current: ArcSwap::from_pointee(Snapshot::build(config, health)),
+        let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
+        Ok(Live {
+            current: ArcSwap::from_pointee(Snapshot::build(config, health, &name)?),
             path,
             reloading: tokio::sync::Mutex::new(()),
-        }
+        })
+    }
+
+    /// Runs DNS / file discovery of every dynamic pool once.
+    pub async fn refresh_discovery(&self) {
+        self.load().router.refresh().await;
     }
 
     /// The current snapshot (one atomic increment; hold it for a whole request).
@@ -147,7 +164,9 @@ impl Live {
             health_registry(&config.health_check)
         };
         let fresh_health = !Arc::ptr_eq(&health, &old.health);
-        let next = Snapshot::build(config, health);
+        let next = Snapshot::build(config, health, path)?;
+        // Dynamic pools are empty until discovered: never swap in a pool without backends.
+        next.router.refresh().await;
         if fresh_health {
             // New probes start out "healthy": learn the truth before taking traffic.
             next.health.run_health_check(true).await;
@@ -173,6 +192,42 @@ impl BackgroundService for HealthLoop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// Re-runs DNS / file discovery of the dynamic pools at their configured intervals.
+pub struct DiscoveryLoop(pub Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for DiscoveryLoop {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let snapshot = self.0.load();
+            let tick = snapshot
+                .config
+                .pools
+                .values()
+                .flat_map(|p| {
+                    let dns = p.dns.as_ref().map(|d| d.interval);
+                    let file = p.file.as_ref().map(|f| f.interval);
+                    dns.into_iter().chain(file)
+                })
+                .min();
+            let Some(tick) = tick else {
+                // No dynamic pool now; a reload may add one.
+                drop(snapshot);
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            };
+            snapshot.router.refresh().await;
+            drop(snapshot);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(tick.max(std::time::Duration::from_millis(100))) => {}
             }
         }
     }
@@ -218,7 +273,12 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        Snapshot::build(config, Arc::new(HealthRegistry::new()))
+        Snapshot::build(
+            config,
+            Arc::new(HealthRegistry::new()),
+            std::path::Path::new("conf/x.yaml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn req(xff: Option<&str>) -> pingora::http::RequestHeader {

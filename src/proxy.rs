@@ -15,6 +15,7 @@ use crate::access_log;
 use crate::affinity::{self, Affinity};
 use crate::callback::Answer;
 use crate::hooks::{HookKind, HookRequest, RouteDecision};
+use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
 use crate::uid::{query_value, validate_value, Step, Uid, UidError};
 use crate::upgrade;
@@ -24,6 +25,7 @@ use pingora::http::ResponseHeader;
 use pingora::lb::Backend;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,12 @@ pub struct Agent {
     live: Arc<Live>,
     /// Session memory outlives configuration snapshots: a reload must not move live sessions.
     affinity: Option<Affinity>,
+    /// Rate and concurrency counters; they outlive snapshots too.
+    limiter: Arc<Limiter>,
+    /// Set once this process hands its listeners to a new one (or stops): responses then say
+    /// `Connection: close`, so clients move to the new process while this one still answers,
+    /// instead of racing the idle keep-alive connections it will drop.
+    closing: Arc<AtomicBool>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
 }
@@ -55,6 +63,10 @@ pub struct Ctx {
     learn_sid: bool,
     /// The #946 guard is in place for this upgrade request.
     upgrade_guard: bool,
+    /// Concurrency slots held until the request (or tunnel) ends.
+    slots: Slots,
+    /// Counts this request in the open tunnels while it is one.
+    tunnel: Option<TunnelSlot>,
 }
 
 /// A request the agent answers itself.
@@ -67,6 +79,7 @@ enum Refusal {
     NoHealthyBackend,
     /// A hook failed or the auth callback could not be asked: this status; details are logged.
     Failed(u16, &'static str),
+    Limit(Exceeded),
 }
 
 fn uid_refusal(e: UidError) -> Refusal {
@@ -96,8 +109,9 @@ fn hook_request<'a>(
 }
 
 impl Agent {
-    /// Builds the agent around a live configuration.
-    pub fn new(live: Arc<Live>) -> Self {
+    /// Builds the agent around a live configuration; `closing` is raised when the process starts
+    /// to hand over or stop (see [`crate::server`]).
+    pub fn new(live: Arc<Live>, closing: Arc<AtomicBool>) -> Self {
         let snapshot = live.load();
         let affinity = &snapshot.config.affinity;
         let affinity = affinity
@@ -106,6 +120,8 @@ impl Agent {
         Agent {
             live,
             affinity,
+            limiter: Arc::new(Limiter::default()),
+            closing,
             demo_page: None,
         }
     }
@@ -178,9 +194,29 @@ impl Agent {
         session: &mut Session,
         ctx: &mut Ctx,
     ) -> Result<(), Refusal> {
+        {
+            // Limits first: a refused client costs no hook run and no callback question.
+            let req = session.req_header();
+            let client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            self.limiter
+                .admit_client(
+                    &snap.config.limits,
+                    head_size(req),
+                    client_ip,
+                    &mut ctx.slots,
+                )
+                .map_err(Refusal::Limit)?;
+        }
         let resolved = self.resolve_uid(snap, session).await?;
         let req = session.req_header();
+        let limits = &snap.config.limits;
         let uid = ctx.uid.insert(resolved).get(&snap.resolver, req);
+        self.limiter
+            .admit_uid(limits, uid, session.is_upgrade_req(), &mut ctx.slots)
+            .map_err(Refusal::Limit)?;
         let query = req.uri.query().unwrap_or("");
         let product = query_value(query, &snap.config.product_param);
         let mut chosen = None;
@@ -227,7 +263,7 @@ impl Agent {
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
-                if let Some(b) = memory.lookup(sid).filter(|b| pool.is_ready(b)) {
+                if let Some(b) = memory.lookup(sid).filter(|b| pool.accepts_session(b)) {
                     ctx.via_affinity = true;
                     ctx.backend = Some(b);
                     return Ok(());
@@ -271,6 +307,10 @@ impl Agent {
                 reason_phrase(status),
                 Bytes::from(format!("gopush: {what}\n")),
             ),
+            Refusal::Limit(which) => {
+                let (status, reason, body) = which.response();
+                (status, reason, Bytes::from_static(body.as_bytes()))
+            }
         };
         respond(session, status, reason, "text/plain; charset=utf-8", body).await
     }
@@ -295,6 +335,16 @@ fn reason_phrase(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error")
+}
+
+/// Size of the request head as the limit counts it: request target and header lines.
+fn head_size(req: &RequestHeader) -> usize {
+    let headers: usize = req
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    req.uri.path_and_query().map_or(0, |p| p.as_str().len()) + headers
 }
 
 /// Writes a complete small response and keeps the connection reusable when that is safe.
@@ -337,6 +387,8 @@ impl ProxyHttp for Agent {
             explicit: false,
             learn_sid: false,
             upgrade_guard: false,
+            slots: Slots::default(),
+            tunnel: None,
         }
     }
 
@@ -353,6 +405,9 @@ impl ProxyHttp for Agent {
         let routed = self.route(&snap, session, ctx).await;
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
+            if self.closing.load(Ordering::Relaxed) {
+                session.set_keepalive(None);
+            }
             self.refuse(&snap, session, why).await?;
             return Ok(true);
         }
@@ -435,6 +490,12 @@ impl ProxyHttp for Agent {
     ) -> Result<()> {
         if ctx.upgrade_guard {
             upgrade::on_response(session, upstream_response.status.as_u16());
+        }
+        if self.closing.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
+        }
+        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            ctx.tunnel = Some(self.limiter.tunnel_opened());
         }
         if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
             ctx.learn_sid = false;
