@@ -7,6 +7,14 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `println!` without the panic when stdout is a closed pipe (`gopush route u | head -1`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The demo's configuration, embedded so that `gopush demo` needs no file.
 pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 
@@ -144,11 +152,11 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 
 fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
-    println!("configuration ok; listen {}", listen.join(", "));
+    say!("configuration ok; listen {}", listen.join(", "));
     for (name, pool) in &config.pools {
-        println!("pool {name}:");
+        say!("pool {name}:");
         for b in &pool.backends {
-            println!("  {} weight {}", b.addr, b.weight);
+            say!("  {} weight {}", b.addr, b.weight);
         }
     }
     if let Some(program) = &config.hooks.program {
@@ -197,9 +205,9 @@ fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
     let failover = pool
         .failover(uid.as_bytes(), &primary)
         .map_or_else(|| "none".to_string(), |b| fmt(&b));
-    println!("{}", fmt(&primary));
-    println!("pool: {}", pool.name());
-    println!("if it is down: {failover}");
+    say!("{}", fmt(&primary));
+    say!("pool: {}", pool.name());
+    say!("if it is down: {failover}");
     ExitCode::SUCCESS
 }
 
@@ -216,9 +224,9 @@ fn init(dir: &Path) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&path, text)?;
-        println!("wrote {}", path.display());
+        say!("wrote {}", path.display());
     }
-    println!(
+    say!(
         "next: edit conf/local.yaml, then `gopush run` (GOPUSH_ENV picks local/develop/production)"
     );
     Ok(())
@@ -245,7 +253,7 @@ fn demo() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
+    say!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
     report(server::run(
         &config,
         None,

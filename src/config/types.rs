@@ -336,36 +336,41 @@ pub struct BackendConfig {
 
 impl<'de> Deserialize<'de> for BackendConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Full {
-            addr: String,
-            #[serde(default = "one")]
-            weight: u16,
+        // A visitor rather than `#[serde(untagged)]`: untagged buffers the value, and errors
+        // raised after buffering lose the item's own line in block lists.
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = BackendConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a backend: \"IP:port\" or {addr: \"IP:port\", weight: N}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendConfig, E> {
+                backend_config(v, 1).map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BackendConfig, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Full {
+                    addr: String,
+                    #[serde(default = "one_u16")]
+                    weight: u16,
+                }
+                let f = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                backend_config(&f.addr, f.weight).map_err(de::Error::custom)
+            }
         }
-        fn one() -> u16 {
-            1
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Addr(String),
-            Full(Full),
-        }
-        let (addr, weight) = match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("a backend is \"IP:port\" or {addr: \"IP:port\", weight: N}")
-        })? {
-            Raw::Addr(a) => (a, 1),
-            Raw::Full(f) => (f.addr, f.weight),
-        };
-        if !(1..=100).contains(&weight) {
-            return Err(de::Error::custom(format!(
-                "weight {weight} of {addr} is out of range 1..=100"
-            )));
-        }
-        let addr = parse_socket_addr(&addr).map_err(de::Error::custom)?;
-        Ok(BackendConfig { addr, weight })
+        d.deserialize_any(Visit)
     }
+}
+
+fn backend_config(addr: &str, weight: u16) -> Result<BackendConfig, String> {
+    if !(1..=100).contains(&weight) {
+        return Err(format!("weight {weight} of {addr} is out of range 1..=100"));
+    }
+    Ok(BackendConfig {
+        addr: parse_socket_addr(addr)?,
+        weight,
+    })
 }
 
 /// How backends are probed.
@@ -393,6 +398,13 @@ pub struct HealthCheckConfig {
     /// Connect (and for HTTP, response) timeout of one probe.
     #[serde(default = "default_hc_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Consecutive failed probes that make a healthy backend unhealthy (one slow accept under
+    /// load must not move a backend's users).
+    #[serde(default = "default_fall")]
+    pub fall: usize,
+    /// Consecutive good probes that make an unhealthy backend healthy again.
+    #[serde(default = "default_rise")]
+    pub rise: usize,
     /// Path for `kind: http`.
     #[serde(default = "default_hc_path")]
     pub path: String,
@@ -407,6 +419,8 @@ impl Default for HealthCheckConfig {
             kind: default_hc_kind(),
             interval: default_hc_interval(),
             timeout: default_hc_timeout(),
+            fall: default_fall(),
+            rise: default_rise(),
             path: default_hc_path(),
             host: default_hc_host(),
         }
@@ -420,7 +434,13 @@ fn default_hc_interval() -> Duration {
     Duration::from_secs(1)
 }
 fn default_hc_timeout() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_secs(2)
+}
+fn default_fall() -> usize {
+    2
+}
+fn default_rise() -> usize {
+    1
 }
 fn default_hc_path() -> String {
     "/".into()
@@ -447,7 +467,9 @@ impl Default for UpstreamConfig {
 }
 
 fn default_connect_timeout() -> Duration {
-    Duration::from_secs(1)
+    // Above Linux's 1 s initial SYN retransmission: a backend whose accept queue overflowed
+    // for a moment (a reconnect storm) still gets a second SYN before the agent gives up.
+    Duration::from_secs(2)
 }
 
 /// Engine.IO session → backend memory (session continuity).
