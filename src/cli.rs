@@ -87,7 +87,10 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            crate::logging::init(daemon || config.server.daemon);
+            crate::logging::init(
+                daemon || config.server.daemon,
+                config.access_log.format,
+            );
             let path = std::fs::canonicalize(&path).unwrap_or(path);
             report(server::run(
                 &config,
@@ -196,7 +199,7 @@ fn init(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn demo() -> ExitCode {
-    crate::logging::init(false);
+    crate::logging::init(false, crate::config::LogFormat::Text);
     let config = match Config::from_str_named(DEMO_CONFIG, Path::new("<embedded demo config>")) {
         Ok(c) => c,
         Err(e) => {

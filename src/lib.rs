@@ -5,9 +5,12 @@
 //! forwarded with the uid the agent resolved ([`forward`]); WebSocket upgrades pass through
 //! ([`upgrade`]). [`proxy`] is the one Pingora `ProxyHttp` implementation tying the steps together;
 //! [`config`] is the validated YAML model, [`server`] assembles the Pingora server, [`cli`] is the
-//! command line and [`demo`] the built-in demo backends. See docs/ARCHITECTURE.md.
+//! command line and [`demo`] the built-in demo backends. [`admin`] is the admin listener (JSON
+//! API, push through the Socket.IO Redis adapter, the admin page) and [`metrics`] the Prometheus
+//! metrics it serves. See docs/ARCHITECTURE.md.
 
 pub mod access_log;
+pub mod admin;
 pub mod affinity;
 pub mod cli;
 pub mod config;
@@ -16,6 +19,7 @@ pub mod forward;
 pub mod limits;
 pub mod live;
 pub mod logging;
+pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;

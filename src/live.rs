@@ -9,7 +9,8 @@
 //! backends are down.
 
 use crate::config::{Config, ConfigError};
-use crate::routing::{health_registry, Router};
+use crate::metrics::{Metrics, SnapshotStats};
+use crate::routing::{health_registry, Drain, Router};
 use crate::uid::UidResolver;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -35,24 +36,43 @@ pub struct Snapshot {
     pub health: Arc<HealthRegistry>,
     /// The 430 body names the sources tried; built once per configuration.
     pub missing_uid_body: Bytes,
+    /// Metric label children for this configuration's pools, backends and uid sources.
+    pub stats: SnapshotStats,
 }
 
 impl Snapshot {
-    fn build(config: Config, health: Arc<HealthRegistry>) -> Self {
+    fn build(config: Config, health: Arc<HealthRegistry>, shared: &Shared) -> Self {
         let resolver = UidResolver::new(&config.uid);
         let missing_uid_body = Bytes::from(format!(
             "gopush: no uid in the request (tried {})\n",
             resolver.describe_sources()
         ));
+        let router = Router::new(&config, &health, &shared.drain);
+        let stats = shared.metrics.resolve(&router, &config.uid.sources);
+        let loaded_at = SystemTime::now();
+        shared.metrics.set_loaded_at(unix_seconds(loaded_at));
         Snapshot {
-            router: Router::new(&config, &health),
+            router,
             resolver,
             health,
             missing_uid_body,
-            loaded_at: SystemTime::now(),
+            stats,
+            loaded_at,
             config,
         }
     }
+}
+
+/// Seconds since the Unix epoch (0 for a clock set before it).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// What outlives every snapshot.
+struct Shared {
+    metrics: Arc<Metrics>,
+    drain: Arc<Drain>,
 }
 
 /// The current snapshot and where to reload it from.
@@ -60,17 +80,33 @@ pub struct Live {
     current: ArcSwap<Snapshot>,
     path: Option<PathBuf>,
     reloading: tokio::sync::Mutex<()>,
+    shared: Shared,
 }
 
 impl Live {
     /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused).
     pub fn new(config: Config, path: Option<PathBuf>) -> Self {
         let health = health_registry(&config.health_check);
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+        };
         Live {
-            current: ArcSwap::from_pointee(Snapshot::build(config, health)),
+            current: ArcSwap::from_pointee(Snapshot::build(config, health, &shared)),
             path,
             reloading: tokio::sync::Mutex::new(()),
+            shared,
         }
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The draining backends (kept across reloads for backends that stay).
+    pub fn drain(&self) -> &Drain {
+        &self.shared.drain
     }
 
     /// The current snapshot (one atomic increment; hold it for a whole request).
@@ -87,6 +123,12 @@ impl Live {
     /// and the error is returned. Settings that need new sockets or a new process (`listen`,
     /// `server`, `affinity`) are kept as they were, with a warning.
     pub async fn reload(&self) -> Result<(), ConfigError> {
+        let result = self.reload_inner().await;
+        self.shared.metrics.reload(result.is_ok());
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<(), ConfigError> {
         let _one_at_a_time = self.reloading.lock().await;
         let Some(path) = &self.path else {
             return Err(ConfigError::Invalid {
@@ -106,18 +148,43 @@ impl Live {
             config.server = old.config.server.clone();
             config.affinity = old.config.affinity.clone();
         }
+        if config.admin.listen != old.config.admin.listen
+            || config.admin.enabled != old.config.admin.enabled
+            || config.access_log.format != old.config.access_log.format
+        {
+            tracing::warn!("reload: `admin.listen`, `admin.enabled` and `access_log.format` changes need a restart or a graceful upgrade; keeping the old values");
+            config.admin.listen = old.config.admin.listen;
+            config.admin.enabled = old.config.admin.enabled;
+            config.access_log.format = old.config.access_log.format;
+        }
+        if config.admin.enabled
+            && !config.admin.listen.ip().is_loopback()
+            && !config.admin.has_authentication()
+        {
+            // The running listener is not loopback: dropping its token would open it.
+            return Err(ConfigError::Invalid {
+                file: path.clone(),
+                key: "admin.token".into(),
+                message: format!(
+                    "the running admin listener {} is not a loopback address: it needs a token",
+                    config.admin.listen
+                ),
+            });
+        }
         let health = if config.health_check == old.config.health_check {
             old.health.clone()
         } else {
             health_registry(&config.health_check)
         };
         let fresh_health = !Arc::ptr_eq(&health, &old.health);
-        let next = Snapshot::build(config, health);
+        let next = Snapshot::build(config, health, &self.shared);
         if fresh_health {
             // New probes start out "healthy": learn the truth before taking traffic.
             next.health.run_health_check(true).await;
         }
         let pools: Vec<String> = next.router.pools().map(|p| p.name().to_string()).collect();
+        // Drain state survives the reload for backends that stay.
+        self.shared.drain.retain(|a| next.router.has_backend(a));
         self.current.store(Arc::new(next));
         tracing::info!(file = %path.display(), ?pools, "configuration reloaded");
         Ok(())

@@ -14,6 +14,8 @@ use crate::access_log;
 use crate::affinity::{self, Affinity};
 use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
+use crate::metrics::{BackendStats, Metrics, RefusalKind};
+use crate::routing::backend_addr;
 use crate::uid::{query_value, UidError, UidSpan};
 use crate::upgrade;
 use async_trait::async_trait;
@@ -34,6 +36,8 @@ pub struct Agent {
     limiter: Arc<Limiter>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
+    /// Process-wide metric families (per-backend children live in the snapshot).
+    metrics: Arc<Metrics>,
 }
 
 /// What one request learned, filled in phase order and read by `logging`.
@@ -57,6 +61,11 @@ pub struct Ctx {
     slots: Slots,
     /// Counts this request in the open tunnels while it is one.
     tunnel: Option<TunnelSlot>,
+    /// Index of the chosen backend in the snapshot's pool stats, while this request counts in
+    /// its active requests (or, once upgraded, its open tunnels).
+    stats: Option<usize>,
+    /// The request is counted as an open tunnel of its backend, not as an active request.
+    tunnel_counted: bool,
 }
 
 /// A request the agent answers itself.
@@ -68,6 +77,18 @@ enum Refusal {
     Limit(Exceeded),
 }
 
+impl Refusal {
+    fn kind(&self) -> RefusalKind {
+        match self {
+            Refusal::MissingUid => RefusalKind::MissingUid,
+            Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
+            Refusal::UnknownProduct => RefusalKind::UnknownProduct,
+            Refusal::NoHealthyBackend => RefusalKind::NoBackend,
+            Refusal::Limit(_) => RefusalKind::Limit,
+        }
+    }
+}
+
 impl Agent {
     /// Builds the agent around a live configuration.
     pub fn new(live: Arc<Live>) -> Self {
@@ -77,6 +98,7 @@ impl Agent {
             .enabled
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
         Agent {
+            metrics: live.metrics().clone(),
             live,
             affinity,
             limiter: Arc::new(Limiter::default()),
@@ -102,9 +124,13 @@ impl Agent {
             .admit_client(limits, head_size(req), client_ip, &mut ctx.slots)
             .map_err(Refusal::Limit)?;
         let span = snap.resolver.locate(req).map_err(|e| match e {
-            UidError::Missing => Refusal::MissingUid,
+            UidError::Missing => {
+                snap.stats.uid_missing();
+                Refusal::MissingUid
+            }
             UidError::Invalid(why) => Refusal::InvalidUid(why),
         })?;
+        snap.stats.uid_found(span.source());
         ctx.uid = Some(span);
         let uid = span.get(&snap.resolver, req);
         self.limiter
@@ -121,7 +147,9 @@ impl Agent {
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
+                // Health only, not drain: a live session stays on a draining backend.
                 if let Some(b) = memory.lookup(sid).filter(|b| pool.is_ready(b)) {
+                    self.metrics.affinity_hit();
                     ctx.via_affinity = true;
                     ctx.backend = Some(b);
                     return Ok(());
@@ -165,12 +193,54 @@ impl Agent {
 }
 
 impl Ctx {
+    /// The metric children of the backend this request counts against.
+    fn backend_stats(&self) -> Option<&BackendStats> {
+        self.snapshot
+            .as_ref()?
+            .stats
+            .backend(self.pool?, self.stats?)
+    }
+
+    /// Starts counting this request as in flight on `ctx.backend`.
+    fn count_backend(&mut self) {
+        self.uncount_backend();
+        self.stats = match (&self.snapshot, self.pool, &self.backend) {
+            (Some(snap), Some(pool), Some(b)) => backend_addr(b)
+                .and_then(|addr| snap.stats.pools.get(pool)?.index_of(&addr)),
+            _ => None,
+        };
+        if let Some(s) = self.backend_stats() {
+            s.active.inc();
+        }
+    }
+
+    /// Stops counting this request (or tunnel) on its backend.
+    fn uncount_backend(&mut self) {
+        if let Some(s) = self.backend_stats() {
+            if self.tunnel_counted {
+                s.tunnels.dec();
+            } else {
+                s.active.dec();
+            }
+        }
+        self.stats = None;
+        self.tunnel_counted = false;
+    }
+
     /// The request's uid ("" before it is resolved).
     fn uid<'s>(&self, session: &'s Session) -> &'s str {
         match (&self.snapshot, self.uid) {
             (Some(snap), Some(span)) => span.get(&snap.resolver, session.req_header()),
             _ => "",
         }
+    }
+}
+
+impl Drop for Ctx {
+    // Pingora drops the context when the request or tunnel is over, whichever way it ended, so
+    // the gauges cannot leak.
+    fn drop(&mut self) {
+        self.uncount_backend();
     }
 }
 
@@ -225,6 +295,8 @@ impl ProxyHttp for Agent {
             upgrade_guard: false,
             slots: Slots::default(),
             tunnel: None,
+            stats: None,
+            tunnel_counted: false,
         }
     }
 
@@ -241,9 +313,11 @@ impl ProxyHttp for Agent {
         let routed = self.route(&snap, session, ctx);
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
+            self.metrics.refused(why.kind());
             self.refuse(&snap, session, why).await?;
             return Ok(true);
         }
+        ctx.count_backend();
         ctx.upgrade_guard = upgrade::guard_request(session);
         Ok(false)
     }
@@ -256,6 +330,7 @@ impl ProxyHttp for Agent {
                 .router
                 .pool_at(index)
                 .and_then(|pool| pool.select_avoiding(uid.as_bytes(), refused));
+            ctx.count_backend();
         }
         let connect_timeout = ctx.snapshot.as_ref().map_or(Duration::from_secs(1), |s| {
             s.config.upstream.connect_timeout
@@ -283,6 +358,9 @@ impl ProxyHttp for Agent {
     ) -> Box<Error> {
         // One retry on the next backend covers the gap before the health check notices a dead
         // backend. A remembered session is not moved: its state exists only on its backend.
+        if let Some(s) = ctx.backend_stats() {
+            s.connect_failures.inc();
+        }
         if ctx.refused.is_none() && !ctx.via_affinity {
             ctx.refused = ctx.backend.clone();
             e.set_retry(true);
@@ -324,6 +402,11 @@ impl ProxyHttp for Agent {
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.tunnel = Some(self.limiter.tunnel_opened());
+            if let Some(s) = ctx.backend_stats() {
+                s.active.dec();
+                s.tunnels.inc();
+                ctx.tunnel_counted = true;
+            }
         }
         if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
             ctx.learn_sid = false;
@@ -355,6 +438,16 @@ impl ProxyHttp for Agent {
         let Some(snap) = &ctx.snapshot else {
             return; // the demo page, or a request that never got this far
         };
+        let elapsed = ctx.start.elapsed();
+        if let Some(stats) = ctx.backend_stats() {
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            stats.count_status(status);
+            if !session.was_upgraded() {
+                if let Some(pool) = ctx.pool.and_then(|i| snap.stats.pools.get(i)) {
+                    pool.duration.observe(elapsed.as_secs_f64());
+                }
+            }
+        }
         if !snap.config.access_log.enabled {
             return;
         }
@@ -368,7 +461,7 @@ impl ProxyHttp for Agent {
             pool,
             backend: ctx.backend.as_ref(),
             affinity: ctx.via_affinity,
-            elapsed: ctx.start.elapsed(),
+            elapsed,
             error: e,
         });
     }

@@ -1,6 +1,8 @@
-//! Assembles the Pingora server: the proxy service on the listen addresses, the health-check loop
-//! and the SIGHUP reloader, then runs it until a signal ends it.
+//! Assembles the Pingora server: the proxy service on the listen addresses, the admin service on
+//! its own address, the health-check loop and the SIGHUP reloader, then runs it until a signal
+//! ends it.
 
+use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::live::{HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
@@ -44,11 +46,25 @@ pub fn run(
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    if config.admin.enabled {
+        let mut admin = pingora::services::listening::Service::new(
+            "gopush admin".to_string(),
+            AdminApp::new(live.clone()),
+        );
+        admin.add_tcp(&config.admin.listen.to_string());
+        // A few operators and a Prometheus scraper: one thread is plenty, and keeps the
+        // proxy's threads for traffic.
+        admin.threads = Some(1);
+        server.add_service(admin);
+        if !config.admin.has_authentication() {
+            tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token): any local process can use it");
+        }
+    }
     server.add_service(background_service(
         "health checks",
         HealthLoop(live.clone()),
     ));
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
-    tracing::info!(listen = ?config.listen.0, pools = config.pools.len(), "gopush agent starting");
+    tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }

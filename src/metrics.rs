@@ -1,0 +1,429 @@
+//! Prometheus metrics, served at `/metrics` on the admin listener.
+//!
+//! The metric families live in one [`Metrics`] registry for the life of the process (counters
+//! count "since start", whatever reloads happen). The request path never formats a label: each
+//! configuration [`crate::live::Snapshot`] resolves the label children it needs once, when it is
+//! built ([`SnapshotStats`]), and a request only bumps atomics through them. Labels are pool,
+//! backend, status class, uid source and fixed reasons: bounded by the configuration, never
+//! per uid.
+
+use crate::config::UidSource;
+use crate::routing::{backend_addr, Router};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+
+/// Status classes counted per backend; index = first digit - 1, and the last is "no response"
+/// (the client went away before one was written).
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Why the agent answered a request itself (label of `gopush_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// No uid in the request (430).
+    MissingUid = 0,
+    /// An unusable uid (400).
+    InvalidUid = 1,
+    /// Unknown product (404).
+    UnknownProduct = 2,
+    /// No healthy, non-draining backend (503).
+    NoBackend = 3,
+    /// A limit (429, 431, 503).
+    Limit = 4,
+}
+
+const REFUSAL_LABELS: [&str; 5] = [
+    "missing_uid",
+    "invalid_uid",
+    "unknown_product",
+    "no_backend",
+    "limit",
+];
+
+/// Every metric family of the process.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    connect_failures: IntCounterVec,
+    tunnels: IntGaugeVec,
+    active: IntGaugeVec,
+    healthy: IntGaugeVec,
+    draining: IntGaugeVec,
+    duration: HistogramVec,
+    uid_lookups: IntCounterVec,
+    refused: [IntCounter; 5],
+    affinity_hits: IntCounter,
+    pushes: IntCounterVec,
+    reloads: IntCounterVec,
+    config_loaded: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    // Names are constants of this module and registered once: a clash is a programming error
+    // that the unit tests catch, so it is only logged here.
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        tracing::error!("metrics: cannot register a collector: {e}");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    // Opts built from constants never fail validation (checked by the unit tests).
+    let v = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
+        panic!("metric {name}: {e}");
+    });
+    register(r, v)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
+        panic!("metric {name}: {e}");
+    });
+    register(r, v)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let pb = ["pool", "backend"];
+        let requests = counter_vec(
+            &r,
+            "gopush_requests_total",
+            "Proxied requests by pool, backend and response status class (a WebSocket counts once, by its 101).",
+            &["pool", "backend", "class"],
+        );
+        let connect_failures = counter_vec(
+            &r,
+            "gopush_upstream_connect_failures_total",
+            "Connections to a backend that were refused or timed out.",
+            &pb,
+        );
+        let tunnels = gauge_vec(
+            &r,
+            "gopush_open_tunnels",
+            "Open WebSocket tunnels by pool and backend.",
+            &pb,
+        );
+        let active = gauge_vec(
+            &r,
+            "gopush_active_requests",
+            "HTTP requests in flight (long-polls included, tunnels excluded) by pool and backend.",
+            &pb,
+        );
+        let healthy = gauge_vec(
+            &r,
+            "gopush_backend_healthy",
+            "1 if the backend passes its health check, else 0.",
+            &pb,
+        );
+        let draining = gauge_vec(
+            &r,
+            "gopush_backend_draining",
+            "1 if the backend is draining (no new sessions), else 0.",
+            &pb,
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gopush_request_duration_seconds",
+                "Time from request head to the end of the response, by pool (tunnels excluded; long-polls included).",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["pool"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_request_duration_seconds: {e}"));
+        let duration = register(&r, duration);
+        let uid_lookups = counter_vec(
+            &r,
+            "gopush_uid_lookups_total",
+            "Uid sources tried: hit (this source gave the uid) or miss (it gave none).",
+            &["source", "result"],
+        );
+        let refused_vec = counter_vec(
+            &r,
+            "gopush_refused_total",
+            "Requests the agent answered itself, by reason.",
+            &["reason"],
+        );
+        let refused = REFUSAL_LABELS.map(|l| refused_vec.with_label_values(&[l]));
+        let affinity_hits = register(
+            &r,
+            IntCounter::new(
+                "gopush_affinity_hits_total",
+                "Requests routed by the sid memory (a live session kept on its backend).",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_affinity_hits_total: {e}")),
+        );
+        let pushes = counter_vec(
+            &r,
+            "gopush_pushes_total",
+            "Admin API pushes and disconnects published to Redis, by kind and result.",
+            &["kind", "result"],
+        );
+        let reloads = counter_vec(
+            &r,
+            "gopush_config_reloads_total",
+            "Configuration reloads by result.",
+            &["result"],
+        );
+        let config_loaded = register(
+            &r,
+            IntGauge::new(
+                "gopush_config_loaded_timestamp_seconds",
+                "Unix time the running configuration was loaded.",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
+        );
+        Metrics {
+            registry: r,
+            requests,
+            connect_failures,
+            tunnels,
+            active,
+            healthy,
+            draining,
+            duration,
+            uid_lookups,
+            refused,
+            affinity_hits,
+            pushes,
+            reloads,
+            config_loaded,
+        }
+    }
+
+    /// Counts a request the agent refused.
+    pub fn refused(&self, kind: RefusalKind) {
+        self.refused[kind as usize].inc();
+    }
+
+    /// Counts a request routed by the sid memory.
+    pub fn affinity_hit(&self) {
+        self.affinity_hits.inc();
+    }
+
+    /// Counts a push or disconnect (`kind`: uid/room/all/disconnect; `result`: ok/bad/unavailable).
+    pub fn push(&self, kind: &str, result: &str) {
+        self.pushes.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Counts a reload attempt.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Records when the running configuration was loaded.
+    pub fn set_loaded_at(&self, unix_seconds: i64) {
+        self.config_loaded.set(unix_seconds);
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+
+    /// The label children one configuration needs (see the module docs).
+    pub fn resolve(&self, router: &Router, sources: &[UidSource]) -> SnapshotStats {
+        let pools = router
+            .pools()
+            .map(|pool| {
+                let name = pool.name();
+                let backends = pool
+                    .backends()
+                    .iter()
+                    .filter_map(backend_addr)
+                    .map(|addr| {
+                        let a = addr.to_string();
+                        let l = [name, a.as_str()];
+                        BackendStats {
+                            addr,
+                            requests: STATUS_CLASSES
+                                .map(|c| self.requests.with_label_values(&[name, &a, c])),
+                            connect_failures: self.connect_failures.with_label_values(&l),
+                            tunnels: self.tunnels.with_label_values(&l),
+                            active: self.active.with_label_values(&l),
+                            healthy: self.healthy.with_label_values(&l),
+                            draining: self.draining.with_label_values(&l),
+                        }
+                    })
+                    .collect();
+                PoolStats {
+                    duration: self.duration.with_label_values(&[name]),
+                    backends,
+                }
+            })
+            .collect();
+        let label = |s: &UidSource| match s {
+            UidSource::Cookie(n) => format!("cookie:{n}"),
+            UidSource::Query(n) => format!("query:{n}"),
+            UidSource::Header(n) => format!("header:{n}"),
+        };
+        let uid_hits = sources
+            .iter()
+            .map(|s| self.uid_lookups.with_label_values(&[&label(s), "hit"]))
+            .collect();
+        let uid_misses = sources
+            .iter()
+            .map(|s| self.uid_lookups.with_label_values(&[&label(s), "miss"]))
+            .collect();
+        SnapshotStats {
+            pools,
+            uid_hits,
+            uid_misses,
+        }
+    }
+}
+
+/// Label children of one backend in one pool.
+pub struct BackendStats {
+    /// The backend.
+    pub addr: SocketAddr,
+    /// By [`STATUS_CLASSES`].
+    pub requests: [IntCounter; 6],
+    /// Refused or timed-out connects.
+    pub connect_failures: IntCounter,
+    /// Open tunnels.
+    pub tunnels: IntGauge,
+    /// Requests in flight.
+    pub active: IntGauge,
+    /// Health (set when metrics or status are read).
+    pub healthy: IntGauge,
+    /// Draining (set when metrics or status are read).
+    pub draining: IntGauge,
+}
+
+impl BackendStats {
+    /// Counts a finished request by its status (0: no response written).
+    pub fn count_status(&self, status: u16) {
+        let class = match status {
+            100..=599 => usize::from(status / 100) - 1,
+            _ => STATUS_CLASSES.len() - 1,
+        };
+        self.requests[class].inc();
+    }
+
+    /// Requests since start, all classes.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().map(IntCounter::get).sum()
+    }
+
+    /// Requests since start that ended in a 5xx (including the agent's own 502 for a failed
+    /// upstream) or without any response.
+    pub fn errors_total(&self) -> u64 {
+        self.requests[4].get() + self.requests[5].get()
+    }
+}
+
+/// Label children of one pool.
+pub struct PoolStats {
+    /// Request durations of the pool.
+    pub duration: Histogram,
+    /// Per backend, in the pool's backend order.
+    pub backends: Vec<BackendStats>,
+}
+
+impl PoolStats {
+    /// The index of `addr` among [`PoolStats::backends`] (pools are small: a linear scan beats
+    /// hashing).
+    pub fn index_of(&self, addr: &SocketAddr) -> Option<usize> {
+        self.backends.iter().position(|b| b.addr == *addr)
+    }
+}
+
+/// Label children of one configuration snapshot.
+pub struct SnapshotStats {
+    /// By pool index of the snapshot's router.
+    pub pools: Vec<PoolStats>,
+    uid_hits: Vec<IntCounter>,
+    uid_misses: Vec<IntCounter>,
+}
+
+impl SnapshotStats {
+    /// The uid came from source `index`; the ones before it had nothing.
+    pub fn uid_found(&self, index: usize) {
+        if let Some(hit) = self.uid_hits.get(index) {
+            hit.inc();
+        }
+        for miss in self.uid_misses.iter().take(index) {
+            miss.inc();
+        }
+    }
+
+    /// No source had a uid.
+    pub fn uid_missing(&self) {
+        for miss in &self.uid_misses {
+            miss.inc();
+        }
+    }
+
+    /// The stats of backend `backend` of pool `pool`.
+    pub fn backend(&self, pool: usize, backend: usize) -> Option<&BackendStats> {
+        self.pools.get(pool)?.backends.get(backend)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn families_register_and_encode() {
+        let m = Metrics::new();
+        let config = Config::from_str_named(
+            "pools:\n  default:\n    backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        let router = Router::offline(&config);
+        let stats = m.resolve(&router, &config.uid.sources);
+        stats.pools[0].backends[1].count_status(204);
+        stats.pools[0].backends[1].count_status(0);
+        stats.uid_found(1);
+        m.refused(RefusalKind::MissingUid);
+        let text = String::from_utf8(m.encode().unwrap()).unwrap();
+        assert!(
+            text.contains(r#"gopush_requests_total{backend="127.0.0.1:4001",class="2xx",pool="default"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"class="none""#), "{text}");
+        assert!(text.contains(r#"gopush_uid_lookups_total{result="hit",source="query:uid"} 1"#));
+        assert!(text.contains(r#"gopush_uid_lookups_total{result="miss",source="cookie:uid"} 1"#));
+        assert!(text.contains(r#"gopush_refused_total{reason="missing_uid"} 1"#));
+        assert_eq!(stats.pools[0].backends[1].requests_total(), 2);
+        assert_eq!(stats.pools[0].backends[1].errors_total(), 1);
+        let addr: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        assert_eq!(stats.pools[0].index_of(&addr), Some(1));
+    }
+
+    #[test]
+    fn a_second_snapshot_shares_the_counters() {
+        let m = Metrics::new();
+        let config = Config::from_str_named(
+            "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        let router = Router::offline(&config);
+        let a = m.resolve(&router, &config.uid.sources);
+        let b = m.resolve(&router, &config.uid.sources);
+        a.pools[0].backends[0].tunnels.inc();
+        b.pools[0].backends[0].tunnels.dec();
+        assert_eq!(a.pools[0].backends[0].tunnels.get(), 0);
+    }
+}
