@@ -87,10 +87,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            crate::logging::init(
-                daemon || config.server.daemon,
-                config.access_log.format,
-            );
+            crate::logging::init(daemon || config.server.daemon, config.access_log.format);
             let path = std::fs::canonicalize(&path).unwrap_or(path);
             report(server::run(
                 &config,

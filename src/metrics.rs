@@ -398,7 +398,9 @@ mod tests {
         m.refused(RefusalKind::MissingUid);
         let text = String::from_utf8(m.encode().unwrap()).unwrap();
         assert!(
-            text.contains(r#"gopush_requests_total{backend="127.0.0.1:4001",class="2xx",pool="default"} 1"#),
+            text.contains(
+                r#"gopush_requests_total{backend="127.0.0.1:4001",class="2xx",pool="default"} 1"#
+            ),
             "{text}"
         );
         assert!(text.contains(r#"class="none""#), "{text}");

@@ -205,8 +205,9 @@ impl Ctx {
     fn count_backend(&mut self) {
         self.uncount_backend();
         self.stats = match (&self.snapshot, self.pool, &self.backend) {
-            (Some(snap), Some(pool), Some(b)) => backend_addr(b)
-                .and_then(|addr| snap.stats.pools.get(pool)?.index_of(&addr)),
+            (Some(snap), Some(pool), Some(b)) => {
+                backend_addr(b).and_then(|addr| snap.stats.pools.get(pool)?.index_of(&addr))
+            }
             _ => None,
         };
         if let Some(s) = self.backend_stats() {
@@ -405,8 +406,8 @@ impl ProxyHttp for Agent {
             if let Some(s) = ctx.backend_stats() {
                 s.active.dec();
                 s.tunnels.inc();
-                ctx.tunnel_counted = true;
             }
+            ctx.tunnel_counted = ctx.stats.is_some();
         }
         if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
             ctx.learn_sid = false;

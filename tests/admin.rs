@@ -24,10 +24,19 @@ fn free_port() -> u16 {
 }
 
 /// One HTTP/1.1 exchange (`Connection: close`); answers status and body.
-fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -42,7 +51,9 @@ fn http(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], bo
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or_else(|| panic!("no status line in {text:?}"));
-    let body = text.split_once("\r\n\r\n").map_or(String::new(), |(_, b)| b.to_string());
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
     (status, body)
 }
 
@@ -93,7 +104,13 @@ fn temp_dir(name: &str) -> TempDir {
     TempDir(dir)
 }
 
-fn config(proxy: SocketAddr, admin: SocketAddr, backends: &[SocketAddr], dir: &TempDir, extra: &str) -> String {
+fn config(
+    proxy: SocketAddr,
+    admin: SocketAddr,
+    backends: &[SocketAddr],
+    dir: &TempDir,
+    extra: &str,
+) -> String {
     let list: Vec<String> = backends.iter().map(|b| format!("\"{b}\"")).collect();
     format!(
         r#"listen: "{proxy}"
@@ -156,9 +173,16 @@ fn start_agent(name: &str, backends: &[SocketAddr]) -> Agent {
 }
 
 fn metrics(agent: &Agent) -> prometheus_parse::Scrape {
-    let (status, body) = http(agent.admin, "GET", "/metrics", &[("authorization", &bearer())], "");
+    let (status, body) = http(
+        agent.admin,
+        "GET",
+        "/metrics",
+        &[("authorization", &bearer())],
+        "",
+    );
     assert_eq!(status, 200, "{body}");
-    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).expect("Prometheus text")
+    prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_string())))
+        .expect("Prometheus text")
 }
 
 /// The value of the sample `name` whose labels include all of `labels` (0 if absent).
@@ -195,13 +219,28 @@ fn admin_api_metrics_and_access_log() {
 
     // Authentication.
     for path in ["/api/status", "/metrics", "/api/route?uid=a"] {
-        assert_eq!(http(agent.admin, "GET", path, &[], "").0, 401, "{path} without token");
         assert_eq!(
-            http(agent.admin, "GET", path, &[("authorization", "Bearer wrong")], "").0,
+            http(agent.admin, "GET", path, &[], "").0,
+            401,
+            "{path} without token"
+        );
+        assert_eq!(
+            http(
+                agent.admin,
+                "GET",
+                path,
+                &[("authorization", "Bearer wrong")],
+                ""
+            )
+            .0,
             401,
             "{path} with a wrong token"
         );
-        assert_eq!(http(agent.admin, "GET", path, with_token, "").0, 200, "{path} with the token");
+        assert_eq!(
+            http(agent.admin, "GET", path, with_token, "").0,
+            200,
+            "{path} with the token"
+        );
     }
     let (status, page) = http(agent.admin, "GET", "/", &[], "");
     assert_eq!(status, 200);
@@ -216,16 +255,31 @@ fn admin_api_metrics_and_access_log() {
     let (status, who) = http(agent.proxy, "GET", "/whoami?uid=alice", &[], "");
     assert_eq!(status, 200, "{who}");
     let port: u16 = alice_backend.rsplit(':').next().unwrap().parse().unwrap();
-    assert_eq!(json(&who)["port"], port, "the route API agrees with the proxy");
+    assert_eq!(
+        json(&who)["port"],
+        port,
+        "the route API agrees with the proxy"
+    );
 
     // Counters move by exactly what was sent.
     let m0 = metrics(&agent);
-    let ok_labels = [("pool", "default"), ("backend", alice_backend.as_str()), ("class", "2xx")];
+    let ok_labels = [
+        ("pool", "default"),
+        ("backend", alice_backend.as_str()),
+        ("class", "2xx"),
+    ];
     let before = sample(&m0, "gopush_requests_total", &ok_labels);
-    let hits0 = sample(&m0, "gopush_uid_lookups_total", &[("source", "query:uid"), ("result", "hit")]);
+    let hits0 = sample(
+        &m0,
+        "gopush_uid_lookups_total",
+        &[("source", "query:uid"), ("result", "hit")],
+    );
     let missing0 = sample(&m0, "gopush_refused_total", &[("reason", "missing_uid")]);
     for _ in 0..5 {
-        assert_eq!(http(agent.proxy, "GET", "/whoami?uid=alice", &[], "").0, 200);
+        assert_eq!(
+            http(agent.proxy, "GET", "/whoami?uid=alice", &[], "").0,
+            200
+        );
     }
     assert_eq!(http(agent.proxy, "GET", "/whoami", &[], "").0, 430);
     // The counters are bumped in the logging phase, just after the response is written.
@@ -233,12 +287,22 @@ fn admin_api_metrics_and_access_log() {
         let m = metrics(&agent);
         (sample(&m, "gopush_requests_total", &ok_labels) >= before + 5.0).then_some(m)
     });
-    assert_eq!(sample(&m1, "gopush_requests_total", &ok_labels), before + 5.0);
     assert_eq!(
-        sample(&m1, "gopush_uid_lookups_total", &[("source", "query:uid"), ("result", "hit")]),
+        sample(&m1, "gopush_requests_total", &ok_labels),
+        before + 5.0
+    );
+    assert_eq!(
+        sample(
+            &m1,
+            "gopush_uid_lookups_total",
+            &[("source", "query:uid"), ("result", "hit")]
+        ),
         hits0 + 5.0
     );
-    assert_eq!(sample(&m1, "gopush_refused_total", &[("reason", "missing_uid")]), missing0 + 1.0);
+    assert_eq!(
+        sample(&m1, "gopush_refused_total", &[("reason", "missing_uid")]),
+        missing0 + 1.0
+    );
     let healthy = sample(&m1, "gopush_backend_healthy", &[("pool", "default")]);
     assert_eq!(healthy, 2.0, "both backends healthy");
     let histogram = m1
@@ -248,7 +312,9 @@ fn admin_api_metrics_and_access_log() {
         .expect("duration histogram");
     assert!(matches!(&histogram.value, prometheus_parse::Value::Histogram(b) if !b.is_empty()));
     assert!(
-        !m1.samples.iter().any(|s| s.labels.values().any(|v| v == "alice")),
+        !m1.samples
+            .iter()
+            .any(|s| s.labels.values().any(|v| v == "alice")),
         "no per-uid label"
     );
 
@@ -265,13 +331,29 @@ fn admin_api_metrics_and_access_log() {
         .clone();
     assert_eq!(b["requests"].as_f64().unwrap(), before + 5.0);
     assert_eq!(b["healthy"], true);
-    assert_eq!(st["config"]["file"], std::fs::canonicalize(&agent.conf).unwrap().display().to_string());
+    assert_eq!(
+        st["config"]["file"],
+        std::fs::canonicalize(&agent.conf)
+            .unwrap()
+            .display()
+            .to_string()
+    );
 
     // Drain: alice's new requests go elsewhere; undrain brings them back.
-    let (status, _) = http(agent.admin, "POST", &format!("/api/backends/{alice_backend}/drain"), with_token, "");
+    let (status, _) = http(
+        agent.admin,
+        "POST",
+        &format!("/api/backends/{alice_backend}/drain"),
+        with_token,
+        "",
+    );
     assert_eq!(status, 200);
     let (_, who) = http(agent.proxy, "GET", "/whoami?uid=alice", &[], "");
-    assert_ne!(json(&who)["port"], port, "draining: new requests avoid the backend");
+    assert_ne!(
+        json(&who)["port"],
+        port,
+        "draining: new requests avoid the backend"
+    );
     let route = json(&http(agent.admin, "GET", "/api/route?uid=alice", with_token, "").1);
     assert_eq!(route["ring"], alice_backend.as_str());
     assert_eq!(route["ring_draining"], true);
@@ -281,9 +363,20 @@ fn admin_api_metrics_and_access_log() {
     assert_eq!(status, 200, "{body}");
     assert!(json(&body)["loaded_at"].is_string());
     let st = json(&http(agent.admin, "GET", "/api/status", with_token, "").1);
-    assert_eq!(st["draining"][0], alice_backend.as_str(), "drain survives a reload");
     assert_eq!(
-        http(agent.admin, "POST", &format!("/api/backends/{alice_backend}/undrain"), with_token, "").0,
+        st["draining"][0],
+        alice_backend.as_str(),
+        "drain survives a reload"
+    );
+    assert_eq!(
+        http(
+            agent.admin,
+            "POST",
+            &format!("/api/backends/{alice_backend}/undrain"),
+            with_token,
+            ""
+        )
+        .0,
         200
     );
     let (_, who) = http(agent.proxy, "GET", "/whoami?uid=alice", &[], "");
@@ -296,7 +389,10 @@ fn admin_api_metrics_and_access_log() {
     assert_eq!(status, 400, "{body}");
     assert!(json(&body)["error"].as_str().unwrap().contains("not_a_key"));
     std::fs::write(&agent.conf, good).unwrap();
-    assert_eq!(http(agent.proxy, "GET", "/whoami?uid=alice", &[], "").0, 200);
+    assert_eq!(
+        http(agent.proxy, "GET", "/whoami?uid=alice", &[], "").0,
+        200
+    );
 
     // Bad input and Redis down.
     let push = |body: &str| http(agent.admin, "POST", "/api/push", with_token, body);
@@ -311,10 +407,23 @@ fn admin_api_metrics_and_access_log() {
     let (status, body) = push(r#"{"uid": "a", "event": "e", "data": {"x": 1}}"#);
     assert_eq!(status, 503, "{body}");
     assert!(body.to_lowercase().contains("redis"), "{body}");
-    let (status, body) = http(agent.admin, "POST", "/api/disconnect", with_token, r#"{"uid": "a"}"#);
+    let (status, body) = http(
+        agent.admin,
+        "POST",
+        "/api/disconnect",
+        with_token,
+        r#"{"uid": "a"}"#,
+    );
     assert_eq!(status, 503, "{body}");
     let m2 = metrics(&agent);
-    assert_eq!(sample(&m2, "gopush_pushes_total", &[("kind", "uid"), ("result", "unavailable")]), 1.0);
+    assert_eq!(
+        sample(
+            &m2,
+            "gopush_pushes_total",
+            &[("kind", "uid"), ("result", "unavailable")]
+        ),
+        1.0
+    );
 
     // The access log is JSON lines.
     let access: Vec<HashMap<String, serde_json::Value>> = wait_for(5, "JSON access lines", || {
@@ -322,11 +431,16 @@ fn admin_api_metrics_and_access_log() {
         let parsed: Vec<HashMap<String, serde_json::Value>> = lines
             .iter()
             .filter(|l| l.contains("gopush::access"))
-            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+            .map(|l| {
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}"))
+            })
             .collect();
         (parsed.len() >= 6).then_some(parsed)
     });
-    let line = access.iter().find(|l| l["uid"] == "alice").expect("a line for alice");
+    let line = access
+        .iter()
+        .find(|l| l["uid"] == "alice")
+        .expect("a line for alice");
     assert_eq!(line["status"], 200);
     assert!(line["ms"].is_number());
     assert_eq!(line["path"], "/whoami");
@@ -364,5 +478,9 @@ fn a_public_admin_listener_needs_a_token() {
         .arg(&conf)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -68,7 +68,11 @@ pub fn authorize(req: &RequestHeader, admin: &AdminConfig) -> bool {
 
 /// The token of an `Authorization: Bearer TOKEN` header.
 fn bearer(req: &RequestHeader) -> Option<&str> {
-    let value = req.headers.get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let value = req
+        .headers
+        .get(http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
     let (scheme, token) = value.trim().split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -166,7 +170,10 @@ impl AdminApp {
         }
         if !authorize(req, &snap.config.admin) {
             return Reply {
-                extra: Some((http::header::WWW_AUTHENTICATE, "Bearer realm=\"gopush admin\"")),
+                extra: Some((
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"gopush admin\"",
+                )),
                 ..Reply::error(
                     StatusCode::UNAUTHORIZED,
                     "authentication required: send `Authorization: Bearer <admin.token>`",
@@ -225,10 +232,7 @@ impl AdminApp {
                 body,
                 extra: None,
             },
-            Err(e) => Reply::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("metrics: {e}"),
-            ),
+            Err(e) => Reply::error(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")),
         }
     }
 
@@ -503,7 +507,10 @@ fn target(
         }
         (None, Some(room), false) => {
             if room.is_empty() {
-                return Err(Reply::error(StatusCode::BAD_REQUEST, "room: must be non-empty"));
+                return Err(Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    "room: must be non-empty",
+                ));
             }
             Ok(("room", Some(room)))
         }
@@ -521,7 +528,10 @@ fn target(
 
 fn check_event(event: &str) -> Result<(), Reply> {
     if event.is_empty() {
-        return Err(Reply::error(StatusCode::BAD_REQUEST, "event: must be non-empty"));
+        return Err(Reply::error(
+            StatusCode::BAD_REQUEST,
+            "event: must be non-empty",
+        ));
     }
     if RESERVED_EVENTS.contains(&event) {
         return Err(Reply::error(
@@ -551,9 +561,8 @@ fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
             "body: a JSON object is required",
         ));
     }
-    serde_json::from_slice(body).map_err(|e| {
-        Reply::error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}"))
-    })
+    serde_json::from_slice(body)
+        .map_err(|e| Reply::error(StatusCode::BAD_REQUEST, format!("invalid JSON body: {e}")))
 }
 
 /// Reads the whole request body, refusing more than the push limit allows (JSON can be up to
@@ -629,9 +638,7 @@ fn route(snap: &Snapshot, query: &str) -> Reply {
         );
     };
     let key = uid.as_bytes();
-    let show = |b: Option<&pingora::lb::Backend>| {
-        b.and_then(backend_addr).map(|a| a.to_string())
-    };
+    let show = |b: Option<&pingora::lb::Backend>| b.and_then(backend_addr).map(|a| a.to_string());
     let now = pool.select(key);
     let ring = pool.select_ignoring_health(key);
     let failover = now.as_ref().and_then(|b| pool.select_avoiding(key, b));
@@ -724,12 +731,17 @@ mod tests {
     #[test]
     fn push_targets() {
         let cfg = crate::config::PushConfig::default();
-        let t = target(Some("alice".into()), None, None, &cfg, true).ok().unwrap();
+        let t = target(Some("alice".into()), None, None, &cfg, true)
+            .ok()
+            .unwrap();
         assert_eq!(t, ("uid", Some("uid:alice".to_string())));
         assert!(target(None, None, None, &cfg, true).is_err());
         assert!(target(None, None, Some(false), &cfg, true).is_err());
         assert!(target(Some("a".into()), Some("r".into()), None, &cfg, true).is_err());
-        assert_eq!(target(None, None, Some(true), &cfg, true).ok().unwrap(), ("all", None));
+        assert_eq!(
+            target(None, None, Some(true), &cfg, true).ok().unwrap(),
+            ("all", None)
+        );
         assert!(target(None, None, Some(true), &cfg, false).is_err());
     }
 

@@ -139,10 +139,9 @@ impl Publisher {
     /// counts once per subscription that matched). The error is a sentence for the API caller.
     pub async fn publish(&self, cfg: &PushConfig, message: &Message) -> Result<i64, String> {
         let mut conn = self.connection(cfg).await?;
-        let publish = redis::cmd("PUBLISH")
-            .arg(&message.channel)
-            .arg(&message.payload)
-            .query_async::<i64>(&mut conn);
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&message.channel).arg(&message.payload);
+        let publish = cmd.query_async::<i64>(&mut conn);
         match tokio::time::timeout(cfg.timeout, publish).await {
             Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(e)) => {
@@ -202,8 +201,13 @@ mod tests {
         // What `new Emitter(redis).to("uid:alice").emit("news", {a: 1})` publishes (v5.1.0):
         // notepack of ["emitter", {type: 2, data: ["news", {a: 1}], nsp: "/"},
         //              {rooms: ["uid:alice"], flags: {}, except: []}].
-        let m = encode_event("socket.io", "/", Some("uid:alice"), &[json!("news"), json!({"a": 1})])
-            .unwrap();
+        let m = encode_event(
+            "socket.io",
+            "/",
+            Some("uid:alice"),
+            &[json!("news"), json!({"a": 1})],
+        )
+        .unwrap();
         assert_eq!(m.channel, "socket.io#/#uid:alice#");
         let mut want = vec![0x93, 0xa7];
         want.extend_from_slice(b"emitter");

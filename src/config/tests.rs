@@ -170,14 +170,19 @@ fn admin_and_push_sections() {
     // A public admin listener without a token is refused, naming the key.
     let e = err(&format!("{MIN}admin: {{listen: \"0.0.0.0:6004\"}}\n"));
     assert!(e.contains("admin.token"), "{e}");
-    let e = err(&format!("{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"\"}}\n"));
+    let e = err(&format!(
+        "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"\"}}\n"
+    ));
     assert!(e.contains("admin.token"), "{e}");
     let c = parse(&format!(
         "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"s3cret\"}}\naccess_log: {{format: json}}\n"
     ))
     .unwrap();
     assert_eq!(c.admin.token(), Some("s3cret"));
-    assert!(!format!("{c:?}").contains("s3cret"), "the token never shows in Debug");
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "the token never shows in Debug"
+    );
     assert_eq!(c.access_log.format, LogFormat::Json);
     let e = err(&format!("{MIN}push: {{uid_room: \"user\"}}\n"));
     assert!(e.contains("push.uid_room"), "{e}");

@@ -67,12 +67,8 @@ impl Drain {
     /// Forgets backends that are no longer configured (after a reload): a backend removed and
     /// added back later starts undrained.
     pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
-        self.set.rcu(|old| {
-            old.iter()
-                .copied()
-                .filter(|a| keep(a))
-                .collect::<Vec<_>>()
-        });
+        self.set
+            .rcu(|old| old.iter().copied().filter(|a| keep(a)).collect::<Vec<_>>());
     }
 
     /// The draining backends.

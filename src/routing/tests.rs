@@ -173,13 +173,19 @@ health_check: {kind: none}
     let victim = before[0].clone();
     let victim_addr = backend_addr(&victim).unwrap();
     assert!(drain.set(victim_addr, true));
-    assert!(!drain.set(victim_addr, true), "draining twice changes nothing");
+    assert!(
+        !drain.set(victim_addr, true),
+        "draining twice changes nothing"
+    );
     assert!(pool.is_draining(&victim));
     // Still ready (healthy): the sid memory keeps live sessions there.
     assert!(pool.is_ready(&victim));
     for (i, was) in before.iter().enumerate() {
         let now = pool.select(format!("u{i}").as_bytes()).unwrap();
-        assert_ne!(now.addr, victim.addr, "a draining backend takes no new session");
+        assert_ne!(
+            now.addr, victim.addr,
+            "a draining backend takes no new session"
+        );
         if was.addr != victim.addr {
             assert_eq!(now.addr, was.addr, "uids of other backends do not move");
         }
