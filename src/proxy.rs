@@ -404,6 +404,8 @@ impl ProxyHttp for Agent {
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.tunnel = Some(self.limiter.tunnel_opened());
             if let Some(s) = ctx.backend_stats() {
+                // Counted now, not when the tunnel ends: a WebSocket can live for hours.
+                s.count_status(101);
                 s.active.dec();
                 s.tunnels.inc();
             }
@@ -440,7 +442,8 @@ impl ProxyHttp for Agent {
             return; // the demo page, or a request that never got this far
         };
         let elapsed = ctx.start.elapsed();
-        if let Some(stats) = ctx.backend_stats() {
+        if let Some(stats) = ctx.backend_stats().filter(|_| !ctx.tunnel_counted) {
+            // (A tunnel was counted by its 101 in response_filter.)
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
             stats.count_status(status);
             if !session.was_upgraded() {
