@@ -306,7 +306,9 @@ impl AdminApp {
     }
 
     fn drain(&self, snap: &Snapshot, addr: &str, draining: bool) -> Reply {
-        let Ok(addr) = addr.parse::<SocketAddr>() else {
+        // `127.0.0.1%3A4000` (a client that escaped the colon) means the same address.
+        let decoded = percent_encoding::percent_decode_str(addr).decode_utf8_lossy();
+        let Ok(addr) = decoded.parse::<SocketAddr>() else {
             return Reply::error(
                 StatusCode::BAD_REQUEST,
                 format!("backend: `{addr}` is not an IP:port"),

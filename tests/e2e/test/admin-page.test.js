@@ -24,7 +24,7 @@ async function openChromium(env) {
   const proc = new h.Proc('chromium', CHROMIUM, [
     '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking', '--no-first-run',
     '--disable-dev-shm-usage', `--user-data-dir=${profile}`, `--remote-debugging-port=${port}`,
-    '--remote-debugging-address=127.0.0.1', '--window-size=1280,900', 'about:blank',
+    '--remote-debugging-address=127.0.0.1', '--window-size=1280,1060', 'about:blank',
   ]);
   env.procs.push(proc);
   const target = await h.poll(async () => {
@@ -95,9 +95,6 @@ describe('admin page in headless Chromium', { timeout: 120_000 }, () => {
   it('signs in, shows live numbers, looks up a uid, pushes, and drains a backend', async () => {
     const picked = await h.pickUids(agent.configFile, [A.addr, B.addr], 3, CANDIDATES);
     const clients = [];
-    for (const uid of [...picked.get(A.addr), ...picked.get(B.addr).slice(0, 2)]) {
-      clients.push(await env.connect(agent.url, { query: { uid }, transports: ['websocket'] }));
-    }
     const b = browser;
     await b.send('Page.navigate', { url: `${agent.adminUrl}/?poll=300` });
     // No token yet: the API answers 401 and the login box shows.
@@ -106,6 +103,15 @@ describe('admin page in headless Chromium', { timeout: 120_000 }, () => {
       document.querySelector('#login button').click(); true`);
     const row = (addr) => `document.querySelector('#backends tr[data-backend="${addr}"]')`;
     await b.waitFor(`!!${row(A.addr)} && !!${row(B.addr)}`, 'both backend rows');
+    // Clients arrive one by one, each seen by the page before the next (the chart gets steps).
+    const arrivals = [...picked.get(A.addr), ...picked.get(B.addr).slice(0, 2)];
+    for (const [i, uid] of arrivals.entries()) {
+      clients.push(await env.connect(agent.url, { query: { uid }, transports: ['websocket'] }));
+      const onA = Math.min(i + 1, 3);
+      const onB = Math.max(0, i - 2);
+      await b.waitFor(`${row(A.addr)}.querySelector('.tunnels').textContent === '${onA}'
+        && ${row(B.addr)}.querySelector('.tunnels').textContent === '${onB}'`, `${i + 1} clients in the table`);
+    }
     await b.waitFor(`${row(A.addr)}.querySelector('.tunnels').textContent === '3'
       && ${row(B.addr)}.querySelector('.tunnels').textContent === '2'`, 'open tunnels 3 and 2 in the table');
     assert.equal(await b.evaluate(`${row(A.addr)}.querySelector('.health').textContent`), 'healthy');
