@@ -45,3 +45,47 @@ pub fn init(daemon: bool, format: LogFormat) {
         std::mem::forget(guard);
     }
 }
+
+/// Reopens `server.error_log` on SIGUSR1 (after logrotate moved it), in daemon mode where
+/// Pingora pointed stderr at that file: the new file is opened and put in place of fd 2, so every
+/// writer keeps working without a restart.
+pub struct ReopenOnUsr1 {
+    /// The error log file.
+    pub path: std::path::PathBuf,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for ReopenOnUsr1 {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut usr1 = match signal(SignalKind::user_defined1()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!("cannot listen for SIGUSR1, log reopen disabled: {e}");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                got = usr1.recv() => {
+                    if got.is_none() {
+                        return;
+                    }
+                    match reopen_stderr(&self.path) {
+                        Ok(()) => tracing::info!(file = %self.path.display(), "error log reopened"),
+                        Err(e) => tracing::error!(file = %self.path.display(), "cannot reopen the error log: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn reopen_stderr(path: &std::path::Path) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)?;
+    nix::unistd::dup2_stderr(&file).map_err(std::io::Error::from)
+}

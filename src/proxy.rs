@@ -24,6 +24,7 @@ use pingora::http::ResponseHeader;
 use pingora::lb::Backend;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,10 @@ pub struct Agent {
     affinity: Option<Affinity>,
     /// Rate and concurrency counters; they outlive snapshots too.
     limiter: Arc<Limiter>,
+    /// Set once this process hands its listeners to a new one (or stops): responses then say
+    /// `Connection: close`, so clients move to the new process while this one still answers,
+    /// instead of racing the idle keep-alive connections it will drop.
+    closing: Arc<AtomicBool>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
     /// Process-wide metric families (per-backend children live in the snapshot).
@@ -90,8 +95,9 @@ impl Refusal {
 }
 
 impl Agent {
-    /// Builds the agent around a live configuration.
-    pub fn new(live: Arc<Live>) -> Self {
+    /// Builds the agent around a live configuration; `closing` is raised when the process starts
+    /// to hand over or stop (see [`crate::server`]).
+    pub fn new(live: Arc<Live>, closing: Arc<AtomicBool>) -> Self {
         let snapshot = live.load();
         let affinity = &snapshot.config.affinity;
         let affinity = affinity
@@ -102,6 +108,7 @@ impl Agent {
             live,
             affinity,
             limiter: Arc::new(Limiter::default()),
+            closing,
             demo_page: None,
         }
     }
@@ -315,6 +322,9 @@ impl ProxyHttp for Agent {
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
             self.metrics.refused(why.kind());
+            if self.closing.load(Ordering::Relaxed) {
+                session.set_keepalive(None);
+            }
             self.refuse(&snap, session, why).await?;
             return Ok(true);
         }
@@ -400,6 +410,9 @@ impl ProxyHttp for Agent {
     ) -> Result<()> {
         if ctx.upgrade_guard {
             upgrade::on_response(session, upstream_response.status.as_u16());
+        }
+        if self.closing.load(Ordering::Relaxed) {
+            session.set_keepalive(None);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.tunnel = Some(self.limiter.tunnel_opened());

@@ -6,11 +6,16 @@ use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::live::{HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
+use async_trait::async_trait;
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
-use pingora::services::background::background_service;
+use pingora::server::{ExecutionPhase, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::Mutex;
+use tokio::sync::broadcast;
 
 /// How `gopush run` was asked to start.
 #[derive(Debug, Clone, Copy, Default)]
@@ -37,7 +42,12 @@ pub fn run(
     server.bootstrap();
 
     let live = Arc::new(Live::new(config.clone(), config_path));
-    let mut agent = Agent::new(live.clone());
+    let closing = Arc::new(AtomicBool::new(false));
+    let watch = WatchClosing {
+        phases: Mutex::new(Some(server.watch_execution_phase())),
+        closing: closing.clone(),
+    };
+    let mut agent = Agent::new(live.clone(), closing);
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
@@ -60,11 +70,51 @@ pub fn run(
             tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token): any local process can use it");
         }
     }
+    server.add_service(background_service("watch for hand-over", watch));
     server.add_service(background_service(
         "health checks",
         HealthLoop(live.clone()),
     ));
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
+    if let Some(path) = &config.server.error_log {
+        let reopen = crate::logging::ReopenOnUsr1 { path: path.into() };
+        server.add_service(background_service("reopen error log on SIGUSR1", reopen));
+    }
     tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
+}
+
+/// Raises the agent's `closing` flag when Pingora starts a graceful upgrade or stop.
+struct WatchClosing {
+    phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
+    closing: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl BackgroundService for WatchClosing {
+    async fn start(&self, _shutdown: ShutdownWatch) {
+        let Some(mut phases) = self.phases.lock().ok().and_then(|mut p| p.take()) else {
+            return;
+        };
+        // Not stopped by the shutdown watch: the phases *are* the shutdown, watched to its end.
+        loop {
+            match phases.recv().await {
+                Ok(
+                    ExecutionPhase::GracefulUpgradeTransferringFds
+                    | ExecutionPhase::GracefulUpgradeCloseTimeout
+                    | ExecutionPhase::GracefulTerminate
+                    | ExecutionPhase::ShutdownStarted
+                    | ExecutionPhase::ShutdownGracePeriod,
+                ) => {
+                    if !self.closing.swap(true, Ordering::Relaxed) {
+                        tracing::info!(
+                            "handing over or stopping: responses now close their connections"
+                        );
+                    }
+                }
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
 }

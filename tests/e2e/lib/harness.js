@@ -559,7 +559,8 @@ class TestEnv {
     if (!fs.existsSync(GOPUSH_BIN)) throw new Error(`gopush binary not found at ${GOPUSH_BIN} (set GOPUSH_BIN)`);
     // Every agent gets its own admin port unless the test chose one: the default (6004) would be
     // shared by agents running side by side.
-    if (cfg.admin === undefined) cfg = { ...cfg, admin: { listen: `127.0.0.1:${await freePort()}` } };
+    // Set on the caller's object, so that a test rewriting the file for a reload keeps it.
+    if (cfg.admin === undefined) cfg.admin = { listen: `127.0.0.1:${await freePort()}` };
     const configFile = this.writeConfig(cfg, file);
     const port = portOf(cfg.listen);
     const p = new Proc(`gopush:${port}`, GOPUSH_BIN, ['run', '-c', configFile], {

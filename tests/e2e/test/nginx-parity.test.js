@@ -14,10 +14,12 @@ const ketama = require('../lib/ketama');
 const N = 2000;
 const CONCURRENCY = 16;
 
+const ENCODED = ['%20', '%40', '%2F', '%3A', '%2B', '%C3%A9', '%E2%82%AC', '%F0%9F%98%80'];
+
 function makeUids(n) {
   const rnd = h.prng(0x60b05);
   const alnum = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789';
-  const extra = `${alnum}-_.~!*+/:=@%`;
+  const extra = `${alnum}-_.~!*+/:=@`;
   const pick = (set, len) => Array.from({ length: len }, () => set[Math.floor(rnd() * set.length)]).join('');
   const uids = new Set();
   for (let i = 0; uids.size < n; i++) {
@@ -25,7 +27,9 @@ function makeUids(n) {
     if (kind === 0) uids.add(`user-${i}`);
     else if (kind === 1) uids.add(String(100000 + Math.floor(rnd() * 9e8)));
     else if (kind === 2) uids.add(pick(alnum, 1 + Math.floor(rnd() * 40)));
-    else if (kind === 3) uids.add(`${pick(alnum, 3)}%${pick('0123456789ABCDEF', 2)}${pick(extra, 1 + Math.floor(rnd() * 20))}`);
+    // Percent-encoded, as browsers and socket.io-client send non-alphanumeric uids. gopush refuses
+    // (400) a uid that decodes to control characters or invalid UTF-8, so only valid encodings here.
+    else if (kind === 3) uids.add(`${pick(alnum, 3)}${ENCODED[Math.floor(rnd() * ENCODED.length)]}${pick(extra, 1 + Math.floor(rnd() * 20))}`);
     else uids.add(pick(extra, 1 + Math.floor(rnd() * 200)));
   }
   return [...uids];

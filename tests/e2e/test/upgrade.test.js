@@ -1,0 +1,121 @@
+'use strict';
+// Graceful binary upgrade under load (Pingora's mechanism: a new process started with -u takes
+// the listening sockets from the old one, which gets SIGQUIT). While it happens: an HTTP request
+// loop and 200 socket.io clients (100 long-polling, 100 websocket) run through the agent.
+// Expected: 0 failed HTTP requests, 0 polling sessions lost (their long-polls finish on the old
+// process within the grace period, the next ones reach the new process), and every websocket
+// client reconnected through the new process to the *same* backend. The reconnect spike (how
+// long until all websocket clients were back) is reported.
+
+const { describe, it, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const http = require('node:http');
+const h = require('../lib/harness');
+
+const POLLING = 100;
+const WEBSOCKET = 100;
+
+describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
+  let env;
+  let agent;
+  const sockets = [];
+
+  before(async () => {
+    env = new h.TestEnv('upgrade');
+    await env.startRedis();
+    // A short ping interval bounds how long a long-poll is held, so they all finish inside the
+    // old process's grace period.
+    const A = await env.startBackend({ pingInterval: 2000, pingTimeout: 5000 });
+    const B = await env.startBackend({ pingInterval: 2000, pingTimeout: 5000 });
+    const cfg = env.makeConfig({ port: await h.freePort(), pools: { default: [A.addr, B.addr] } });
+    cfg.server.grace_period_seconds = 6;
+    cfg.server.graceful_shutdown_timeout_seconds = 1;
+    agent = await env.startAgent(cfg);
+  });
+
+  after(async () => {
+    for (const s of sockets) s.close();
+    if (env) await env.close();
+  });
+
+  it('loses no request and no polling session; websockets come back to the same backend', async () => {
+    // --- clients
+    const clients = [];
+    const open = async (i, transports) => {
+      const uid = `up-${i}`;
+      const { socket, hello } = await h.connect(agent.url, {
+        transports, extraHeaders: { cookie: `uid=${uid}` }, reconnection: true,
+        reconnectionDelay: 100, reconnectionDelayMax: 1000,
+      }, { timeoutMs: 10000 });
+      sockets.push(socket);
+      const c = { uid, transports, socket, port: hello.port, sid: socket.io.engine.id, disconnects: 0, hellos: [] };
+      socket.on('disconnect', () => { c.disconnects += 1; c.downAt = Date.now(); });
+      socket.on('hello', (again) => { c.hellos.push(again.port); c.backAt = Date.now(); });
+      clients.push(c);
+    };
+    await h.mapLimit(Array.from({ length: POLLING }, (_, i) => i), 20, (i) => open(i, ['polling']));
+    await h.mapLimit(Array.from({ length: WEBSOCKET }, (_, i) => POLLING + i), 20, (i) => open(i, ['websocket']));
+
+    // --- HTTP loop: keep-alive connections, as a browser or an outer proxy would use them
+    const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 4 });
+    let stop = false;
+    const stats = { ok: 0, failed: 0, errors: [] };
+    const loop = async (n) => {
+      for (let i = 0; !stop && i < 100000; i++) {
+        try {
+          const r = await h.request(`${agent.url}/whoami`, { agent: keepAlive, headers: { cookie: `uid=loop-${n}-${i % 50}` } });
+          if (r.status === 200) stats.ok += 1; else { stats.failed += 1; stats.errors.push(`HTTP ${r.status}`); }
+        } catch (err) {
+          stats.failed += 1;
+          stats.errors.push(err.message);
+        }
+      }
+    };
+    const loops = [0, 1, 2, 3].map(loop);
+    await h.poll(async () => stats.ok > 200, { attempts: 100, delayMs: 50, what: 'the request loop to run' });
+
+    // --- the upgrade: new process first (it waits on upgrade_sock), then SIGQUIT to the old one
+    const sock = agent.cfg.server.upgrade_sock;
+    const next = new h.Proc('gopush:new', h.GOPUSH_BIN, ['run', '-u', '-c', agent.configFile],
+      { env: { RUST_LOG: 'info' } });
+    env.procs.push(next);
+    await h.poll(async () => fs.existsSync(sock) || next.exited,
+      { attempts: 100, delayMs: 20, maxDelayMs: 100, what: 'the new process to wait on upgrade_sock' });
+    assert.equal(next.exited, null, `new process exited: ${next.tail()}`);
+    const okBefore = stats.ok;
+    process.kill(agent.proc.pid, 'SIGQUIT');
+    const oldExit = await h.withTimeout(agent.proc.exitPromise, 30000, 'the old process to exit');
+    const oldGoneAt = Date.now();
+    assert.equal(oldExit.code, 0, `old process exit ${JSON.stringify(oldExit)}: ${agent.proc.tail()}`);
+
+    // --- after: every websocket client is back, on its backend; polling sessions never dropped
+    const ws = clients.filter((c) => c.transports[0] === 'websocket');
+    await h.poll(async () => ws.every((c) => c.socket.connected && c.hellos.length >= 1),
+      { attempts: 100, delayMs: 100, maxDelayMs: 200, what: 'every websocket client to reconnect through the new process' });
+    const okAtNew = stats.ok;
+    await h.poll(async () => stats.ok > okAtNew + 200, { attempts: 100, delayMs: 50, what: 'requests served by the new process' });
+    stop = true;
+    await Promise.all(loops);
+    keepAlive.destroy();
+
+    assert.deepEqual(stats.errors.slice(0, 5), [], `${stats.failed} of ${stats.ok + stats.failed} HTTP requests failed`);
+    assert.ok(stats.ok > okBefore, 'requests served during and after the upgrade');
+    for (const c of ws) {
+      assert.ok(c.hellos.every((p) => p === c.port), `${c.uid} came back on ${c.hellos} instead of ${c.port}`);
+    }
+    const polling = clients.filter((c) => c.transports[0] === 'polling');
+    for (const c of polling) {
+      assert.equal(c.disconnects, 0, `polling session of ${c.uid} was dropped`);
+      assert.equal(c.socket.io.engine.id, c.sid, `polling session of ${c.uid} was re-created`);
+      const echoed = await h.emitAck(c.socket, 'echo', c.uid, 5000);
+      assert.equal(echoed, c.uid);
+    }
+    const back = ws.map((c) => c.backAt - oldGoneAt).sort((a, b) => a - b);
+    const down = ws.map((c) => c.downAt).filter(Boolean).sort((a, b) => a - b);
+    const spread = down.length ? down[down.length - 1] - down[0] : 0;
+    process.stdout.write(`# upgrade: ${stats.ok} HTTP requests, ${stats.failed} failed; ${ws.length} websockets cut `
+      + `within ${spread} ms of each other, all back ${back[back.length - 1]} ms after the old process exited `
+      + `(median ${back[Math.floor(back.length / 2)]} ms)\n`);
+  });
+});
