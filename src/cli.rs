@@ -142,6 +142,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
     println!("configuration ok; listen {}", listen.join(", "));
+    if config.admin.enabled {
+        let token = if config.admin.has_authentication() {
+            "token set"
+        } else {
+            "no token"
+        };
+        println!("admin {} ({token})", config.admin.listen);
+    }
     for (name, pool) in &config.pools {
         println!("pool {name}:");
         for b in &pool.backends {

@@ -242,6 +242,18 @@ fn admin_api_metrics_and_access_log() {
             "{path} with the token"
         );
     }
+    // A page of another site posting through an operator's browser is refused, token or not.
+    let (status, body) = http(
+        agent.admin,
+        "POST",
+        "/api/backends/127.0.0.1:1/drain",
+        &[
+            ("authorization", auth.as_str()),
+            ("origin", "http://evil.example"),
+        ],
+        "",
+    );
+    assert_eq!(status, 403, "{body}");
     let (status, page) = http(agent.admin, "GET", "/", &[], "");
     assert_eq!(status, 200);
     assert!(page.contains("gopush admin"));

@@ -66,6 +66,48 @@ pub fn authorize(req: &RequestHeader, admin: &AdminConfig) -> bool {
     given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
+/// Refuses what only a hostile web page in an operator's browser would send: a state-changing
+/// request from another origin (cross-site request forgery: a browser adds `Origin`, curl and
+/// scripts do not), and, when no token protects the API, a `Host` that is not a loopback name
+/// (a DNS-rebinding page reaches 127.0.0.1 under its own name).
+fn browser_guard(req: &RequestHeader, method: &Method, admin: &AdminConfig) -> Option<String> {
+    let host = req
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    if admin.token().is_none() && !is_loopback_host(host) {
+        return Some(format!(
+            "Host `{host}` is not a loopback address (without admin.token only 127.0.0.1, [::1] and localhost are served)"
+        ));
+    }
+    if method != Method::GET && method != Method::HEAD {
+        if let Some(origin) = req.headers.get(http::header::ORIGIN) {
+            let same = origin
+                .to_str()
+                .ok()
+                .and_then(|o| o.strip_prefix("http://"))
+                .is_some_and(|o| o.eq_ignore_ascii_case(host));
+            if !same {
+                return Some("cross-origin request refused (Origin does not match Host)".into());
+            }
+        }
+    }
+    None
+}
+
+/// `127.0.0.1:6004`, `[::1]:6004`, `localhost:6004` (port optional).
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// The token of an `Authorization: Bearer TOKEN` header.
 fn bearer(req: &RequestHeader) -> Option<&str> {
     let value = req
@@ -167,6 +209,9 @@ impl AdminApp {
                 },
                 _ => method_not_allowed(),
             };
+        }
+        if let Some(why) = browser_guard(req, &method, &snap.config.admin) {
+            return Reply::error(StatusCode::FORBIDDEN, why);
         }
         if !authorize(req, &snap.config.admin) {
             return Reply {
@@ -715,6 +760,34 @@ mod tests {
     fn no_token_means_open_and_empty_token_is_no_token() {
         assert!(authorize(&req(None), &admin(None)));
         assert!(authorize(&req(None), &admin(Some(""))));
+    }
+
+    #[test]
+    fn browsers_from_elsewhere_are_refused() {
+        let build = |method: &str, host: &str, origin: Option<&str>| {
+            let mut r = RequestHeader::build(method, b"/api/push", None).unwrap();
+            r.insert_header("host", host).unwrap();
+            if let Some(o) = origin {
+                r.insert_header("origin", o).unwrap();
+            }
+            r
+        };
+        let open = admin(None);
+        let locked = admin(Some("t"));
+        let post = Method::POST;
+        // Same origin (the page) and no Origin (curl) pass.
+        let page = build("POST", "127.0.0.1:6004", Some("http://127.0.0.1:6004"));
+        assert!(browser_guard(&page, &post, &open).is_none());
+        assert!(browser_guard(&build("POST", "localhost:6004", None), &post, &open).is_none());
+        assert!(browser_guard(&build("POST", "[::1]:6004", None), &post, &open).is_none());
+        // Another site's page posting here.
+        let csrf = build("POST", "127.0.0.1:6004", Some("http://evil.example"));
+        assert!(browser_guard(&csrf, &post, &open).is_some());
+        assert!(browser_guard(&csrf, &post, &locked).is_some());
+        // DNS rebinding without a token; with a token the name does not matter.
+        let rebound = build("GET", "evil.example:6004", None);
+        assert!(browser_guard(&rebound, &Method::GET, &open).is_some());
+        assert!(browser_guard(&rebound, &Method::GET, &locked).is_none());
     }
 
     #[test]
