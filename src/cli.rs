@@ -163,7 +163,26 @@ fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
         eprintln!("gopush: invalid uid: {why}");
         return ExitCode::FAILURE;
     }
-    let router = Router::offline(config);
+    let router = match Router::offline(config) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("gopush: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if config.pools.values().any(|p| p.is_dynamic()) {
+        // DNS / file pools: discover them once (the only I/O `route` does).
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(router.refresh()),
+            Err(e) => {
+                eprintln!("gopush: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
     let Ok(pool) = router.pool(product) else {
         eprintln!("gopush: unknown product `{}`", product.unwrap_or_default());
         return ExitCode::FAILURE;

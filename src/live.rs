@@ -18,7 +18,7 @@ use bytes::Bytes;
 use pingora::lb::HealthRegistry;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -41,17 +41,30 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn build(config: Config, health: Arc<HealthRegistry>, shared: &Shared) -> Self {
+    fn build(
+        config: Config,
+        health: Arc<HealthRegistry>,
+        file: &Path,
+        shared: &Shared,
+    ) -> Result<Self, ConfigError> {
         let resolver = UidResolver::new(&config.uid);
         let missing_uid_body = Bytes::from(format!(
             "gopush: no uid in the request (tried {})\n",
             resolver.describe_sources()
         ));
-        let router = Router::new(&config, &health, &shared.drain);
+        let router = Router::new(&config, &health, &shared.drain).map_err(|message| {
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: "pools".into(),
+                message,
+            }
+        })?;
+        // Dynamic pools are still empty here: their children are added as discovery fills them
+        // (`SnapshotStats::sync`).
         let stats = shared.metrics.resolve(&router, &config.uid.sources);
         let loaded_at = SystemTime::now();
         shared.metrics.set_loaded_at(unix_seconds(loaded_at));
-        Snapshot {
+        Ok(Snapshot {
             router,
             resolver,
             health,
@@ -59,7 +72,7 @@ impl Snapshot {
             stats,
             loaded_at,
             config,
-        }
+        })
     }
 }
 
@@ -84,19 +97,28 @@ pub struct Live {
 }
 
 impl Live {
-    /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused).
-    pub fn new(config: Config, path: Option<PathBuf>) -> Self {
+    /// Starts from `config`; `path` is re-read on reload (`None`: reload is refused). Pools with
+    /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
+    pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
         let shared = Shared {
             metrics: Arc::new(Metrics::new()),
             drain: Arc::new(Drain::default()),
         };
-        Live {
-            current: ArcSwap::from_pointee(Snapshot::build(config, health, &shared)),
+        let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
+        Ok(Live {
+            current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
             path,
             reloading: tokio::sync::Mutex::new(()),
             shared,
-        }
+        })
+    }
+
+    /// Runs DNS / file discovery of every dynamic pool once.
+    pub async fn refresh_discovery(&self) {
+        let snapshot = self.load();
+        snapshot.router.refresh().await;
+        snapshot.stats.sync(&snapshot.router);
     }
 
     /// The process's metrics.
@@ -177,7 +199,10 @@ impl Live {
             health_registry(&config.health_check)
         };
         let fresh_health = !Arc::ptr_eq(&health, &old.health);
-        let next = Snapshot::build(config, health, &self.shared);
+        let next = Snapshot::build(config, health, path, &self.shared)?;
+        // Dynamic pools are empty until discovered: never swap in a pool without backends.
+        next.router.refresh().await;
+        next.stats.sync(&next.router);
         if fresh_health {
             // New probes start out "healthy": learn the truth before taking traffic.
             next.health.run_health_check(true).await;
@@ -205,6 +230,43 @@ impl BackgroundService for HealthLoop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(interval) => {}
+            }
+        }
+    }
+}
+
+/// Re-runs DNS / file discovery of the dynamic pools at their configured intervals.
+pub struct DiscoveryLoop(pub Arc<Live>);
+
+#[async_trait]
+impl BackgroundService for DiscoveryLoop {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        loop {
+            let snapshot = self.0.load();
+            let tick = snapshot
+                .config
+                .pools
+                .values()
+                .flat_map(|p| {
+                    let dns = p.dns.as_ref().map(|d| d.interval);
+                    let file = p.file.as_ref().map(|f| f.interval);
+                    dns.into_iter().chain(file)
+                })
+                .min();
+            let Some(tick) = tick else {
+                // No dynamic pool now; a reload may add one.
+                drop(snapshot);
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            };
+            snapshot.router.refresh().await;
+            snapshot.stats.sync(&snapshot.router);
+            drop(snapshot);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(tick.max(std::time::Duration::from_millis(100))) => {}
             }
         }
     }

@@ -9,11 +9,13 @@
 
 use crate::config::UidSource;
 use crate::routing::{backend_addr, Router};
+use arc_swap::ArcSwap;
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 /// Status classes counted per backend; index = first digit - 1, and the last is "no response"
 /// (the client went away before one was written).
@@ -237,34 +239,20 @@ impl Metrics {
     }
 
     /// The label children one configuration needs (see the module docs).
-    pub fn resolve(&self, router: &Router, sources: &[UidSource]) -> SnapshotStats {
+    pub fn resolve(self: &Arc<Self>, router: &Router, sources: &[UidSource]) -> SnapshotStats {
         let pools = router
             .pools()
             .map(|pool| {
-                let name = pool.name();
-                let backends = pool
-                    .backends()
-                    .iter()
-                    .filter_map(backend_addr)
-                    .map(|addr| {
-                        let a = addr.to_string();
-                        let l = [name, a.as_str()];
-                        BackendStats {
-                            addr,
-                            requests: STATUS_CLASSES
-                                .map(|c| self.requests.with_label_values(&[name, &a, c])),
-                            connect_failures: self.connect_failures.with_label_values(&l),
-                            tunnels: self.tunnels.with_label_values(&l),
-                            active: self.active.with_label_values(&l),
-                            healthy: self.healthy.with_label_values(&l),
-                            draining: self.draining.with_label_values(&l),
-                        }
-                    })
-                    .collect();
-                PoolStats {
-                    duration: self.duration.with_label_values(&[name]),
-                    backends,
+                let stats = PoolStats {
+                    name: pool.name().into(),
+                    duration: self.duration.with_label_values(&[pool.name()]),
+                    backends: ArcSwap::from_pointee(Vec::new()),
+                    metrics: self.clone(),
+                };
+                for addr in pool.backends().iter().filter_map(backend_addr) {
+                    stats.get_or_resolve(addr);
                 }
+                stats
             })
             .collect();
         let label = |s: &UidSource| match s {
@@ -284,6 +272,20 @@ impl Metrics {
             pools,
             uid_hits,
             uid_misses,
+        }
+    }
+
+    fn backend_stats(&self, pool: &str, addr: SocketAddr) -> BackendStats {
+        let a = addr.to_string();
+        let l = [pool, a.as_str()];
+        BackendStats {
+            addr,
+            requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[pool, &a, c])),
+            connect_failures: self.connect_failures.with_label_values(&l),
+            tunnels: self.tunnels.with_label_values(&l),
+            active: self.active.with_label_values(&l),
+            healthy: self.healthy.with_label_values(&l),
+            draining: self.draining.with_label_values(&l),
         }
     }
 }
@@ -330,17 +332,49 @@ impl BackendStats {
 
 /// Label children of one pool.
 pub struct PoolStats {
+    name: Box<str>,
     /// Request durations of the pool.
     pub duration: Histogram,
-    /// Per backend, in the pool's backend order.
-    pub backends: Vec<BackendStats>,
+    /// Per backend; append-only, so that a pool whose membership changes at run time (DNS or
+    /// file discovery) gets its new backends' children once, and a backend that left keeps
+    /// counting its live sessions down.
+    backends: ArcSwap<Vec<Arc<BackendStats>>>,
+    metrics: Arc<Metrics>,
 }
 
 impl PoolStats {
-    /// The index of `addr` among [`PoolStats::backends`] (pools are small: a linear scan beats
+    /// The children of `addr`, if already resolved (pools are small: a linear scan beats
     /// hashing).
-    pub fn index_of(&self, addr: &SocketAddr) -> Option<usize> {
-        self.backends.iter().position(|b| b.addr == *addr)
+    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<BackendStats>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| b.addr == *addr)
+            .cloned()
+    }
+
+    /// The children of `addr`, resolving them on first sight (a backend that discovery added
+    /// after the snapshot was built; the discovery loop resolves them as it finds them, so the
+    /// request path rarely gets here).
+    pub fn get_or_resolve(&self, addr: SocketAddr) -> Arc<BackendStats> {
+        if let Some(found) = self.get(&addr) {
+            return found;
+        }
+        let fresh = Arc::new(self.metrics.backend_stats(&self.name, addr));
+        let mut result = fresh.clone();
+        self.backends.rcu(|old| {
+            let mut next = Vec::clone(old);
+            match next.iter().find(|b| b.addr == addr) {
+                // Someone else appended it meanwhile: the same underlying metrics either way.
+                Some(existing) => result = existing.clone(),
+                None => {
+                    result = fresh.clone();
+                    next.push(fresh.clone());
+                }
+            }
+            next
+        });
+        result
     }
 }
 
@@ -370,9 +404,13 @@ impl SnapshotStats {
         }
     }
 
-    /// The stats of backend `backend` of pool `pool`.
-    pub fn backend(&self, pool: usize, backend: usize) -> Option<&BackendStats> {
-        self.pools.get(pool)?.backends.get(backend)
+    /// Resolves the children of every backend the router's pools have now (after discovery).
+    pub fn sync(&self, router: &Router) {
+        for (pool, stats) in router.pools().zip(&self.pools) {
+            for addr in pool.backends().iter().filter_map(backend_addr) {
+                stats.get_or_resolve(addr);
+            }
+        }
     }
 }
 
@@ -384,16 +422,18 @@ mod tests {
 
     #[test]
     fn families_register_and_encode() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         let config = Config::from_str_named(
             "pools:\n  default:\n    backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]\n",
             Path::new("x.yaml"),
         )
         .unwrap();
-        let router = Router::offline(&config);
+        let router = Router::offline(&config).unwrap();
         let stats = m.resolve(&router, &config.uid.sources);
-        stats.pools[0].backends[1].count_status(204);
-        stats.pools[0].backends[1].count_status(0);
+        let b1: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let s1 = stats.pools[0].get(&b1).unwrap();
+        s1.count_status(204);
+        s1.count_status(0);
         stats.uid_found(1);
         m.refused(RefusalKind::MissingUid);
         let text = String::from_utf8(m.encode().unwrap()).unwrap();
@@ -407,25 +447,30 @@ mod tests {
         assert!(text.contains(r#"gopush_uid_lookups_total{result="hit",source="query:uid"} 1"#));
         assert!(text.contains(r#"gopush_uid_lookups_total{result="miss",source="cookie:uid"} 1"#));
         assert!(text.contains(r#"gopush_refused_total{reason="missing_uid"} 1"#));
-        assert_eq!(stats.pools[0].backends[1].requests_total(), 2);
-        assert_eq!(stats.pools[0].backends[1].errors_total(), 1);
-        let addr: SocketAddr = "127.0.0.1:4001".parse().unwrap();
-        assert_eq!(stats.pools[0].index_of(&addr), Some(1));
+        assert_eq!(s1.requests_total(), 2);
+        assert_eq!(s1.errors_total(), 1);
+        // A backend discovered later is resolved on first sight, once.
+        let late: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        assert!(stats.pools[0].get(&late).is_none());
+        let l1 = stats.pools[0].get_or_resolve(late);
+        let l2 = stats.pools[0].get_or_resolve(late);
+        assert!(Arc::ptr_eq(&l1, &l2));
     }
 
     #[test]
     fn a_second_snapshot_shares_the_counters() {
-        let m = Metrics::new();
+        let m = Arc::new(Metrics::new());
         let config = Config::from_str_named(
             "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n",
             Path::new("x.yaml"),
         )
         .unwrap();
-        let router = Router::offline(&config);
+        let router = Router::offline(&config).unwrap();
         let a = m.resolve(&router, &config.uid.sources);
         let b = m.resolve(&router, &config.uid.sources);
-        a.pools[0].backends[0].tunnels.inc();
-        b.pools[0].backends[0].tunnels.dec();
-        assert_eq!(a.pools[0].backends[0].tunnels.get(), 0);
+        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        a.pools[0].get(&addr).unwrap().tunnels.inc();
+        b.pools[0].get(&addr).unwrap().tunnels.dec();
+        assert_eq!(a.pools[0].get(&addr).unwrap().tunnels.get(), 0);
     }
 }

@@ -66,9 +66,9 @@ pub struct Ctx {
     slots: Slots,
     /// Counts this request in the open tunnels while it is one.
     tunnel: Option<TunnelSlot>,
-    /// Index of the chosen backend in the snapshot's pool stats, while this request counts in
-    /// its active requests (or, once upgraded, its open tunnels).
-    stats: Option<usize>,
+    /// The chosen backend's metric children, while this request counts in its active requests
+    /// (or, once upgraded, its open tunnels).
+    stats: Option<Arc<BackendStats>>,
     /// The request is counted as an open tunnel of its backend, not as an active request.
     tunnel_counted: bool,
 }
@@ -154,8 +154,9 @@ impl Agent {
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
-                // Health only, not drain: a live session stays on a draining backend.
-                if let Some(b) = memory.lookup(sid).filter(|b| pool.is_ready(b)) {
+                // Health (or retired by discovery), not drain: a live session stays on a
+                // draining backend.
+                if let Some(b) = memory.lookup(sid).filter(|b| pool.accepts_session(b)) {
                     self.metrics.affinity_hit();
                     ctx.via_affinity = true;
                     ctx.backend = Some(b);
@@ -202,19 +203,16 @@ impl Agent {
 impl Ctx {
     /// The metric children of the backend this request counts against.
     fn backend_stats(&self) -> Option<&BackendStats> {
-        self.snapshot
-            .as_ref()?
-            .stats
-            .backend(self.pool?, self.stats?)
+        self.stats.as_deref()
     }
 
     /// Starts counting this request as in flight on `ctx.backend`.
     fn count_backend(&mut self) {
         self.uncount_backend();
         self.stats = match (&self.snapshot, self.pool, &self.backend) {
-            (Some(snap), Some(pool), Some(b)) => {
-                backend_addr(b).and_then(|addr| snap.stats.pools.get(pool)?.index_of(&addr))
-            }
+            (Some(snap), Some(pool), Some(b)) => backend_addr(b)
+                .zip(snap.stats.pools.get(pool))
+                .map(|(addr, stats)| stats.get_or_resolve(addr)),
             _ => None,
         };
         if let Some(s) = self.backend_stats() {

@@ -4,7 +4,7 @@
 
 use crate::admin::AdminApp;
 use crate::config::Config;
-use crate::live::{HealthLoop, Live, ReloadOnHangup};
+use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
 use pingora::server::configuration::Opt;
@@ -41,7 +41,14 @@ pub fn run(
     let mut server = Server::new_with_opt_and_conf(opt, config.server.to_pingora());
     server.bootstrap();
 
-    let live = Arc::new(Live::new(config.clone(), config_path));
+    let live = Arc::new(Live::new(config.clone(), config_path)?);
+    if config.pools.values().any(|p| p.is_dynamic()) {
+        // Discovered pools must have backends before the first request: resolve them now.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(live.refresh_discovery());
+    }
     let closing = Arc::new(AtomicBool::new(false));
     let watch = WatchClosing {
         phases: Mutex::new(Some(server.watch_execution_phase())),
@@ -75,6 +82,7 @@ pub fn run(
         "health checks",
         HealthLoop(live.clone()),
     ));
+    server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
     if let Some(path) = &config.server.error_log {
         let reopen = crate::logging::ReopenOnUsr1 { path: path.into() };

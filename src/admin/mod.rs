@@ -260,10 +260,9 @@ impl AdminApp {
                 let Some(addr) = backend_addr(&b) else {
                     continue;
                 };
-                if let Some(s) = stats.index_of(&addr).and_then(|i| stats.backends.get(i)) {
-                    s.healthy.set(i64::from(pool.is_ready(&b)));
-                    s.draining.set(i64::from(drain.contains(&addr)));
-                }
+                let s = stats.get_or_resolve(addr);
+                s.healthy.set(i64::from(pool.is_ready(&b)));
+                s.draining.set(i64::from(drain.contains(&addr)));
             }
         }
     }
@@ -294,7 +293,7 @@ impl AdminApp {
                     .iter()
                     .filter_map(|b| {
                         let addr = backend_addr(b)?;
-                        let s = stats.backends.get(stats.index_of(&addr)?)?;
+                        let s = stats.get_or_resolve(addr);
                         Some(json!({
                             "addr": addr.to_string(),
                             "weight": b.weight,

@@ -113,10 +113,10 @@ impl Config {
             ));
         }
         for (name, pool) in &self.pools {
-            if pool.backends.is_empty() {
+            if pool.backends.is_empty() && !pool.is_dynamic() {
                 return Err((
                     format!("pools.{name}.backends"),
-                    "needs at least one backend".into(),
+                    "needs at least one backend (or `dns` / `file` discovery)".into(),
                 ));
             }
             for (i, b) in pool.backends.iter().enumerate() {

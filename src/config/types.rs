@@ -228,7 +228,83 @@ fn opt_header_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<http::Heade
 #[serde(deny_unknown_fields)]
 pub struct PoolConfig {
     /// Backends as `"IP:port"` or `{addr: "IP:port", weight: N}`.
+    #[serde(default)]
     pub backends: Vec<BackendConfig>,
+    /// More backends from DNS (re-resolved periodically).
+    #[serde(default)]
+    pub dns: Option<DnsDiscovery>,
+    /// More backends from a watched file.
+    #[serde(default)]
+    pub file: Option<FileDiscovery>,
+}
+
+impl PoolConfig {
+    /// Does membership change at run time (DNS or file)?
+    pub fn is_dynamic(&self) -> bool {
+        self.dns.is_some() || self.file.is_some()
+    }
+}
+
+/// Backends from the A/AAAA records of a name (e.g. a Kubernetes headless service).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDiscovery {
+    /// The name to resolve.
+    pub name: String,
+    /// The port every resolved address serves on.
+    pub port: u16,
+    /// Ketama weight of each resolved backend.
+    #[serde(default = "one_u16")]
+    pub weight: u16,
+    /// How often the name is resolved again.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// DNS server to ask (`IP:port`); default: the system's (/etc/resolv.conf).
+    #[serde(default, deserialize_with = "opt_socket_addr")]
+    pub resolver: Option<SocketAddr>,
+}
+
+/// Backends from a file: one `IP:port [weight]` per line, `#` comments; re-read periodically.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDiscovery {
+    /// The file.
+    pub path: std::path::PathBuf,
+    /// How often it is read again.
+    #[serde(default = "default_discovery_interval", with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+fn one_u16() -> u16 {
+    1
+}
+fn default_discovery_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn opt_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    Option::<String>::deserialize(d)?
+        .map(|s| parse_socket_addr(&s).map_err(de::Error::custom))
+        .transpose()
+}
+
+/// Parses one line of a backends file: `IP:port [weight]`; `None` for blank and comment lines.
+pub fn parse_backend_line(line: &str) -> Option<Result<BackendConfig, String>> {
+    let line = line.split('#').next().unwrap_or("").trim();
+    if line.is_empty() {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let addr = parts.next()?;
+    let weight = match parts.next().map(str::parse::<u16>) {
+        None => Ok(1),
+        Some(Ok(w)) if (1..=100).contains(&w) => Ok(w),
+        Some(_) => Err(format!("`{line}`: the weight must be 1..=100")),
+    };
+    Some(weight.and_then(|weight| {
+        let addr = parse_socket_addr(addr)?;
+        Ok(BackendConfig { addr, weight })
+    }))
 }
 
 /// One backend and its Ketama weight.

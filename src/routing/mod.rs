@@ -6,15 +6,16 @@
 //! as nginx, in any number of agents. An unhealthy backend does not rebuild the ring; selection
 //! walks past it, so only its own uids move, and they come back when it recovers.
 
-use crate::config::{BackendConfig, Config, HealthCheckConfig, HealthCheckKind, DEFAULT_POOL};
+use crate::config::{Config, HealthCheckConfig, HealthCheckKind, PoolConfig, DEFAULT_POOL};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::FutureExt;
 use pingora::lb::selection::consistent::KetamaHashing;
-use pingora::lb::{discovery, health_check, Backend, Backends, HealthRegistry, LoadBalancer};
+use pingora::lb::{health_check, Backend, Backends, HealthRegistry, LoadBalancer};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// How many ring points `select` may visit. It counts points, repeats included (160 per backend
 /// and weight unit), so this bounds the walk past unhealthy backends; Pingora's examples use 256.
@@ -81,36 +82,102 @@ impl Drain {
 pub struct Pool {
     name: Arc<str>,
     lb: LoadBalancer<KetamaHashing>,
+    /// The admin API's drain set (shared by every pool and snapshot).
     drain: Arc<Drain>,
+    /// Membership changes at run time (DNS or file discovery).
+    dynamic: bool,
+    /// Backends that left the membership through discovery, and when: they are drained, not
+    /// cut, so live sessions may still be routed to them.
+    retired: std::sync::Mutex<HashMap<SocketAddr, Instant>>,
 }
+
+/// How long a backend that left discovery still receives its live sessions.
+const RETIRED_FOR: Duration = Duration::from_secs(3600);
 
 impl Pool {
     fn new(
         name: &str,
-        backends: &[BackendConfig],
+        config: &PoolConfig,
         health: &Arc<HealthRegistry>,
         drain: &Arc<Drain>,
-    ) -> Self {
-        let set: BTreeSet<Backend> = backends
-            .iter()
-            .map(|b| Backend {
-                addr: pingora::protocols::l4::socket::SocketAddr::Inet(b.addr),
-                weight: usize::from(b.weight),
-                ext: Default::default(),
-            })
-            .collect();
+    ) -> Result<Self, String> {
+        let discovery = PoolDiscovery::new(config)?;
         // Views of one shared registry: a backend listed in several pools (or kept across a
         // reload) is probed once and keeps its health state.
-        let backends =
-            Backends::new_with_health_registry(discovery::Static::new(set), health.clone());
+        let backends = Backends::new_with_health_registry(Box::new(discovery), health.clone());
         let lb = LoadBalancer::<KetamaHashing>::from_backends(backends);
-        // A static discovery never blocks and never fails: fill the ring now.
-        let _ = lb.update().now_or_never();
-        Pool {
+        // A static pool is known without I/O: fill its ring now. A dynamic one is filled by
+        // `refresh`, which the caller awaits before the pool takes traffic.
+        if !config.is_dynamic() {
+            let _ = lb.update().now_or_never();
+        }
+        Ok(Pool {
             name: name.into(),
             lb,
             drain: drain.clone(),
+            dynamic: config.is_dynamic(),
+            retired: std::sync::Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Runs discovery again and rebuilds the ring if the membership changed. Backends that left
+    /// are remembered as retired (drained); failures keep the previous membership.
+    pub async fn refresh(&self) {
+        if !self.dynamic {
+            return;
         }
+        let before = self.lb.backends().get_backend();
+        if let Err(e) = self.lb.update().await {
+            tracing::warn!(pool = %self.name, "discovery failed, keeping the current backends: {e}");
+            return;
+        }
+        let after = self.lb.backends().get_backend();
+        if before == after {
+            return;
+        }
+        let addrs = |set: &BTreeSet<Backend>| -> Vec<String> {
+            set.iter()
+                .filter_map(backend_addr)
+                .map(|a| a.to_string())
+                .collect()
+        };
+        tracing::info!(pool = %self.name, backends = ?addrs(&after), "discovery changed the pool");
+        if let Ok(mut retired) = self.retired.lock() {
+            let now = Instant::now();
+            retired.retain(|_, since| now.duration_since(*since) < RETIRED_FOR);
+            for b in after.iter() {
+                if let Some(a) = backend_addr(b) {
+                    retired.remove(&a);
+                }
+            }
+            for b in before.difference(&after) {
+                if let Some(a) = backend_addr(b) {
+                    tracing::info!(pool = %self.name, backend = %a, "backend left discovery: draining (live sessions stay)");
+                    retired.insert(a, now);
+                }
+            }
+        }
+    }
+
+    /// Does this pool change membership at run time?
+    pub fn is_dynamic(&self) -> bool {
+        self.dynamic
+    }
+
+    /// May a live session still be routed to `backend`? Current and healthy, or retired by
+    /// discovery (drained: its sessions stay until they end).
+    pub fn accepts_session(&self, backend: &Backend) -> bool {
+        if self.is_ready(backend) {
+            return true;
+        }
+        // Only dynamic pools retire backends; static pools never take this lock.
+        self.dynamic
+            && backend_addr(backend).is_some_and(|a| {
+                self.retired
+                    .lock()
+                    .map(|r| r.contains_key(&a))
+                    .unwrap_or(false)
+            })
     }
 
     /// The pool's name.
@@ -221,13 +288,20 @@ pub struct Router {
 
 impl Router {
     /// Builds every pool's ring as views of `health` (probing is the caller's: see
-    /// [`crate::live`]); `drain` is the shared set of draining backends.
-    pub fn new(config: &Config, health: &Arc<HealthRegistry>, drain: &Arc<Drain>) -> Self {
+    /// [`crate::live`]); `drain` is the shared set of draining backends. Dynamic pools are empty
+    /// until [`Router::refresh`].
+    pub fn new(
+        config: &Config,
+        health: &Arc<HealthRegistry>,
+        drain: &Arc<Drain>,
+    ) -> Result<Self, String> {
         let pools: Vec<Pool> = config
             .pools
             .iter()
-            .map(|(name, p)| Pool::new(name, &p.backends, health, drain))
-            .collect();
+            .map(|(name, p)| {
+                Pool::new(name, p, health, drain).map_err(|e| format!("pools.{name}: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
         let by_name: HashMap<String, usize> = pools
             .iter()
             .enumerate()
@@ -235,15 +309,22 @@ impl Router {
             .collect();
         // Validation guarantees the default pool; 0 only keeps this total.
         let default = by_name.get(DEFAULT_POOL).copied().unwrap_or(0);
-        Router {
+        Ok(Router {
             pools,
             by_name,
             default,
+        })
+    }
+
+    /// Runs discovery of every dynamic pool once.
+    pub async fn refresh(&self) {
+        for pool in &self.pools {
+            pool.refresh().await;
         }
     }
 
     /// A router whose backends are all considered healthy (offline use: `gopush route`).
-    pub fn offline(config: &Config) -> Self {
+    pub fn offline(config: &Config) -> Result<Self, String> {
         Self::new(
             config,
             &Arc::new(HealthRegistry::new()),
@@ -300,6 +381,10 @@ impl Router {
 pub fn backend_addr(b: &Backend) -> Option<SocketAddr> {
     b.addr.as_inet().copied()
 }
+
+pub mod discovery;
+
+use discovery::PoolDiscovery;
 
 #[cfg(test)]
 mod tests;

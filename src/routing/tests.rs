@@ -6,6 +6,10 @@ fn config(yaml: &str) -> Config {
     Config::from_str_named(yaml, Path::new("test.yaml")).unwrap()
 }
 
+fn offline(c: &Config) -> Router {
+    Router::offline(c).unwrap()
+}
+
 fn addr(b: &Backend) -> String {
     backend_addr(b).unwrap().to_string()
 }
@@ -14,7 +18,7 @@ fn addr(b: &Backend) -> String {
 /// weights, read back through `$upstream_addr`): the ring must stay nginx's.
 #[test]
 fn ring_matches_nginx_vectors() {
-    let router = Router::offline(&config(
+    let router = offline(&config(
         r#"
 pools:
   default:
@@ -54,10 +58,7 @@ pools:
     backends: ["10.0.0.1:4000", "10.0.0.2:4000", "10.0.0.3:4000"]
 health_check: {kind: none}
 "#;
-    let (a, b) = (
-        Router::offline(&config(yaml)),
-        Router::offline(&config(yaml)),
-    );
+    let (a, b) = (offline(&config(yaml)), offline(&config(yaml)));
     for i in 0..1000 {
         let uid = format!("user-{i}");
         assert_eq!(
@@ -69,7 +70,7 @@ health_check: {kind: none}
 
 #[test]
 fn removing_one_of_five_moves_only_its_uids() {
-    let five = Router::offline(&config(
+    let five = offline(&config(
         r#"
 pools:
   default:
@@ -77,7 +78,7 @@ pools:
 health_check: {kind: none}
 "#,
     ));
-    let four = Router::offline(&config(
+    let four = offline(&config(
         r#"
 pools:
   default:
@@ -107,7 +108,7 @@ health_check: {kind: none}
 
 #[test]
 fn weights_shift_the_share() {
-    let router = Router::offline(&config(
+    let router = offline(&config(
         r#"
 pools:
   default:
@@ -127,7 +128,7 @@ health_check: {kind: none}
 
 #[test]
 fn products_pick_pools_and_failover_skips_the_primary() {
-    let router = Router::offline(&config(
+    let router = offline(&config(
         r#"
 pools:
   default: {backends: ["10.0.0.1:4000", "10.0.0.2:4000"]}
@@ -165,7 +166,7 @@ pools:
 health_check: {kind: none}
 "#,
     );
-    let router = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain);
+    let router = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain).unwrap();
     let pool = router.pool(None).unwrap();
     let before: Vec<Backend> = (0..300)
         .map(|i| pool.select(format!("u{i}").as_bytes()).unwrap())
@@ -191,7 +192,7 @@ health_check: {kind: none}
         }
     }
     // A router built later (a reload) sees the same drain set.
-    let again = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain);
+    let again = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain).unwrap();
     assert!(again.pool(None).unwrap().is_draining(&victim));
     drain.retain(|a| *a != victim_addr);
     assert!(drain.list().is_empty());
@@ -202,4 +203,60 @@ health_check: {kind: none}
         victim.addr,
         "undrained: back on the ring"
     );
+}
+
+#[tokio::test]
+async fn file_discovery_adds_and_retires_backends() {
+    let dir = std::env::temp_dir().join(format!("gopush-fd-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("backends.txt");
+    std::fs::write(&file, "# pool\n10.0.0.1:4000\n10.0.0.2:4000 2\n\n").unwrap();
+    let yaml = format!(
+        "pools:\n  default:\n    backends: [\"10.0.0.9:4000\"]\n    file: {{path: {:?}, interval: 1s}}\nhealth_check: {{kind: none}}\n",
+        file
+    );
+    let router = offline(&config(&yaml));
+    let pool = router.pool(None).unwrap();
+    assert!(
+        pool.backends().is_empty(),
+        "a dynamic pool is empty before discovery"
+    );
+    router.refresh().await;
+    let addrs: Vec<String> = pool.backends().iter().map(addr).collect();
+    assert_eq!(addrs, ["10.0.0.1:4000", "10.0.0.2:4000", "10.0.0.9:4000"]);
+    assert_eq!(pool.backends()[1].weight, 2);
+
+    let gone = pool.backends()[0].clone();
+    std::fs::write(&file, "10.0.0.2:4000 2\n").unwrap();
+    router.refresh().await;
+    let addrs: Vec<String> = pool.backends().iter().map(addr).collect();
+    assert_eq!(addrs, ["10.0.0.2:4000", "10.0.0.9:4000"]);
+    assert!(
+        !pool.is_ready(&gone),
+        "a removed backend gets no new sessions"
+    );
+    assert!(
+        pool.accepts_session(&gone),
+        "but it is drained: live sessions may stay"
+    );
+
+    // A broken file keeps the last good membership.
+    std::fs::write(&file, "not an address\n").unwrap();
+    router.refresh().await;
+    assert_eq!(pool.backends().len(), 2);
+    std::fs::remove_file(&file).unwrap();
+    router.refresh().await;
+    assert_eq!(pool.backends().len(), 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn backend_lines_parse() {
+    use crate::config::parse_backend_line;
+    assert!(parse_backend_line("  # comment").is_none());
+    assert!(parse_backend_line("").is_none());
+    let b = parse_backend_line("127.0.0.1:4000 3 # x").unwrap().unwrap();
+    assert_eq!((b.addr.to_string(), b.weight), ("127.0.0.1:4000".into(), 3));
+    assert!(parse_backend_line("localhost:4000").unwrap().is_err());
+    assert!(parse_backend_line("127.0.0.1:4000 0").unwrap().is_err());
 }

@@ -50,6 +50,7 @@ async function main() {
     if (req.method === 'GET' && url.pathname === '/whoami') {
       const body = JSON.stringify({
         port,
+        host,
         uid_query: url.searchParams.getAll('uid').length > 1
           ? url.searchParams.getAll('uid')
           : url.searchParams.get('uid'),
@@ -101,6 +102,7 @@ async function main() {
     socket.emit('port', port);
     socket.emit('hello', {
       port,
+      host,
       uid,
       header,
       query: q,

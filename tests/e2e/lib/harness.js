@@ -484,9 +484,10 @@ class TestEnv {
   }
 
   /** Starts a backend on `port` (a free one if omitted). */
-  async startBackend({ port, pingInterval, pingTimeout, redisUrl } = {}) {
+  async startBackend({ port, host, pingInterval, pingTimeout, redisUrl } = {}) {
     port = port || await freePort();
     const args = [BACKEND_JS, '--port', String(port)];
+    if (host) args.push('--host', host);
     const r = redisUrl || (this.redis && this.redis.url);
     if (r) args.push('--redis', r);
     if (pingInterval) args.push('--ping-interval', String(pingInterval));
@@ -495,7 +496,7 @@ class TestEnv {
       { logFile: path.join(this.dir, `backend-${port}.log`) });
     this.procs.push(p);
     await p.waitForOutput(new RegExp(`^listening ${port}$`, 'm'), 10000, `backend ${port} 'listening' line`);
-    const b = { port, addr: `127.0.0.1:${port}`, proc: p };
+    const b = { port, addr: `${host || '127.0.0.1'}:${port}`, proc: p };
     this.backends.push(b);
     return b;
   }

@@ -1,0 +1,92 @@
+'use strict';
+// Dynamic discovery: pool `default` takes its backends from DNS (a dnsmasq started by the test on
+// a loopback port, its records in a hosts file). Adding a record adds a backend (only the uids
+// the ring gives it move); removing one drains it: new sessions go elsewhere while a live
+// polling session on it keeps working.
+
+const { describe, it, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const fs = require('node:fs');
+const path = require('node:path');
+const h = require('../lib/harness');
+
+const NAME = 'chat.gopush.test';
+const UIDS = Array.from({ length: 40 }, (_, i) => `dns-${i}`);
+const DNSMASQ = fs.existsSync('/usr/sbin/dnsmasq') ? '/usr/sbin/dnsmasq' : 'dnsmasq';
+
+describe('DNS discovery', { timeout: 90_000 }, () => {
+  let env;
+  let agent;
+  let dns;
+  let hosts;
+  let A;
+  let B;
+
+  before(async () => {
+    env = new h.TestEnv('dns');
+    await env.startRedis();
+    const port = await h.freePort();
+    A = await env.startBackend({ port, host: '127.0.0.1' });
+    B = await env.startBackend({ port, host: '127.0.0.2' });
+    hosts = path.join(env.dir, 'hosts');
+    fs.writeFileSync(hosts, `127.0.0.1 ${NAME}\n`);
+    const dnsPort = await h.freePort();
+    dns = new h.Proc('dnsmasq', DNSMASQ, ['--keep-in-foreground', '--no-resolv', '--no-hosts',
+      `--addn-hosts=${hosts}`, '--listen-address=127.0.0.1', '--bind-interfaces', `--port=${dnsPort}`,
+      '--user=root', '--pid-file', '--log-facility=-', '--log-queries'], {});
+    env.procs.push(dns);
+    await dns.waitForOutput(/started, version/, 10000, 'dnsmasq start');
+    const cfg = env.makeConfig({ port: await h.freePort(), pools: { default: [] } });
+    cfg.pools.default = { dns: { name: NAME, port, interval: '200ms', resolver: `127.0.0.1:${dnsPort}` } };
+    agent = await env.startAgent(cfg);
+  });
+
+  after(async () => {
+    if (env) await env.close();
+  });
+
+  const hostOf = async (uid) => {
+    const r = await h.httpGet(`${agent.url}/whoami`, { headers: { cookie: `uid=${uid}` } });
+    assert.equal(r.status, 200, `${uid}: ${r.status} ${r.body}`);
+    return `${JSON.parse(r.body).host}:${JSON.parse(r.body).port}`;
+  };
+
+  /** The ring's answer for UIDS over a static list, per the route CLI. */
+  const expected = async (backends, file) => {
+    const cfg = structuredClone(agent.cfg);
+    cfg.pools.default = { backends };
+    return h.routeMap(env.writeConfig(cfg, file), UIDS);
+  };
+
+  const setRecords = (ips) => {
+    fs.writeFileSync(hosts, ips.map((ip) => `${ip} ${NAME}\n`).join(''));
+    process.kill(dns.pid, 'SIGHUP'); // dnsmasq re-reads --addn-hosts
+  };
+
+  it('follows the records: a new backend takes only its uids; a removed one is drained', async () => {
+    for (const uid of UIDS.slice(0, 10)) assert.equal(await hostOf(uid), A.addr, `${uid} with one record`);
+
+    setRecords(['127.0.0.1', '127.0.0.2']);
+    const both = await expected([A.addr, B.addr], 'static-ab.yaml');
+    const toB = UIDS.filter((u) => both.get(u) === B.addr);
+    assert.ok(toB.length > 5, `only ${toB.length} uids for B`);
+    await h.poll(async () => (await hostOf(toB[0])) === B.addr,
+      { attempts: 60, delayMs: 100, maxDelayMs: 300, what: 'the agent to discover the second record' });
+    for (const uid of UIDS) assert.equal(await hostOf(uid), both.get(uid), `${uid} with two records`);
+
+    // A live polling session on B, then B's record goes away.
+    const { socket: live, hello } = await env.connect(agent.url, {
+      transports: ['polling'], extraHeaders: { cookie: `uid=${toB[0]}` },
+    });
+    assert.equal(`${hello.host}:${hello.port}`, B.addr);
+    const sid = live.io.engine.id;
+    setRecords(['127.0.0.1']);
+    await h.poll(async () => (await hostOf(toB[1])) === A.addr,
+      { attempts: 60, delayMs: 100, maxDelayMs: 300, what: 'new sessions of B uids to go to A' });
+    for (const uid of UIDS) assert.equal(await hostOf(uid), A.addr, `${uid} with one record again`);
+    for (let i = 0; i < 3; i++) assert.deepEqual(await h.emitAck(live, 'echo', { i }), { i });
+    assert.equal(live.io.engine.id, sid, 'the drained session was not cut');
+    assert.match(agent.proc.out, /backend left discovery: draining/);
+    live.close();
+  });
+});
