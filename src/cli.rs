@@ -7,6 +7,14 @@ use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+/// `println!` without the panic when stdout is a closed pipe (`gopush route u | head -1`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 /// The demo's configuration, embedded so that `gopush demo` needs no file.
 pub const DEMO_CONFIG: &str = include_str!("../conf/demo.yaml");
 
@@ -141,19 +149,19 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 
 fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
-    println!("configuration ok; listen {}", listen.join(", "));
+    say!("configuration ok; listen {}", listen.join(", "));
     if config.admin.enabled {
         let token = if config.admin.has_authentication() {
             "token set"
         } else {
             "no token"
         };
-        println!("admin {} ({token})", config.admin.listen);
+        say!("admin {} ({token})", config.admin.listen);
     }
     for (name, pool) in &config.pools {
-        println!("pool {name}:");
+        say!("pool {name}:");
         for b in &pool.backends {
-            println!("  {} weight {}", b.addr, b.weight);
+            say!("  {} weight {}", b.addr, b.weight);
         }
     }
 }
@@ -195,9 +203,9 @@ fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
     let failover = pool
         .failover(uid.as_bytes(), &primary)
         .map_or_else(|| "none".to_string(), |b| fmt(&b));
-    println!("{}", fmt(&primary));
-    println!("pool: {}", pool.name());
-    println!("if it is down: {failover}");
+    say!("{}", fmt(&primary));
+    say!("pool: {}", pool.name());
+    say!("if it is down: {failover}");
     ExitCode::SUCCESS
 }
 
@@ -214,9 +222,9 @@ fn init(dir: &Path) -> anyhow::Result<()> {
             std::fs::create_dir_all(parent)?;
         }
         std::fs::write(&path, text)?;
-        println!("wrote {}", path.display());
+        say!("wrote {}", path.display());
     }
-    println!(
+    say!(
         "next: edit conf/local.yaml, then `gopush run` (GOPUSH_ENV picks local/develop/production)"
     );
     Ok(())
@@ -243,7 +251,7 @@ fn demo() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
+    say!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
     report(server::run(
         &config,
         None,

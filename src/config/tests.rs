@@ -27,8 +27,9 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.health_check.kind, HealthCheckKind::Tcp);
     assert_eq!(
         c.upstream.connect_timeout,
-        std::time::Duration::from_secs(1)
+        std::time::Duration::from_secs(2)
     );
+    assert_eq!((c.health_check.fall, c.health_check.rise), (2, 1));
     assert_eq!(c.pools["default"].backends[0].weight, 1);
 }
 

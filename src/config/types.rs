@@ -375,6 +375,13 @@ pub struct HealthCheckConfig {
     /// Connect (and for HTTP, response) timeout of one probe.
     #[serde(default = "default_hc_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Consecutive failed probes that make a healthy backend unhealthy (one slow accept under
+    /// load must not move a backend's users).
+    #[serde(default = "default_fall")]
+    pub fall: usize,
+    /// Consecutive good probes that make an unhealthy backend healthy again.
+    #[serde(default = "default_rise")]
+    pub rise: usize,
     /// Path for `kind: http`.
     #[serde(default = "default_hc_path")]
     pub path: String,
@@ -389,6 +396,8 @@ impl Default for HealthCheckConfig {
             kind: default_hc_kind(),
             interval: default_hc_interval(),
             timeout: default_hc_timeout(),
+            fall: default_fall(),
+            rise: default_rise(),
             path: default_hc_path(),
             host: default_hc_host(),
         }
@@ -402,7 +411,13 @@ fn default_hc_interval() -> Duration {
     Duration::from_secs(1)
 }
 fn default_hc_timeout() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_secs(2)
+}
+fn default_fall() -> usize {
+    2
+}
+fn default_rise() -> usize {
+    1
 }
 fn default_hc_path() -> String {
     "/".into()
@@ -429,7 +444,9 @@ impl Default for UpstreamConfig {
 }
 
 fn default_connect_timeout() -> Duration {
-    Duration::from_secs(1)
+    // Above Linux's 1 s initial SYN retransmission: a backend whose accept queue overflowed
+    // for a moment (a reconnect storm) still gets a second SYN before the agent gives up.
+    Duration::from_secs(2)
 }
 
 /// Engine.IO session → backend memory (session continuity).

@@ -237,12 +237,16 @@ pub fn health_registry(hc: &HealthCheckConfig) -> Arc<HealthRegistry> {
         HealthCheckKind::Tcp => {
             let mut check = health_check::TcpHealthCheck::new();
             check.peer_template.options.connection_timeout = Some(hc.timeout);
+            check.consecutive_failure = hc.fall.max(1);
+            check.consecutive_success = hc.rise.max(1);
             check.health_changed_callback = Some(Box::new(LogHealth));
             registry.set_health_check(check);
         }
         HealthCheckKind::Http => {
             let mut check = health_check::HttpHealthCheck::new(&hc.host, false);
             check.peer_template.options.connection_timeout = Some(hc.timeout);
+            check.consecutive_failure = hc.fall.max(1);
+            check.consecutive_success = hc.rise.max(1);
             check.peer_template.options.read_timeout = Some(hc.timeout);
             // The path was validated at load time, so building the request cannot fail on it.
             if let Ok(req) = pingora::http::RequestHeader::build("GET", hc.path.as_bytes(), None) {
