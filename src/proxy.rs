@@ -24,6 +24,7 @@ use pingora::http::ResponseHeader;
 use pingora::lb::Backend;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
+use pingora::proxy::FailToProxy;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -479,6 +480,44 @@ impl ProxyHttp for Agent {
             elapsed,
             error: e,
         });
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                pingora::ErrorSource::Upstream => 502,
+                pingora::ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                _ => 500,
+            },
+        };
+        // Pingora's own error page is an empty body; say what happened, as the refusals do.
+        if code > 0 && session.response_written().is_none() {
+            let body: &'static str = match code {
+                503 => "gopush: no healthy backend in the pool\n",
+                502 => "gopush: the backend failed or closed the connection\n",
+                504 => "gopush: the backend did not answer in time\n",
+                400 => "gopush: bad request\n",
+                _ => "gopush: the request failed\n",
+            };
+            let reason = http::StatusCode::from_u16(code)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("Error");
+            session.set_keepalive(None);
+            let body = Bytes::from_static(body.as_bytes());
+            if let Err(e) = respond(session, code, reason, "text/plain; charset=utf-8", body).await
+            {
+                tracing::debug!("could not send the error response: {e}");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
     }
 
     fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {

@@ -318,36 +318,41 @@ pub struct BackendConfig {
 
 impl<'de> Deserialize<'de> for BackendConfig {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Full {
-            addr: String,
-            #[serde(default = "one")]
-            weight: u16,
+        // A visitor rather than `#[serde(untagged)]`: untagged buffers the value, and errors
+        // raised after buffering lose the item's own line in block lists.
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = BackendConfig;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a backend: \"IP:port\" or {addr: \"IP:port\", weight: N}")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<BackendConfig, E> {
+                backend_config(v, 1).map_err(E::custom)
+            }
+            fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<BackendConfig, A::Error> {
+                #[derive(Deserialize)]
+                #[serde(deny_unknown_fields)]
+                struct Full {
+                    addr: String,
+                    #[serde(default = "one_u16")]
+                    weight: u16,
+                }
+                let f = Full::deserialize(de::value::MapAccessDeserializer::new(map))?;
+                backend_config(&f.addr, f.weight).map_err(de::Error::custom)
+            }
         }
-        fn one() -> u16 {
-            1
-        }
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Addr(String),
-            Full(Full),
-        }
-        let (addr, weight) = match Raw::deserialize(d).map_err(|_| {
-            de::Error::custom("a backend is \"IP:port\" or {addr: \"IP:port\", weight: N}")
-        })? {
-            Raw::Addr(a) => (a, 1),
-            Raw::Full(f) => (f.addr, f.weight),
-        };
-        if !(1..=100).contains(&weight) {
-            return Err(de::Error::custom(format!(
-                "weight {weight} of {addr} is out of range 1..=100"
-            )));
-        }
-        let addr = parse_socket_addr(&addr).map_err(de::Error::custom)?;
-        Ok(BackendConfig { addr, weight })
+        d.deserialize_any(Visit)
     }
+}
+
+fn backend_config(addr: &str, weight: u16) -> Result<BackendConfig, String> {
+    if !(1..=100).contains(&weight) {
+        return Err(format!("weight {weight} of {addr} is out of range 1..=100"));
+    }
+    Ok(BackendConfig {
+        addr: parse_socket_addr(addr)?,
+        weight,
+    })
 }
 
 /// How backends are probed.
