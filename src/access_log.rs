@@ -3,7 +3,8 @@
 //! Lines go through `tracing` (target `gopush::access`) to a non-blocking writer set up in
 //! [`crate::logging`]: formatting happens on the worker thread, the write on a background thread,
 //! so a slow terminal or disk never stalls a request. Turn it off with `access_log.enabled: false`
-//! or filter it with `RUST_LOG=gopush::access=off`.
+//! or filter it with `RUST_LOG=gopush::access=off`. With `access_log.format: json` every line
+//! (this one included) is one JSON object.
 
 use pingora::lb::Backend;
 use pingora::proxy::Session;
@@ -36,7 +37,9 @@ pub fn write(e: Entry<'_>) {
         .response_written()
         .map_or(0, |r| r.status.as_u16());
     let backend = e.backend.and_then(|b| b.addr.as_inet());
-    let ms = e.elapsed.as_secs_f64() * 1000.0;
+    // A number (0.1 ms resolution) rather than a formatted string, so that the JSON log format
+    // carries it as a JSON number.
+    let ms = (e.elapsed.as_secs_f64() * 10_000.0).round() / 10.0;
     tracing::info!(
         target: "gopush::access",
         method = %req.method,
@@ -47,7 +50,7 @@ pub fn write(e: Entry<'_>) {
         backend = backend.map(tracing::field::display),
         affinity = e.affinity,
         tunnel = e.session.was_upgraded(),
-        ms = format_args!("{ms:.1}"),
+        ms,
         bytes = e.session.body_bytes_sent(),
         error = e.error.map(tracing::field::display),
     );

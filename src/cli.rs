@@ -98,7 +98,7 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            crate::logging::init(daemon || config.server.daemon);
+            crate::logging::init(daemon || config.server.daemon, config.access_log.format);
             let path = std::fs::canonicalize(&path).unwrap_or(path);
             report(server::run(
                 &config,
@@ -153,6 +153,14 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
     say!("configuration ok; listen {}", listen.join(", "));
+    if config.admin.enabled {
+        let token = if config.admin.has_authentication() {
+            "token set"
+        } else {
+            "no token"
+        };
+        say!("admin {} ({token})", config.admin.listen);
+    }
     for (name, pool) in &config.pools {
         say!("pool {name}:");
         for b in &pool.backends {
@@ -233,7 +241,7 @@ fn init(dir: &Path) -> anyhow::Result<()> {
 }
 
 fn demo() -> ExitCode {
-    crate::logging::init(false);
+    crate::logging::init(false, crate::config::LogFormat::Text);
     let config = match Config::from_str_named(DEMO_CONFIG, Path::new("<embedded demo config>")) {
         Ok(c) => c,
         Err(e) => {

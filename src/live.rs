@@ -10,7 +10,8 @@
 
 use crate::config::{Config, ConfigError};
 use crate::hooks::{HookKind, HookRequest, Hooks};
-use crate::routing::{health_registry, Router};
+use crate::metrics::{Metrics, SnapshotStats};
+use crate::routing::{health_registry, Drain, Router};
 use crate::uid::UidResolver;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -38,16 +39,19 @@ pub struct Snapshot {
     pub missing_uid_body: Bytes,
     /// The JavaScript hooks, if any are configured (`None` costs the request path nothing).
     pub hooks: Option<Hooks>,
+    /// Metric label children for this configuration's pools, backends and uid sources.
+    pub stats: SnapshotStats,
 }
 
 impl Snapshot {
     /// Derives everything from a loaded configuration (hooks were read and checked by
     /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
     /// `file` names the configuration in errors.
-    pub fn build(
+    fn build(
         config: Config,
         health: Arc<HealthRegistry>,
         file: &Path,
+        shared: &Shared,
     ) -> Result<Self, ConfigError> {
         let resolver = UidResolver::new(&config.uid);
         let hooks = config.hooks.program.clone().map(Hooks::new);
@@ -63,18 +67,26 @@ impl Snapshot {
         };
         let missing_uid_body =
             Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
-        let router = Router::new(&config, &health).map_err(|message| ConfigError::Invalid {
-            file: file.to_path_buf(),
-            key: "pools".into(),
-            message,
+        let router = Router::new(&config, &health, &shared.drain).map_err(|message| {
+            ConfigError::Invalid {
+                file: file.to_path_buf(),
+                key: "pools".into(),
+                message,
+            }
         })?;
+        // Dynamic pools are still empty here: their children are added as discovery fills them
+        // (`SnapshotStats::sync`).
+        let stats = shared.metrics.resolve(&router, &config.uid.sources);
+        let loaded_at = SystemTime::now();
+        shared.metrics.set_loaded_at(unix_seconds(loaded_at));
         Ok(Snapshot {
             router,
             resolver,
             health,
             missing_uid_body,
             hooks,
-            loaded_at: SystemTime::now(),
+            stats,
+            loaded_at,
             config,
         })
     }
@@ -100,11 +112,24 @@ impl Snapshot {
     }
 }
 
+/// Seconds since the Unix epoch (0 for a clock set before it).
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// What outlives every snapshot.
+struct Shared {
+    metrics: Arc<Metrics>,
+    drain: Arc<Drain>,
+}
+
 /// The current snapshot and where to reload it from.
 pub struct Live {
     current: ArcSwap<Snapshot>,
     path: Option<PathBuf>,
     reloading: tokio::sync::Mutex<()>,
+    shared: Shared,
 }
 
 impl Live {
@@ -112,17 +137,34 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+        };
         let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
-            current: ArcSwap::from_pointee(Snapshot::build(config, health, &name)?),
+            current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
             path,
             reloading: tokio::sync::Mutex::new(()),
+            shared,
         })
     }
 
     /// Runs DNS / file discovery of every dynamic pool once.
     pub async fn refresh_discovery(&self) {
-        self.load().router.refresh().await;
+        let snapshot = self.load();
+        snapshot.router.refresh().await;
+        snapshot.stats.sync(&snapshot.router);
+    }
+
+    /// The process's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.shared.metrics
+    }
+
+    /// The draining backends (kept across reloads for backends that stay).
+    pub fn drain(&self) -> &Drain {
+        &self.shared.drain
     }
 
     /// The current snapshot (one atomic increment; hold it for a whole request).
@@ -139,6 +181,12 @@ impl Live {
     /// and the error is returned. Settings that need new sockets or a new process (`listen`,
     /// `server`, `affinity`) are kept as they were, with a warning.
     pub async fn reload(&self) -> Result<(), ConfigError> {
+        let result = self.reload_inner().await;
+        self.shared.metrics.reload(result.is_ok());
+        result
+    }
+
+    async fn reload_inner(&self) -> Result<(), ConfigError> {
         let _one_at_a_time = self.reloading.lock().await;
         let Some(path) = &self.path else {
             return Err(ConfigError::Invalid {
@@ -158,20 +206,46 @@ impl Live {
             config.server = old.config.server.clone();
             config.affinity = old.config.affinity.clone();
         }
+        if config.admin.listen != old.config.admin.listen
+            || config.admin.enabled != old.config.admin.enabled
+            || config.access_log.format != old.config.access_log.format
+        {
+            tracing::warn!("reload: `admin.listen`, `admin.enabled` and `access_log.format` changes need a restart or a graceful upgrade; keeping the old values");
+            config.admin.listen = old.config.admin.listen;
+            config.admin.enabled = old.config.admin.enabled;
+            config.access_log.format = old.config.access_log.format;
+        }
+        if config.admin.enabled
+            && !config.admin.listen.ip().is_loopback()
+            && !config.admin.has_authentication()
+        {
+            // The running listener is not loopback: dropping its token would open it.
+            return Err(ConfigError::Invalid {
+                file: path.clone(),
+                key: "admin.token".into(),
+                message: format!(
+                    "the running admin listener {} is not a loopback address: it needs a token",
+                    config.admin.listen
+                ),
+            });
+        }
         let health = if config.health_check == old.config.health_check {
             old.health.clone()
         } else {
             health_registry(&config.health_check)
         };
         let fresh_health = !Arc::ptr_eq(&health, &old.health);
-        let next = Snapshot::build(config, health, path)?;
+        let next = Snapshot::build(config, health, path, &self.shared)?;
         // Dynamic pools are empty until discovered: never swap in a pool without backends.
         next.router.refresh().await;
+        next.stats.sync(&next.router);
         if fresh_health {
             // New probes start out "healthy": learn the truth before taking traffic.
             next.health.run_health_check(true).await;
         }
         let pools: Vec<String> = next.router.pools().map(|p| p.name().to_string()).collect();
+        // Drain state survives the reload for backends that stay.
+        self.shared.drain.retain(|a| next.router.has_backend(a));
         self.current.store(Arc::new(next));
         tracing::info!(file = %path.display(), ?pools, "configuration reloaded");
         Ok(())
@@ -224,6 +298,7 @@ impl BackgroundService for DiscoveryLoop {
                 }
             };
             snapshot.router.refresh().await;
+            snapshot.stats.sync(&snapshot.router);
             drop(snapshot);
             tokio::select! {
                 _ = shutdown.changed() => return,
@@ -273,10 +348,15 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+        };
         Snapshot::build(
             config,
             Arc::new(HealthRegistry::new()),
             std::path::Path::new("conf/x.yaml"),
+            &shared,
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -7,27 +7,42 @@
 //! runs and would lose that thread, so there the writer is plain stderr (which Pingora points at
 //! `error_log`).
 
+use crate::config::LogFormat;
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
-/// Installs the global subscriber; `daemon` selects the fork-safe writer. Calling it twice is
+/// Installs the global subscriber; `daemon` selects the fork-safe writer, `format` text lines or
+/// JSON lines (`access_log.format`; one stream, so every line switches). Calling it twice is
 /// harmless (the second call does nothing).
-pub fn init(daemon: bool) {
+pub fn init(daemon: bool, format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,pingora_load_balancing=error"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(true)
         .with_ansi(false);
-    if daemon {
-        let _ = builder.with_writer(std::io::stderr).try_init();
+    let (writer, guard) = if daemon {
+        (BoxMakeWriter::new(std::io::stderr), None)
     } else {
-        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        let (w, g) = tracing_appender::non_blocking::NonBlockingBuilder::default()
             .lossy(false)
             .finish(std::io::stderr());
-        if builder.with_writer(writer).try_init().is_ok() {
-            // The server runs until the process exits; the guard must live as long.
-            std::mem::forget(guard);
-        }
+        (BoxMakeWriter::new(w), Some(g))
+    };
+    let installed = match format {
+        LogFormat::Text => builder.with_writer(writer).try_init().is_ok(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(writer)
+            .try_init()
+            .is_ok(),
+    };
+    if installed {
+        // The server runs until the process exits; the guard must live as long.
+        std::mem::forget(guard);
     }
 }
 

@@ -1,96 +1,484 @@
-//! Counters of hook and uid-source failures, for operators (the admin console exposes them).
+//! Prometheus metrics, served at `/metrics` on the admin listener.
 //!
-//! Process-wide and monotonic: they survive configuration reloads, so a rate computed from two
-//! readings stays meaningful. Relaxed atomics: each counter is independent and only ever added to.
+//! The metric families live in one [`Metrics`] registry for the life of the process (counters
+//! count "since start", whatever reloads happen). The request path never formats a label: each
+//! configuration [`crate::live::Snapshot`] resolves the label children it needs once, when it is
+//! built ([`SnapshotStats`]), and a request only bumps atomics through them. Labels are pool,
+//! backend, status class, uid source and fixed reasons: bounded by the configuration, never
+//! per uid.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::config::UidSource;
+use crate::routing::{backend_addr, Router};
+use arc_swap::ArcSwap;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-/// Failure counters; read them with [`metrics`] and [`Metrics::read`].
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// JS hook calls (any hook).
-    pub hook_calls: AtomicU64,
-    /// A hook threw, returned a value of the wrong shape, or could not be loaded on a thread.
-    pub hook_errors: AtomicU64,
-    /// A hook ran past its time budget and was interrupted.
-    pub hook_timeouts: AtomicU64,
-    /// A hook hit the memory or stack limit.
-    pub hook_memory: AtomicU64,
-    /// A signed token was present but refused (bad signature, expired, wrong algorithm, ...).
-    pub jwt_rejected: AtomicU64,
-    /// The auth callback answered 401/403.
-    pub callback_rejected: AtomicU64,
-    /// The auth callback timed out, was unreachable or answered something unusable.
-    pub callback_errors: AtomicU64,
-    /// Auth callback answers served from the cache.
-    pub callback_cache_hits: AtomicU64,
-    /// Auth callback requests actually sent.
-    pub callback_requests: AtomicU64,
+/// Status classes counted per backend; index = first digit - 1, and the last is "no response"
+/// (the client went away before one was written).
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Why the agent answered a request itself (label of `gopush_refused_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalKind {
+    /// No uid in the request (430).
+    MissingUid = 0,
+    /// An unusable uid (400).
+    InvalidUid = 1,
+    /// Unknown product (404).
+    UnknownProduct = 2,
+    /// No healthy, non-draining backend (503).
+    NoBackend = 3,
+    /// A limit (429, 431, 503).
+    Limit = 4,
+    /// A signed token or the auth callback refused the credentials (430).
+    Rejected = 5,
+    /// A hook or the auth callback failed (500 / 503, configurable).
+    HookFailed = 6,
 }
 
-/// A plain copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MetricsSnapshot {
-    /// See [`Metrics::hook_calls`].
-    pub hook_calls: u64,
-    /// See [`Metrics::hook_errors`].
-    pub hook_errors: u64,
-    /// See [`Metrics::hook_timeouts`].
-    pub hook_timeouts: u64,
-    /// See [`Metrics::hook_memory`].
-    pub hook_memory: u64,
-    /// See [`Metrics::jwt_rejected`].
-    pub jwt_rejected: u64,
-    /// See [`Metrics::callback_rejected`].
-    pub callback_rejected: u64,
-    /// See [`Metrics::callback_errors`].
-    pub callback_errors: u64,
-    /// See [`Metrics::callback_cache_hits`].
-    pub callback_cache_hits: u64,
-    /// See [`Metrics::callback_requests`].
-    pub callback_requests: u64,
+const REFUSAL_LABELS: [&str; 7] = [
+    "missing_uid",
+    "invalid_uid",
+    "unknown_product",
+    "no_backend",
+    "limit",
+    "rejected",
+    "hook_failed",
+];
+
+/// Every metric family of the process.
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    connect_failures: IntCounterVec,
+    tunnels: IntGaugeVec,
+    active: IntGaugeVec,
+    healthy: IntGaugeVec,
+    draining: IntGaugeVec,
+    duration: HistogramVec,
+    uid_lookups: IntCounterVec,
+    refused: [IntCounter; 7],
+    affinity_hits: IntCounter,
+    pushes: IntCounterVec,
+    reloads: IntCounterVec,
+    config_loaded: IntGauge,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
+    // Names are constants of this module and registered once: a clash is a programming error
+    // that the unit tests catch, so it is only logged here.
+    if let Err(e) = registry.register(Box::new(c.clone())) {
+        tracing::error!("metrics: cannot register a collector: {e}");
+    }
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    // Opts built from constants never fail validation (checked by the unit tests).
+    let v = IntCounterVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
+        panic!("metric {name}: {e}");
+    });
+    register(r, v)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    let v = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
+        panic!("metric {name}: {e}");
+    });
+    register(r, v)
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
-    const fn new() -> Self {
+    /// Registers every family.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let pb = ["pool", "backend"];
+        let requests = counter_vec(
+            &r,
+            "gopush_requests_total",
+            "Proxied requests by pool, backend and response status class (a WebSocket counts once, by its 101).",
+            &["pool", "backend", "class"],
+        );
+        let connect_failures = counter_vec(
+            &r,
+            "gopush_upstream_connect_failures_total",
+            "Connections to a backend that were refused or timed out.",
+            &pb,
+        );
+        let tunnels = gauge_vec(
+            &r,
+            "gopush_open_tunnels",
+            "Open WebSocket tunnels by pool and backend.",
+            &pb,
+        );
+        let active = gauge_vec(
+            &r,
+            "gopush_active_requests",
+            "HTTP requests in flight (long-polls included, tunnels excluded) by pool and backend.",
+            &pb,
+        );
+        let healthy = gauge_vec(
+            &r,
+            "gopush_backend_healthy",
+            "1 if the backend passes its health check, else 0.",
+            &pb,
+        );
+        let draining = gauge_vec(
+            &r,
+            "gopush_backend_draining",
+            "1 if the backend is draining (no new sessions), else 0.",
+            &pb,
+        );
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gopush_request_duration_seconds",
+                "Time from request head to the end of the response, by pool (tunnels excluded; long-polls included).",
+            )
+            .buckets(vec![
+                0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["pool"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_request_duration_seconds: {e}"));
+        let duration = register(&r, duration);
+        let uid_lookups = counter_vec(
+            &r,
+            "gopush_uid_lookups_total",
+            "Uid sources tried: hit (this source gave the uid) or miss (it gave none).",
+            &["source", "result"],
+        );
+        let refused_vec = counter_vec(
+            &r,
+            "gopush_refused_total",
+            "Requests the agent answered itself, by reason.",
+            &["reason"],
+        );
+        let refused = REFUSAL_LABELS.map(|l| refused_vec.with_label_values(&[l]));
+        let affinity_hits = register(
+            &r,
+            IntCounter::new(
+                "gopush_affinity_hits_total",
+                "Requests routed by the sid memory (a live session kept on its backend).",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_affinity_hits_total: {e}")),
+        );
+        let pushes = counter_vec(
+            &r,
+            "gopush_pushes_total",
+            "Admin API pushes and disconnects published to Redis, by kind and result.",
+            &["kind", "result"],
+        );
+        let reloads = counter_vec(
+            &r,
+            "gopush_config_reloads_total",
+            "Configuration reloads by result.",
+            &["result"],
+        );
+        let config_loaded = register(
+            &r,
+            IntGauge::new(
+                "gopush_config_loaded_timestamp_seconds",
+                "Unix time the running configuration was loaded.",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
+        );
         Metrics {
-            hook_calls: AtomicU64::new(0),
-            hook_errors: AtomicU64::new(0),
-            hook_timeouts: AtomicU64::new(0),
-            hook_memory: AtomicU64::new(0),
-            jwt_rejected: AtomicU64::new(0),
-            callback_rejected: AtomicU64::new(0),
-            callback_errors: AtomicU64::new(0),
-            callback_cache_hits: AtomicU64::new(0),
-            callback_requests: AtomicU64::new(0),
+            registry: r,
+            requests,
+            connect_failures,
+            tunnels,
+            active,
+            healthy,
+            draining,
+            duration,
+            uid_lookups,
+            refused,
+            affinity_hits,
+            pushes,
+            reloads,
+            config_loaded,
         }
     }
 
-    /// The counters now.
-    pub fn read(&self) -> MetricsSnapshot {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        MetricsSnapshot {
-            hook_calls: r(&self.hook_calls),
-            hook_errors: r(&self.hook_errors),
-            hook_timeouts: r(&self.hook_timeouts),
-            hook_memory: r(&self.hook_memory),
-            jwt_rejected: r(&self.jwt_rejected),
-            callback_rejected: r(&self.callback_rejected),
-            callback_errors: r(&self.callback_errors),
-            callback_cache_hits: r(&self.callback_cache_hits),
-            callback_requests: r(&self.callback_requests),
+    /// Counts a request the agent refused.
+    pub fn refused(&self, kind: RefusalKind) {
+        self.refused[kind as usize].inc();
+    }
+
+    /// Counts a request routed by the sid memory.
+    pub fn affinity_hit(&self) {
+        self.affinity_hits.inc();
+    }
+
+    /// Counts a push or disconnect (`kind`: uid/room/all/disconnect; `result`: ok/bad/unavailable).
+    pub fn push(&self, kind: &str, result: &str) {
+        self.pushes.with_label_values(&[kind, result]).inc();
+    }
+
+    /// Counts a reload attempt.
+    pub fn reload(&self, ok: bool) {
+        self.reloads
+            .with_label_values(&[if ok { "ok" } else { "error" }])
+            .inc();
+    }
+
+    /// Records when the running configuration was loaded.
+    pub fn set_loaded_at(&self, unix_seconds: i64) {
+        self.config_loaded.set(unix_seconds);
+    }
+
+    /// The Prometheus text exposition of every family.
+    pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(out)
+    }
+
+    /// The label children one configuration needs (see the module docs).
+    pub fn resolve(self: &Arc<Self>, router: &Router, sources: &[UidSource]) -> SnapshotStats {
+        let pools = router
+            .pools()
+            .map(|pool| {
+                let stats = PoolStats {
+                    name: pool.name().into(),
+                    duration: self.duration.with_label_values(&[pool.name()]),
+                    backends: ArcSwap::from_pointee(Vec::new()),
+                    metrics: self.clone(),
+                };
+                for addr in pool.backends().iter().filter_map(backend_addr) {
+                    stats.get_or_resolve(addr);
+                }
+                stats
+            })
+            .collect();
+        let label = |s: &UidSource| match s {
+            UidSource::Cookie(n) => format!("cookie:{n}"),
+            UidSource::Query(n) => format!("query:{n}"),
+            UidSource::Header(n) => format!("header:{n}"),
+            UidSource::Jwt(_) => "jwt".to_string(),
+            UidSource::Callback(_) => "callback".to_string(),
+        };
+        let uid_hits = sources
+            .iter()
+            .map(|s| self.uid_lookups.with_label_values(&[&label(s), "hit"]))
+            .collect();
+        let uid_misses = sources
+            .iter()
+            .map(|s| self.uid_lookups.with_label_values(&[&label(s), "miss"]))
+            .collect();
+        SnapshotStats {
+            pools,
+            uid_hits,
+            uid_misses,
+        }
+    }
+
+    fn backend_stats(&self, pool: &str, addr: SocketAddr) -> BackendStats {
+        let a = addr.to_string();
+        let l = [pool, a.as_str()];
+        BackendStats {
+            addr,
+            requests: STATUS_CLASSES.map(|c| self.requests.with_label_values(&[pool, &a, c])),
+            connect_failures: self.connect_failures.with_label_values(&l),
+            tunnels: self.tunnels.with_label_values(&l),
+            active: self.active.with_label_values(&l),
+            healthy: self.healthy.with_label_values(&l),
+            draining: self.draining.with_label_values(&l),
         }
     }
 }
 
-/// Adds one to a counter.
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
+/// Label children of one backend in one pool.
+pub struct BackendStats {
+    /// The backend.
+    pub addr: SocketAddr,
+    /// By [`STATUS_CLASSES`].
+    pub requests: [IntCounter; 6],
+    /// Refused or timed-out connects.
+    pub connect_failures: IntCounter,
+    /// Open tunnels.
+    pub tunnels: IntGauge,
+    /// Requests in flight.
+    pub active: IntGauge,
+    /// Health (set when metrics or status are read).
+    pub healthy: IntGauge,
+    /// Draining (set when metrics or status are read).
+    pub draining: IntGauge,
 }
 
-static METRICS: Metrics = Metrics::new();
+impl BackendStats {
+    /// Counts a finished request by its status (0: no response written).
+    pub fn count_status(&self, status: u16) {
+        let class = match status {
+            100..=599 => usize::from(status / 100) - 1,
+            _ => STATUS_CLASSES.len() - 1,
+        };
+        self.requests[class].inc();
+    }
 
-/// The process-wide counters.
-pub fn metrics() -> &'static Metrics {
-    &METRICS
+    /// Requests since start, all classes.
+    pub fn requests_total(&self) -> u64 {
+        self.requests.iter().map(IntCounter::get).sum()
+    }
+
+    /// Requests since start that ended in a 5xx (including the agent's own 502 for a failed
+    /// upstream) or without any response.
+    pub fn errors_total(&self) -> u64 {
+        self.requests[4].get() + self.requests[5].get()
+    }
+}
+
+/// Label children of one pool.
+pub struct PoolStats {
+    name: Box<str>,
+    /// Request durations of the pool.
+    pub duration: Histogram,
+    /// Per backend; append-only, so that a pool whose membership changes at run time (DNS or
+    /// file discovery) gets its new backends' children once, and a backend that left keeps
+    /// counting its live sessions down.
+    backends: ArcSwap<Vec<Arc<BackendStats>>>,
+    metrics: Arc<Metrics>,
+}
+
+impl PoolStats {
+    /// The children of `addr`, if already resolved (pools are small: a linear scan beats
+    /// hashing).
+    pub fn get(&self, addr: &SocketAddr) -> Option<Arc<BackendStats>> {
+        self.backends
+            .load()
+            .iter()
+            .find(|b| b.addr == *addr)
+            .cloned()
+    }
+
+    /// The children of `addr`, resolving them on first sight (a backend that discovery added
+    /// after the snapshot was built; the discovery loop resolves them as it finds them, so the
+    /// request path rarely gets here).
+    pub fn get_or_resolve(&self, addr: SocketAddr) -> Arc<BackendStats> {
+        if let Some(found) = self.get(&addr) {
+            return found;
+        }
+        let fresh = Arc::new(self.metrics.backend_stats(&self.name, addr));
+        let mut result = fresh.clone();
+        self.backends.rcu(|old| {
+            let mut next = Vec::clone(old);
+            match next.iter().find(|b| b.addr == addr) {
+                // Someone else appended it meanwhile: the same underlying metrics either way.
+                Some(existing) => result = existing.clone(),
+                None => {
+                    result = fresh.clone();
+                    next.push(fresh.clone());
+                }
+            }
+            next
+        });
+        result
+    }
+}
+
+/// Label children of one configuration snapshot.
+pub struct SnapshotStats {
+    /// By pool index of the snapshot's router.
+    pub pools: Vec<PoolStats>,
+    uid_hits: Vec<IntCounter>,
+    uid_misses: Vec<IntCounter>,
+}
+
+impl SnapshotStats {
+    /// The uid came from source `index`; the ones before it had nothing.
+    pub fn uid_found(&self, index: usize) {
+        if let Some(hit) = self.uid_hits.get(index) {
+            hit.inc();
+        }
+        for miss in self.uid_misses.iter().take(index) {
+            miss.inc();
+        }
+    }
+
+    /// No source had a uid.
+    pub fn uid_missing(&self) {
+        for miss in &self.uid_misses {
+            miss.inc();
+        }
+    }
+
+    /// Resolves the children of every backend the router's pools have now (after discovery).
+    pub fn sync(&self, router: &Router) {
+        for (pool, stats) in router.pools().zip(&self.pools) {
+            for addr in pool.backends().iter().filter_map(backend_addr) {
+                stats.get_or_resolve(addr);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn families_register_and_encode() {
+        let m = Arc::new(Metrics::new());
+        let config = Config::from_str_named(
+            "pools:\n  default:\n    backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        let router = Router::offline(&config).unwrap();
+        let stats = m.resolve(&router, &config.uid.sources);
+        let b1: SocketAddr = "127.0.0.1:4001".parse().unwrap();
+        let s1 = stats.pools[0].get(&b1).unwrap();
+        s1.count_status(204);
+        s1.count_status(0);
+        stats.uid_found(1);
+        m.refused(RefusalKind::MissingUid);
+        let text = String::from_utf8(m.encode().unwrap()).unwrap();
+        assert!(
+            text.contains(
+                r#"gopush_requests_total{backend="127.0.0.1:4001",class="2xx",pool="default"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"class="none""#), "{text}");
+        assert!(text.contains(r#"gopush_uid_lookups_total{result="hit",source="query:uid"} 1"#));
+        assert!(text.contains(r#"gopush_uid_lookups_total{result="miss",source="cookie:uid"} 1"#));
+        assert!(text.contains(r#"gopush_refused_total{reason="missing_uid"} 1"#));
+        assert_eq!(s1.requests_total(), 2);
+        assert_eq!(s1.errors_total(), 1);
+        // A backend discovered later is resolved on first sight, once.
+        let late: SocketAddr = "127.0.0.1:4999".parse().unwrap();
+        assert!(stats.pools[0].get(&late).is_none());
+        let l1 = stats.pools[0].get_or_resolve(late);
+        let l2 = stats.pools[0].get_or_resolve(late);
+        assert!(Arc::ptr_eq(&l1, &l2));
+    }
+
+    #[test]
+    fn a_second_snapshot_shares_the_counters() {
+        let m = Arc::new(Metrics::new());
+        let config = Config::from_str_named(
+            "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n",
+            Path::new("x.yaml"),
+        )
+        .unwrap();
+        let router = Router::offline(&config).unwrap();
+        let a = m.resolve(&router, &config.uid.sources);
+        let b = m.resolve(&router, &config.uid.sources);
+        let addr: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        a.pools[0].get(&addr).unwrap().tunnels.inc();
+        b.pools[0].get(&addr).unwrap().tunnels.dec();
+        assert_eq!(a.pools[0].get(&addr).unwrap().tunnels.get(), 0);
+    }
 }

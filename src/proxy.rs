@@ -17,6 +17,8 @@ use crate::callback::Answer;
 use crate::hooks::{HookKind, HookRequest, RouteDecision};
 use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
+use crate::metrics::{BackendStats, Metrics, RefusalKind};
+use crate::routing::backend_addr;
 use crate::uid::{query_value, validate_value, Step, Uid, UidError};
 use crate::upgrade;
 use async_trait::async_trait;
@@ -43,6 +45,8 @@ pub struct Agent {
     closing: Arc<AtomicBool>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
+    /// Process-wide metric families (per-backend children live in the snapshot).
+    metrics: Arc<Metrics>,
 }
 
 /// What one request learned, filled in phase order and read by `logging`.
@@ -68,6 +72,11 @@ pub struct Ctx {
     slots: Slots,
     /// Counts this request in the open tunnels while it is one.
     tunnel: Option<TunnelSlot>,
+    /// The chosen backend's metric children, while this request counts in its active requests
+    /// (or, once upgraded, its open tunnels).
+    stats: Option<Arc<BackendStats>>,
+    /// The request is counted as an open tunnel of its backend, not as an active request.
+    tunnel_counted: bool,
 }
 
 /// A request the agent answers itself.
@@ -109,6 +118,20 @@ fn hook_request<'a>(
     }
 }
 
+impl Refusal {
+    fn kind(&self) -> RefusalKind {
+        match self {
+            Refusal::MissingUid => RefusalKind::MissingUid,
+            Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
+            Refusal::UnknownProduct => RefusalKind::UnknownProduct,
+            Refusal::NoHealthyBackend => RefusalKind::NoBackend,
+            Refusal::Limit(_) => RefusalKind::Limit,
+            Refusal::Rejected(_) => RefusalKind::Rejected,
+            Refusal::Failed(..) => RefusalKind::HookFailed,
+        }
+    }
+}
+
 impl Agent {
     /// Builds the agent around a live configuration; `closing` is raised when the process starts
     /// to hand over or stop (see [`crate::server`]).
@@ -119,6 +142,7 @@ impl Agent {
             .enabled
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
         Agent {
+            metrics: live.metrics().clone(),
             live,
             affinity,
             limiter: Arc::new(Limiter::default()),
@@ -211,7 +235,14 @@ impl Agent {
                 )
                 .map_err(Refusal::Limit)?;
         }
-        let resolved = self.resolve_uid(snap, session).await?;
+        let resolved = self.resolve_uid(snap, session).await.inspect_err(|r| {
+            if matches!(r, Refusal::MissingUid) {
+                snap.stats.uid_missing();
+            }
+        })?;
+        if let Uid::Span(span) = &resolved {
+            snap.stats.uid_found(span.source());
+        }
         let req = session.req_header();
         let limits = &snap.config.limits;
         let uid = ctx.uid.insert(resolved).get(&snap.resolver, req);
@@ -236,7 +267,7 @@ impl Agent {
                     Ok(i) => chosen = Some(i),
                     Err(_) => {
                         tracing::warn!(target: "gopush::hooks", "hook route: returned pool `{name}`, which is not configured");
-                        crate::metrics::bump(&crate::metrics::metrics().hook_errors);
+                        crate::counters::bump(&crate::counters::metrics().hook_errors);
                         return Err(failed(crate::hooks::HookError::BadReturn(name)));
                     }
                 },
@@ -264,7 +295,10 @@ impl Agent {
 
         if let Some(memory) = &self.affinity {
             if let Some(sid) = query_value(query, "sid") {
+                // Health (or retired by discovery), not drain: a live session stays on a
+                // draining backend.
                 if let Some(b) = memory.lookup(sid).filter(|b| pool.accepts_session(b)) {
+                    self.metrics.affinity_hit();
                     ctx.via_affinity = true;
                     ctx.backend = Some(b);
                     return Ok(());
@@ -318,6 +352,38 @@ impl Agent {
 }
 
 impl Ctx {
+    /// The metric children of the backend this request counts against.
+    fn backend_stats(&self) -> Option<&BackendStats> {
+        self.stats.as_deref()
+    }
+
+    /// Starts counting this request as in flight on `ctx.backend`.
+    fn count_backend(&mut self) {
+        self.uncount_backend();
+        self.stats = match (&self.snapshot, self.pool, &self.backend) {
+            (Some(snap), Some(pool), Some(b)) => backend_addr(b)
+                .zip(snap.stats.pools.get(pool))
+                .map(|(addr, stats)| stats.get_or_resolve(addr)),
+            _ => None,
+        };
+        if let Some(s) = self.backend_stats() {
+            s.active.inc();
+        }
+    }
+
+    /// Stops counting this request (or tunnel) on its backend.
+    fn uncount_backend(&mut self) {
+        if let Some(s) = self.backend_stats() {
+            if self.tunnel_counted {
+                s.tunnels.dec();
+            } else {
+                s.active.dec();
+            }
+        }
+        self.stats = None;
+        self.tunnel_counted = false;
+    }
+
     /// The request's uid ("" before it is resolved).
     fn uid<'s>(&'s self, session: &'s Session) -> &'s str {
         match (&self.snapshot, &self.uid) {
@@ -336,6 +402,14 @@ fn reason_phrase(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error")
+}
+
+impl Drop for Ctx {
+    // Pingora drops the context when the request or tunnel is over, whichever way it ended, so
+    // the gauges cannot leak.
+    fn drop(&mut self) {
+        self.uncount_backend();
+    }
 }
 
 /// Size of the request head as the limit counts it: request target and header lines.
@@ -390,6 +464,8 @@ impl ProxyHttp for Agent {
             upgrade_guard: false,
             slots: Slots::default(),
             tunnel: None,
+            stats: None,
+            tunnel_counted: false,
         }
     }
 
@@ -406,12 +482,14 @@ impl ProxyHttp for Agent {
         let routed = self.route(&snap, session, ctx).await;
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
+            self.metrics.refused(why.kind());
             if self.closing.load(Ordering::Relaxed) {
                 session.set_keepalive(None);
             }
             self.refuse(&snap, session, why).await?;
             return Ok(true);
         }
+        ctx.count_backend();
         ctx.upgrade_guard = upgrade::guard_request(session);
         Ok(false)
     }
@@ -427,6 +505,7 @@ impl ProxyHttp for Agent {
                 .router
                 .pool_at(index)
                 .and_then(|pool| pool.select_avoiding(uid.as_bytes(), refused));
+            ctx.count_backend();
         }
         let connect_timeout = ctx.snapshot.as_ref().map_or(Duration::from_secs(1), |s| {
             s.config.upstream.connect_timeout
@@ -454,6 +533,9 @@ impl ProxyHttp for Agent {
     ) -> Box<Error> {
         // One retry on the next backend covers the gap before the health check notices a dead
         // backend. A remembered session is not moved: its state exists only on its backend.
+        if let Some(s) = ctx.backend_stats() {
+            s.connect_failures.inc();
+        }
         if ctx.refused.is_none() && !ctx.via_affinity && !ctx.explicit {
             ctx.refused = ctx.backend.clone();
             e.set_retry(true);
@@ -497,6 +579,13 @@ impl ProxyHttp for Agent {
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.tunnel = Some(self.limiter.tunnel_opened());
+            if let Some(s) = ctx.backend_stats() {
+                // Counted now, not when the tunnel ends: a WebSocket can live for hours.
+                s.count_status(101);
+                s.active.dec();
+                s.tunnels.inc();
+            }
+            ctx.tunnel_counted = ctx.stats.is_some();
         }
         if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
             ctx.learn_sid = false;
@@ -528,6 +617,17 @@ impl ProxyHttp for Agent {
         let Some(snap) = &ctx.snapshot else {
             return; // the demo page, or a request that never got this far
         };
+        let elapsed = ctx.start.elapsed();
+        if let Some(stats) = ctx.backend_stats().filter(|_| !ctx.tunnel_counted) {
+            // (A tunnel was counted by its 101 in response_filter.)
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            stats.count_status(status);
+            if !session.was_upgraded() {
+                if let Some(pool) = ctx.pool.and_then(|i| snap.stats.pools.get(i)) {
+                    pool.duration.observe(elapsed.as_secs_f64());
+                }
+            }
+        }
         if !snap.config.access_log.enabled {
             return;
         }
@@ -541,7 +641,7 @@ impl ProxyHttp for Agent {
             pool,
             backend: ctx.backend.as_ref(),
             affinity: ctx.via_affinity,
-            elapsed: ctx.start.elapsed(),
+            elapsed,
             error: e,
         });
     }

@@ -1,6 +1,8 @@
-//! Assembles the Pingora server: the proxy service on the listen addresses, the health-check loop
-//! and the SIGHUP reloader, then runs it until a signal ends it.
+//! Assembles the Pingora server: the proxy service on the listen addresses, the admin service on
+//! its own address, the health-check loop and the SIGHUP reloader, then runs it until a signal
+//! ends it.
 
+use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
@@ -61,6 +63,20 @@ pub fn run(
         proxy.add_tcp(&addr.to_string());
     }
     server.add_service(proxy);
+    if config.admin.enabled {
+        let mut admin = pingora::services::listening::Service::new(
+            "gopush admin".to_string(),
+            AdminApp::new(live.clone()),
+        );
+        admin.add_tcp(&config.admin.listen.to_string());
+        // A few operators and a Prometheus scraper: one thread is plenty, and keeps the
+        // proxy's threads for traffic.
+        admin.threads = Some(1);
+        server.add_service(admin);
+        if !config.admin.has_authentication() {
+            tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token): any local process can use it");
+        }
+    }
     server.add_service(background_service("watch for hand-over", watch));
     server.add_service(background_service(
         "health checks",
@@ -72,7 +88,7 @@ pub fn run(
         let reopen = crate::logging::ReopenOnUsr1 { path: path.into() };
         server.add_service(background_service("reopen error log on SIGUSR1", reopen));
     }
-    tracing::info!(listen = ?config.listen.0, pools = config.pools.len(), "gopush agent starting");
+    tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }
 

@@ -13,7 +13,7 @@
 
 use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
-use crate::metrics::{bump, metrics};
+use crate::counters::{bump, metrics};
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 
@@ -205,6 +205,7 @@ impl UidResolver {
                 let start = v.as_ptr() as usize - base.as_ptr() as usize;
                 return Ok(Some(UidSpan {
                     origin,
+                    source: i as u32,
                     start: start as u32,
                     end: (start + v.len()) as u32,
                 }));
@@ -218,6 +219,8 @@ impl UidResolver {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UidSpan {
     origin: Origin,
+    /// Index of the configured source that gave the uid (for the per-source metrics).
+    source: u32,
     start: u32,
     end: u32,
 }
@@ -233,6 +236,11 @@ enum Origin {
 }
 
 impl UidSpan {
+    /// Index of the configured source that gave the uid.
+    pub fn source(&self) -> usize {
+        self.source as usize
+    }
+
     /// The uid, borrowed from the request head it was located in. Returns `""` if `req` is not
     /// that request head (a bug, not an input error).
     pub fn get<'r>(&self, resolver: &UidResolver, req: &'r RequestHeader) -> &'r str {

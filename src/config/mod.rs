@@ -187,6 +187,33 @@ impl Config {
         {
             return Err(("health_check.path".into(), "must start with `/`".into()));
         }
+        if self.admin.enabled
+            && !self.admin.listen.ip().is_loopback()
+            && !self.admin.has_authentication()
+        {
+            return Err((
+                "admin.token".into(),
+                format!(
+                    "the admin listener {} is not a loopback address: set a token (e.g. `token: ${{GOPUSH_ADMIN_TOKEN}}`) or listen on 127.0.0.1",
+                    self.admin.listen
+                ),
+            ));
+        }
+        if !self.push.uid_room.contains("{uid}") {
+            return Err((
+                "push.uid_room".into(),
+                "must contain `{uid}` (e.g. `uid:{uid}`)".into(),
+            ));
+        }
+        if let Err(e) = redis::Client::open(self.push.redis.as_str()) {
+            return Err((
+                "push.redis".into(),
+                format!("not a Redis URL (redis://HOST:PORT/DB): {e}"),
+            ));
+        }
+        if self.push.max_payload == 0 {
+            return Err(("push.max_payload".into(), "must be at least 1".into()));
+        }
         if self.server.threads == 0 {
             return Err(("server.threads".into(), "must be at least 1".into()));
         }

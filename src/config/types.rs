@@ -56,6 +56,12 @@ pub struct Config {
     /// (CIDR blocks or addresses; empty: the TCP peer is the client).
     #[serde(default)]
     pub trusted_proxies: TrustedProxies,
+    /// The admin listener: JSON API, Prometheus metrics and the admin page.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Pushing events into the Socket.IO cluster through its Redis adapter.
+    #[serde(default)]
+    pub push: PushConfig,
 }
 
 fn default_listen() -> Listen {
@@ -514,12 +520,150 @@ pub struct AccessLogConfig {
     /// Write it at all.
     #[serde(default = "yes")]
     pub enabled: bool,
+    /// `text` (key=value) or `json` (one JSON object per line). The whole log switches, since it
+    /// is one stream; it is set at start (a reload keeps the running format).
+    #[serde(default)]
+    pub format: LogFormat,
 }
 
 impl Default for AccessLogConfig {
     fn default() -> Self {
-        AccessLogConfig { enabled: true }
+        AccessLogConfig {
+            enabled: true,
+            format: LogFormat::Text,
+        }
     }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// `2026-01-01T00:00:00Z INFO gopush::access: method=GET status=200 ...`
+    #[default]
+    Text,
+    /// `{"timestamp":"...","level":"INFO","target":"gopush::access","method":"GET",...}`
+    Json,
+}
+
+/// A secret from the configuration (usually `${ENV}`); never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for comparing it (in constant time) with what a client sent.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// The admin listener (see README, "Operating gopush").
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Serve the admin API at all.
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// Its own address, apart from the proxy's; loopback by default.
+    #[serde(default = "default_admin_listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    /// Bearer token every API call must carry (`Authorization: Bearer TOKEN`). Empty means none,
+    /// so that `${GOPUSH_ADMIN_TOKEN:-}` can leave it unset.
+    #[serde(default)]
+    pub token: Option<Secret>,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            enabled: true,
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+impl AdminConfig {
+    /// The configured token, if it is set and not empty.
+    pub fn token(&self) -> Option<&str> {
+        self.token
+            .as_ref()
+            .map(Secret::expose)
+            .filter(|t| !t.is_empty())
+    }
+
+    /// Does any authentication guard the admin API? Today: a token. (The `admin(req)` hook, when
+    /// configured, counts too; see `crate::admin::authorize`.)
+    pub fn has_authentication(&self) -> bool {
+        self.token().is_some()
+    }
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6004))
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    parse_socket_addr(&s).map_err(de::Error::custom)
+}
+
+/// Publishing into the Socket.IO cluster through Redis, in the Node `@socket.io/redis-adapter`
+/// wire format.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushConfig {
+    /// The Redis the Node backends' adapter uses.
+    #[serde(default = "default_push_redis")]
+    pub redis: String,
+    /// The room that addresses one user; `{uid}` is replaced by the uid. Backends join it with
+    /// `socket.join("uid:" + uid)`.
+    #[serde(default = "default_uid_room")]
+    pub uid_room: String,
+    /// Largest encoded event (event name plus data) in bytes.
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+    /// The adapter's channel prefix (its `key` option).
+    #[serde(default = "default_push_key")]
+    pub key: String,
+    /// Connect and publish timeout; past it the API answers 503.
+    #[serde(default = "default_push_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        PushConfig {
+            redis: default_push_redis(),
+            uid_room: default_uid_room(),
+            max_payload: default_max_payload(),
+            key: default_push_key(),
+            timeout: default_push_timeout(),
+        }
+    }
+}
+
+fn default_push_redis() -> String {
+    "redis://127.0.0.1:6379".into()
+}
+fn default_uid_room() -> String {
+    "uid:{uid}".into()
+}
+fn default_max_payload() -> usize {
+    65536
+}
+fn default_push_key() -> String {
+    "socket.io".into()
+}
+fn default_push_timeout() -> Duration {
+    Duration::from_secs(2)
 }
 
 /// Limits; excess requests are refused with 429 / 431 / 503 and the limit's name.

@@ -7,6 +7,7 @@
 //! walks past it, so only its own uids move, and they come back when it recovers.
 
 use crate::config::{Config, HealthCheckConfig, HealthCheckKind, PoolConfig, DEFAULT_POOL};
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::FutureExt;
 use pingora::lb::selection::consistent::KetamaHashing;
@@ -20,10 +21,69 @@ use std::time::{Duration, Instant};
 /// and weight unit), so this bounds the walk past unhealthy backends; Pingora's examples use 256.
 const MAX_RING_STEPS: usize = 256;
 
+/// Backends that take no new sessions (the admin API's drain). Shared by every pool and every
+/// configuration snapshot, so a reload keeps it.
+///
+/// Draining is not unhealthiness: the ring skips a draining backend for new sessions (its uids go
+/// to the next backend on the ring), while the sid memory keeps routing live sessions to it as
+/// long as it is healthy, and its open tunnels stay.
+#[derive(Default)]
+pub struct Drain {
+    /// Usually empty or a handful: a linear scan of a small vector is the cheapest lookup.
+    set: ArcSwap<Vec<SocketAddr>>,
+}
+
+impl Drain {
+    /// Is `addr` draining? One atomic load, and nothing more while no backend drains.
+    pub fn contains(&self, addr: &SocketAddr) -> bool {
+        let set = self.set.load();
+        !set.is_empty() && set.contains(addr)
+    }
+
+    /// Is this backend draining?
+    pub fn contains_backend(&self, backend: &Backend) -> bool {
+        backend_addr(backend).is_some_and(|a| self.contains(&a))
+    }
+
+    /// Starts (`true`) or ends draining `addr`; returns whether anything changed.
+    pub fn set(&self, addr: SocketAddr, draining: bool) -> bool {
+        let mut changed = false;
+        self.set.rcu(|old| {
+            let mut next = Vec::clone(old);
+            changed = if draining {
+                !next.contains(&addr) && {
+                    next.push(addr);
+                    true
+                }
+            } else {
+                let before = next.len();
+                next.retain(|a| *a != addr);
+                next.len() != before
+            };
+            next
+        });
+        changed
+    }
+
+    /// Forgets backends that are no longer configured (after a reload): a backend removed and
+    /// added back later starts undrained.
+    pub fn retain(&self, keep: impl Fn(&SocketAddr) -> bool) {
+        self.set
+            .rcu(|old| old.iter().copied().filter(|a| keep(a)).collect::<Vec<_>>());
+    }
+
+    /// The draining backends.
+    pub fn list(&self) -> Vec<SocketAddr> {
+        Vec::clone(&self.set.load())
+    }
+}
+
 /// One named pool of backends and its ring.
 pub struct Pool {
     name: Arc<str>,
     lb: LoadBalancer<KetamaHashing>,
+    /// The admin API's drain set (shared by every pool and snapshot).
+    drain: Arc<Drain>,
     /// Membership changes at run time (DNS or file discovery).
     dynamic: bool,
     /// Backends that left the membership through discovery, and when: they are drained, not
@@ -35,7 +95,12 @@ pub struct Pool {
 const RETIRED_FOR: Duration = Duration::from_secs(3600);
 
 impl Pool {
-    fn new(name: &str, config: &PoolConfig, health: &Arc<HealthRegistry>) -> Result<Self, String> {
+    fn new(
+        name: &str,
+        config: &PoolConfig,
+        health: &Arc<HealthRegistry>,
+        drain: &Arc<Drain>,
+    ) -> Result<Self, String> {
         let discovery = PoolDiscovery::new(config)?;
         // Views of one shared registry: a backend listed in several pools (or kept across a
         // reload) is probed once and keeps its health state.
@@ -49,6 +114,7 @@ impl Pool {
         Ok(Pool {
             name: name.into(),
             lb,
+            drain: drain.clone(),
             dynamic: config.is_dynamic(),
             retired: std::sync::Mutex::new(HashMap::new()),
         })
@@ -119,16 +185,24 @@ impl Pool {
         &self.name
     }
 
-    /// The first healthy backend on the ring for `key`, or `None` if none is healthy.
+    /// The first healthy, non-draining backend on the ring for `key`, or `None` if there is none.
     pub fn select(&self, key: &[u8]) -> Option<Backend> {
-        self.lb.select(key, MAX_RING_STEPS)
+        self.lb.select_with(key, MAX_RING_STEPS, |b, healthy| {
+            healthy && !self.drain.contains_backend(b)
+        })
     }
 
-    /// Like [`Pool::select`], skipping `avoid` (a backend that just refused a connection).
+    /// Like [`Pool::select`], skipping `avoid` (a backend that just refused a connection, or the
+    /// one whose failover is asked for).
     pub fn select_avoiding(&self, key: &[u8], avoid: &Backend) -> Option<Backend> {
         self.lb.select_with(key, MAX_RING_STEPS, |b, healthy| {
-            healthy && b.addr != avoid.addr
+            healthy && b.addr != avoid.addr && !self.drain.contains_backend(b)
         })
+    }
+
+    /// Is `backend` draining?
+    pub fn is_draining(&self, backend: &Backend) -> bool {
+        self.drain.contains_backend(backend)
     }
 
     /// The ring's answer ignoring health: where `key` belongs when every backend is up.
@@ -142,7 +216,9 @@ impl Pool {
             .select_with(key, MAX_RING_STEPS, |b, _| b.addr != primary.addr)
     }
 
-    /// Is `backend` a current member of this pool and healthy?
+    /// Is `backend` a current member of this pool and healthy? Draining does not count here:
+    /// live sessions stay on a draining backend (gopush never disables backends in the ring
+    /// itself, so Pingora's readiness is health alone).
     pub fn is_ready(&self, backend: &Backend) -> bool {
         self.lb.backends().ready(backend)
     }
@@ -216,12 +292,19 @@ pub struct Router {
 
 impl Router {
     /// Builds every pool's ring as views of `health` (probing is the caller's: see
-    /// [`crate::live`]). Dynamic pools are empty until [`Router::refresh`].
-    pub fn new(config: &Config, health: &Arc<HealthRegistry>) -> Result<Self, String> {
+    /// [`crate::live`]); `drain` is the shared set of draining backends. Dynamic pools are empty
+    /// until [`Router::refresh`].
+    pub fn new(
+        config: &Config,
+        health: &Arc<HealthRegistry>,
+        drain: &Arc<Drain>,
+    ) -> Result<Self, String> {
         let pools: Vec<Pool> = config
             .pools
             .iter()
-            .map(|(name, p)| Pool::new(name, p, health).map_err(|e| format!("pools.{name}: {e}")))
+            .map(|(name, p)| {
+                Pool::new(name, p, health, drain).map_err(|e| format!("pools.{name}: {e}"))
+            })
             .collect::<Result<_, _>>()?;
         let by_name: HashMap<String, usize> = pools
             .iter()
@@ -246,7 +329,11 @@ impl Router {
 
     /// A router whose backends are all considered healthy (offline use: `gopush route`).
     pub fn offline(config: &Config) -> Result<Self, String> {
-        Self::new(config, &Arc::new(HealthRegistry::new()))
+        Self::new(
+            config,
+            &Arc::new(HealthRegistry::new()),
+            &Arc::new(Drain::default()),
+        )
     }
 
     /// The index of the pool for a product; an absent or empty product means `default`.
@@ -284,6 +371,13 @@ impl Router {
     /// Every pool, in name order.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
         self.pools.iter()
+    }
+
+    /// Is `addr` a backend of any pool?
+    pub fn has_backend(&self, addr: &SocketAddr) -> bool {
+        self.pools
+            .iter()
+            .any(|p| p.backends().iter().any(|b| backend_addr(b) == Some(*addr)))
     }
 }
 

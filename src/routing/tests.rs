@@ -156,6 +156,55 @@ health_check: {kind: none}
     assert!(only.failover(b"x", &b).is_none());
 }
 
+#[test]
+fn draining_moves_new_sessions_only_and_is_not_unhealthiness() {
+    let drain = Arc::new(Drain::default());
+    let cfg = config(
+        r#"
+pools:
+  default: {backends: ["10.0.0.1:4000", "10.0.0.2:4000", "10.0.0.3:4000"]}
+health_check: {kind: none}
+"#,
+    );
+    let router = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain).unwrap();
+    let pool = router.pool(None).unwrap();
+    let before: Vec<Backend> = (0..300)
+        .map(|i| pool.select(format!("u{i}").as_bytes()).unwrap())
+        .collect();
+    let victim = before[0].clone();
+    let victim_addr = backend_addr(&victim).unwrap();
+    assert!(drain.set(victim_addr, true));
+    assert!(
+        !drain.set(victim_addr, true),
+        "draining twice changes nothing"
+    );
+    assert!(pool.is_draining(&victim));
+    // Still ready (healthy): the sid memory keeps live sessions there.
+    assert!(pool.is_ready(&victim));
+    for (i, was) in before.iter().enumerate() {
+        let now = pool.select(format!("u{i}").as_bytes()).unwrap();
+        assert_ne!(
+            now.addr, victim.addr,
+            "a draining backend takes no new session"
+        );
+        if was.addr != victim.addr {
+            assert_eq!(now.addr, was.addr, "uids of other backends do not move");
+        }
+    }
+    // A router built later (a reload) sees the same drain set.
+    let again = Router::new(&cfg, &Arc::new(HealthRegistry::new()), &drain).unwrap();
+    assert!(again.pool(None).unwrap().is_draining(&victim));
+    drain.retain(|a| *a != victim_addr);
+    assert!(drain.list().is_empty());
+    assert!(drain.set(victim_addr, true));
+    assert!(drain.set(victim_addr, false));
+    assert_eq!(
+        pool.select(b"u0").unwrap().addr,
+        victim.addr,
+        "undrained: back on the ring"
+    );
+}
+
 #[tokio::test]
 async fn file_discovery_adds_and_retires_backends() {
     let dir = std::env::temp_dir().join(format!("gopush-fd-{}", std::process::id()));

@@ -264,6 +264,14 @@ pub fn agent_config(
     if !extra.is_empty() && !extra.ends_with('\n') {
         y.push('\n');
     }
+    if !extra.contains("admin:") {
+        // Each agent its own admin listener: agents of tests running side by side would share
+        // the default 127.0.0.1:6004.
+        y.push_str(&format!(
+            "admin: {{listen: \"127.0.0.1:{}\"}}\n",
+            free_port()
+        ));
+    }
     y.push_str(&format!(
         "server:\n  threads: 2\n  upgrade_sock: {}\n  pid_file: {}\n",
         dir.join("upgrade.sock").display(),

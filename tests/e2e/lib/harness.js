@@ -376,6 +376,27 @@ async function httpGet(url, { headers = {}, timeoutMs = 5000 } = {}) {
   return { status: res.status, body, headers: res.headers };
 }
 
+/**
+ * A request to an agent's admin listener: `agent` is what startAgent returned. `body` is sent as
+ * JSON, `raw` as is. Resolves {status, text, json (or null), headers}.
+ */
+async function admin(agent, method, path, { token, body, raw, headers = {}, timeoutMs = 5000 } = {}) {
+  if (!agent.adminUrl) throw new Error('this agent has no admin listener');
+  const h = { ...headers };
+  if (token !== undefined) h.authorization = `Bearer ${token}`;
+  let payload;
+  if (raw !== undefined) payload = raw;
+  else if (body !== undefined) payload = JSON.stringify(body);
+  if (payload !== undefined) h['content-type'] = 'application/json';
+  const res = await fetch(`${agent.adminUrl}${path}`, {
+    method, headers: h, body: payload, signal: AbortSignal.timeout(timeoutMs),
+  });
+  const text = await res.text();
+  let json = null;
+  try { json = JSON.parse(text); } catch (_) { /* not JSON (metrics, page) */ }
+  return { status: res.status, text, json, headers: res.headers };
+}
+
 // ---------------------------------------------------------------------------------------------
 // socket.io client
 
@@ -516,6 +537,7 @@ class TestEnv {
   withListen(cfg, port) {
     const c = structuredClone(cfg);
     c.listen = `127.0.0.1:${port}`;
+    delete c.admin; // startAgent picks a free admin port
     c.server = {
       ...c.server,
       upgrade_sock: path.join(this.dir, `upgrade-${port}.sock`),
@@ -536,6 +558,10 @@ class TestEnv {
    */
   async startAgent(cfg, { file } = {}) {
     if (!fs.existsSync(GOPUSH_BIN)) throw new Error(`gopush binary not found at ${GOPUSH_BIN} (set GOPUSH_BIN)`);
+    // Every agent gets its own admin port unless the test chose one: the default (6004) would be
+    // shared by agents running side by side.
+    // Set on the caller's object, so that a test rewriting the file for a reload keeps it.
+    if (cfg.admin === undefined) cfg.admin = { listen: `127.0.0.1:${await freePort()}` };
     const configFile = this.writeConfig(cfg, file);
     const port = portOf(cfg.listen);
     const p = new Proc(`gopush:${port}`, GOPUSH_BIN, ['run', '-c', configFile], {
@@ -554,7 +580,8 @@ class TestEnv {
     }, { attempts: 60, delayMs: 50, maxDelayMs: 400, what: `gopush agent on ${url} to answer HTTP` }).catch((err) => {
       throw new Error(`${err.message}\n--- ${p.describe()} output:\n${p.tail()}`);
     });
-    return { port, url, configFile, proc: p, cfg };
+    const adminUrl = cfg.admin && cfg.admin.listen && cfg.admin.enabled !== false ? `http://${cfg.admin.listen}` : null;
+    return { port, url, configFile, proc: p, cfg, adminUrl };
   }
 
   /** Starts nginx with a `hash $cookie_uid consistent` upstream over `backends` (["IP:port"]). */
@@ -676,6 +703,7 @@ module.exports = {
   gopushRoute,
   portOf,
   httpGet,
+  admin,
   request,
   routeMap,
   pickUids,

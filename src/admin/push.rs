@@ -1,0 +1,267 @@
+//! Pushing into a Socket.IO cluster from outside it, through the Redis that its Node
+//! `@socket.io/redis-adapter` uses, in exactly the format of the official
+//! `@socket.io/redis-emitter` (v5), so that unmodified Node backends deliver it:
+//!
+//! * an event: msgpack `["emitter", {type: 2, data: [event, data?], nsp}, {rooms, flags: {},
+//!   except: []}]` published on `socket.io#<nsp>#` (every socket), or on
+//!   `socket.io#<nsp>#<room>#` when it targets one room (only nodes that have that room decode
+//!   it). `"emitter"` is the emitter's own id: no Node adapter uses it, so every node delivers;
+//! * a disconnect: JSON `{"type": 4, "opts": {"rooms": [room], "except": []}, "close": bool}`
+//!   on `socket.io-request#<nsp>#` (REMOTE_DISCONNECT; each node disconnects its matching sockets).
+//!
+//! The encoders are pure functions (unit-tested, and compared byte for byte with the Node
+//! emitter in the end-to-end suite); [`Publisher`] owns the Redis connection.
+
+use crate::config::PushConfig;
+use redis::aio::MultiplexedConnection;
+use serde::Serialize;
+
+/// The emitter id of `@socket.io/redis-emitter`; a Node adapter drops messages carrying its own
+/// (random) id only.
+pub const EMITTER_ID: &str = "emitter";
+
+/// socket.io-parser's EVENT packet type.
+const PACKET_EVENT: u8 = 2;
+
+/// The adapter's REMOTE_DISCONNECT request type.
+const REMOTE_DISCONNECT: u8 = 4;
+
+#[derive(Serialize)]
+struct Packet<'a> {
+    #[serde(rename = "type")]
+    kind: u8,
+    data: &'a [serde_json::Value],
+    nsp: &'a str,
+}
+
+/// Empty, like the emitter's default flags (`{}`: not volatile, not local).
+#[derive(Serialize)]
+struct Flags {}
+
+/// Key order as the emitter writes it: rooms, flags, except.
+#[derive(Serialize)]
+struct BroadcastOpts<'a> {
+    rooms: &'a [&'a str],
+    flags: Flags,
+    except: [&'a str; 0],
+}
+
+/// An encoded event and the channel to publish it on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The Redis channel.
+    pub channel: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Encodes `event` with its arguments `data` (the event name first, as Socket.IO packs it) for
+/// namespace `nsp`, to `room` or to everyone.
+pub fn encode_event(
+    key: &str,
+    nsp: &str,
+    room: Option<&str>,
+    data: &[serde_json::Value],
+) -> Result<Message, rmp_serde::encode::Error> {
+    let rooms: Vec<&str> = room.into_iter().collect();
+    let message = (
+        EMITTER_ID,
+        Packet {
+            kind: PACKET_EVENT,
+            data,
+            nsp,
+        },
+        BroadcastOpts {
+            rooms: &rooms,
+            flags: Flags {},
+            except: [],
+        },
+    );
+    let payload = rmp_serde::to_vec_named(&message)?;
+    let channel = match room {
+        Some(room) => format!("{key}#{nsp}#{room}#"),
+        None => format!("{key}#{nsp}#"),
+    };
+    Ok(Message { channel, payload })
+}
+
+#[derive(Serialize)]
+struct DisconnectOpts<'a> {
+    rooms: [&'a str; 1],
+    except: [&'a str; 0],
+}
+
+#[derive(Serialize)]
+struct DisconnectRequest<'a> {
+    #[serde(rename = "type")]
+    kind: u8,
+    opts: DisconnectOpts<'a>,
+    close: bool,
+}
+
+/// Encodes the request that disconnects every socket in `room` of namespace `nsp`, on every node.
+/// `close` also closes the underlying connection (the client then reconnects by itself);
+/// without it the client gets "io server disconnect" and stays disconnected.
+pub fn encode_disconnect(
+    key: &str,
+    nsp: &str,
+    room: &str,
+    close: bool,
+) -> Result<Message, serde_json::Error> {
+    let payload = serde_json::to_vec(&DisconnectRequest {
+        kind: REMOTE_DISCONNECT,
+        opts: DisconnectOpts {
+            rooms: [room],
+            except: [],
+        },
+        close,
+    })?;
+    Ok(Message {
+        channel: format!("{key}-request#{nsp}#"),
+        payload,
+    })
+}
+
+/// The room of one user: `template` with `{uid}` replaced.
+pub fn uid_room(template: &str, uid: &str) -> String {
+    template.replace("{uid}", uid)
+}
+
+/// Publishes to Redis over one multiplexed connection, made on first use and again after an
+/// error (or when a reload changed `push.redis`).
+#[derive(Default)]
+pub struct Publisher {
+    conn: tokio::sync::Mutex<Option<(String, MultiplexedConnection)>>,
+}
+
+impl Publisher {
+    /// Publishes `message`; answers how many Redis subscribers received it (each Node instance
+    /// counts once per subscription that matched). The error is a sentence for the API caller.
+    pub async fn publish(&self, cfg: &PushConfig, message: &Message) -> Result<i64, String> {
+        let mut conn = self.connection(cfg).await?;
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(&message.channel).arg(&message.payload);
+        let publish = cmd.query_async::<i64>(&mut conn);
+        match tokio::time::timeout(cfg.timeout, publish).await {
+            Ok(Ok(receivers)) => Ok(receivers),
+            Ok(Err(e)) => {
+                self.forget().await;
+                Err(format!("redis publish failed: {e}"))
+            }
+            Err(_) => {
+                self.forget().await;
+                Err(format!(
+                    "redis did not answer within {}",
+                    humantime::format_duration(cfg.timeout)
+                ))
+            }
+        }
+    }
+
+    async fn connection(&self, cfg: &PushConfig) -> Result<MultiplexedConnection, String> {
+        let mut slot = self.conn.lock().await;
+        if let Some((url, conn)) = slot.as_ref() {
+            if *url == cfg.redis {
+                return Ok(conn.clone());
+            }
+        }
+        let client = redis::Client::open(cfg.redis.as_str())
+            .map_err(|e| format!("push.redis is not usable: {e}"))?;
+        let conn = match tokio::time::timeout(
+            cfg.timeout,
+            client.get_multiplexed_async_connection(),
+        )
+        .await
+        {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return Err(format!("cannot connect to redis (push.redis): {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "cannot connect to redis (push.redis) within {}",
+                    humantime::format_duration(cfg.timeout)
+                ))
+            }
+        };
+        *slot = Some((cfg.redis.clone(), conn.clone()));
+        Ok(conn)
+    }
+
+    async fn forget(&self) {
+        *self.conn.lock().await = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn event_to_a_room_matches_the_emitter_bytes() {
+        // What `new Emitter(redis).to("uid:alice").emit("news", {a: 1})` publishes (v5.1.0):
+        // notepack of ["emitter", {type: 2, data: ["news", {a: 1}], nsp: "/"},
+        //              {rooms: ["uid:alice"], flags: {}, except: []}].
+        let m = encode_event(
+            "socket.io",
+            "/",
+            Some("uid:alice"),
+            &[json!("news"), json!({"a": 1})],
+        )
+        .unwrap();
+        assert_eq!(m.channel, "socket.io#/#uid:alice#");
+        let mut want = vec![0x93, 0xa7];
+        want.extend_from_slice(b"emitter");
+        want.push(0x83);
+        want.extend_from_slice(&[0xa4]);
+        want.extend_from_slice(b"type");
+        want.push(0x02);
+        want.push(0xa4);
+        want.extend_from_slice(b"data");
+        want.extend_from_slice(&[0x92, 0xa4]);
+        want.extend_from_slice(b"news");
+        want.extend_from_slice(&[0x81, 0xa1, b'a', 0x01]);
+        want.push(0xa3);
+        want.extend_from_slice(b"nsp");
+        want.extend_from_slice(&[0xa1, b'/']);
+        want.push(0x83);
+        want.push(0xa5);
+        want.extend_from_slice(b"rooms");
+        want.extend_from_slice(&[0x91, 0xa9]);
+        want.extend_from_slice(b"uid:alice");
+        want.push(0xa5);
+        want.extend_from_slice(b"flags");
+        want.push(0x80);
+        want.push(0xa6);
+        want.extend_from_slice(b"except");
+        want.push(0x90);
+        assert_eq!(m.payload, want);
+    }
+
+    #[test]
+    fn broadcast_to_all_uses_the_namespace_channel() {
+        let m = encode_event("socket.io", "/chat", None, &[json!("tick")]).unwrap();
+        assert_eq!(m.channel, "socket.io#/chat#");
+        let back: serde_json::Value = rmp_serde::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            back,
+            json!(["emitter", {"type": 2, "data": ["tick"], "nsp": "/chat"},
+                   {"rooms": [], "flags": {}, "except": []}])
+        );
+    }
+
+    #[test]
+    fn disconnect_is_the_emitters_json_request() {
+        let m = encode_disconnect("socket.io", "/", "uid:bob", false).unwrap();
+        assert_eq!(m.channel, "socket.io-request#/#");
+        assert_eq!(
+            String::from_utf8(m.payload).unwrap(),
+            r#"{"type":4,"opts":{"rooms":["uid:bob"],"except":[]},"close":false}"#
+        );
+    }
+
+    #[test]
+    fn uid_room_fills_the_template() {
+        assert_eq!(uid_room("uid:{uid}", "alice"), "uid:alice");
+        assert_eq!(uid_room("user-{uid}-x", "7"), "user-7-x");
+    }
+}
