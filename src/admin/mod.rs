@@ -54,7 +54,7 @@ const RESERVED_EVENTS: [&str; 6] = [
 /// Today: when `admin.token` is set, the request must carry `Authorization: Bearer TOKEN`
 /// (compared in constant time); without a token (allowed on a loopback listener only, see
 /// config validation) every request passes. The `admin(req)` JavaScript hook, when configured,
-/// extends this function: it is asked after the token check.
+/// is asked next, by the listener ([`crate::live::Snapshot::admin_allowed`]): both must agree.
 pub fn authorize(req: &RequestHeader, admin: &AdminConfig) -> bool {
     let Some(token) = admin.token() else {
         return true;
@@ -224,6 +224,23 @@ impl AdminApp {
                     "authentication required: send `Authorization: Bearer <admin.token>`",
                 )
             };
+        }
+        // The operator's admin hook has the last word; a hook that fails refuses.
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        match snap.admin_allowed(req, peer) {
+            Ok(None | Some(true)) => {}
+            Ok(Some(false)) => {
+                return Reply::error(StatusCode::FORBIDDEN, "refused by the admin hook")
+            }
+            Err(_) => {
+                return Reply::error(
+                    StatusCode::FORBIDDEN,
+                    "the admin hook failed, so the request is refused (the agent's log says why)",
+                )
+            }
         }
         let query = req.uri.query().unwrap_or("").to_string();
         let get = method == Method::GET || method == Method::HEAD;

@@ -190,11 +190,12 @@ impl Config {
         if self.admin.enabled
             && !self.admin.listen.ip().is_loopback()
             && !self.admin.has_authentication()
+            && self.hooks.admin.is_none()
         {
             return Err((
                 "admin.token".into(),
                 format!(
-                    "the admin listener {} is not a loopback address: set a token (e.g. `token: ${{GOPUSH_ADMIN_TOKEN}}`) or listen on 127.0.0.1",
+                    "the admin listener {} is not a loopback address: set a token (e.g. `token: ${{GOPUSH_ADMIN_TOKEN}}`), an admin hook (`hooks.admin`), or listen on 127.0.0.1",
                     self.admin.listen
                 ),
             ));

@@ -599,8 +599,8 @@ impl AdminConfig {
             .filter(|t| !t.is_empty())
     }
 
-    /// Does any authentication guard the admin API? Today: a token. (The `admin(req)` hook, when
-    /// configured, counts too; see `crate::admin::authorize`.)
+    /// Does a token guard the admin API? (An `admin(req)` hook counts too; the configuration's
+    /// validation checks both, since the hook lives in `hooks.admin`.)
     pub fn has_authentication(&self) -> bool {
         self.token().is_some()
     }

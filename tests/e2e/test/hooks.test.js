@@ -46,13 +46,15 @@ describe('JavaScript uid and route hooks', { timeout: 120_000 }, () => {
     T = await env.startBackend(); // in no pool: only the route hook reaches it
     fs.writeFileSync(path.join(env.dir, 'uid.js'), UID_JS);
     fs.writeFileSync(path.join(env.dir, 'route.js'), routeJs(T.port));
+    fs.writeFileSync(path.join(env.dir, 'admin.js'),
+      "module.exports = (req) => req.headers['x-hook-pass'] === 'yes' && req.ip === '127.0.0.1';\n");
     const port = await h.freePort();
     const cfg = env.makeConfig({
       port,
       pools: { default: [A.addr, B.addr] },
       extra: {
         uid: { forward: { header: 'x-gopush-uid', query: 'uid' } },
-        hooks: { uid: 'uid.js', route: 'route.js', timeout: '50ms' },
+        hooks: { uid: 'uid.js', route: 'route.js', admin: 'admin.js', timeout: '50ms' },
       },
     });
     agent = await env.startAgent(cfg);
@@ -170,6 +172,21 @@ describe('JavaScript uid and route hooks', { timeout: 120_000 }, () => {
     ]);
     assert.equal(spin.status, 500);
     assert.equal(normal.status, 200);
+  });
+
+  it('the admin hook guards the admin API', async () => {
+    const refused = await h.admin(agent, 'GET', '/api/status');
+    assert.equal(refused.status, 403, refused.text);
+    assert.match(refused.text, /admin hook/);
+    const admitted = await h.admin(agent, 'GET', '/api/status', { headers: { 'x-hook-pass': 'yes' } });
+    assert.equal(admitted.status, 200, admitted.text);
+    // The hook counters are exposed there too.
+    const metrics = await h.admin(agent, 'GET', '/metrics', { headers: { 'x-hook-pass': 'yes' } });
+    assert.equal(metrics.status, 200, metrics.text);
+    const timeouts = /^gopush_hook_events_total\{event="hook_timeout"\} (\d+)$/m.exec(metrics.text);
+    assert.ok(timeouts && Number(timeouts[1]) >= 2, `hook timeouts in /metrics: ${timeouts && timeouts[0]}`);
+    const errors = /^gopush_hook_events_total\{event="hook_error"\} (\d+)$/m.exec(metrics.text);
+    assert.ok(errors && Number(errors[1]) >= 1, 'hook errors in /metrics');
   });
 
   it('SIGHUP reload recompiles the hooks (a new route takes effect)', async () => {
