@@ -27,6 +27,9 @@ const INIT_FILES: &[(&str, &str)] = &[
         include_str!("../conf/production.yaml"),
     ),
     ("hooks/README.md", include_str!("../hooks/README.md")),
+    ("hooks/uid.js", include_str!("../hooks/uid.js")),
+    ("hooks/route.js", include_str!("../hooks/route.js")),
+    ("hooks/admin.js", include_str!("../hooks/admin.js")),
 ];
 
 #[derive(Parser, Debug)]
@@ -151,10 +154,14 @@ fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
     say!("configuration ok; listen {}", listen.join(", "));
     if config.admin.enabled {
-        let token = if config.admin.has_authentication() {
-            "token set"
-        } else {
-            "no token"
+        let token = match (
+            config.admin.has_authentication(),
+            config.hooks.admin.is_some(),
+        ) {
+            (true, true) => "token and admin hook",
+            (true, false) => "token set",
+            (false, true) => "admin hook",
+            (false, false) => "no token",
         };
         say!("admin {} ({token})", config.admin.listen);
     }
@@ -162,6 +169,13 @@ fn print_pools(config: &Config) {
         say!("pool {name}:");
         for b in &pool.backends {
             say!("  {} weight {}", b.addr, b.weight);
+        }
+    }
+    if let Some(program) = &config.hooks.program {
+        for kind in crate::hooks::HookKind::ALL {
+            if let Some(f) = program.file(kind) {
+                println!("hook {}: {} (compiled)", kind.name(), f.name);
+            }
         }
     }
 }
@@ -258,4 +272,35 @@ fn demo() -> ExitCode {
         RunMode::default(),
         Some(crate::demo::PAGE_HTML),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_hooks_that_load_with_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("gopush-init-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        init(&dir).unwrap();
+        for f in [
+            "hooks/uid.js",
+            "hooks/route.js",
+            "hooks/admin.js",
+            "conf/local.yaml",
+        ] {
+            assert!(dir.join(f).is_file(), "{f}");
+        }
+        // Turning the hooks on, as conf/local.yaml's comment says, gives a configuration that
+        // loads (the hooks compile) and routes product `test` by the function.
+        let local = std::fs::read_to_string(dir.join("conf/local.yaml")).unwrap();
+        assert!(local.contains("#   uid: ../hooks/uid.js"), "{local}");
+        let yaml = "pools: {default: {backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]}}\nhooks: {uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}\n";
+        std::fs::write(dir.join("conf/hooks.yaml"), yaml).unwrap();
+        let config = Config::load(&dir.join("conf/hooks.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.hooks.program.is_some());
+        // init never overwrites.
+        assert!(init(&dir).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -5,17 +5,23 @@
 //! forwarded with the uid the agent resolved ([`forward`]); WebSocket upgrades pass through
 //! ([`upgrade`]). [`proxy`] is the one Pingora `ProxyHttp` implementation tying the steps together;
 //! [`config`] is the validated YAML model, [`server`] assembles the Pingora server, [`cli`] is the
-//! command line and [`demo`] the built-in demo backends. [`admin`] is the admin listener (JSON
-//! API, push through the Socket.IO Redis adapter, the admin page) and [`metrics`] the Prometheus
-//! metrics it serves. See docs/ARCHITECTURE.md.
+//! command line and [`demo`] the built-in demo backends. [`hooks`] runs the operator's
+//! JavaScript hooks; [`jwt`] and [`callback`] are the signed-token and auth-callback uid sources.
+//! [`admin`] is the admin listener (JSON API, push through the Socket.IO Redis adapter, the admin
+//! page) and [`metrics`] the Prometheus metrics it serves (hook and uid-source failures included).
+//! See docs/ARCHITECTURE.md.
 
 pub mod access_log;
 pub mod admin;
 pub mod affinity;
+pub mod callback;
 pub mod cli;
+pub mod client_ip;
 pub mod config;
 pub mod demo;
 pub mod forward;
+pub mod hooks;
+pub mod jwt;
 pub mod limits;
 pub mod live;
 pub mod logging;

@@ -9,6 +9,7 @@
 //! backends are down.
 
 use crate::config::{Config, ConfigError};
+use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::metrics::{Metrics, SnapshotStats};
 use crate::routing::{health_registry, Drain, Router};
 use crate::uid::UidResolver;
@@ -38,20 +39,34 @@ pub struct Snapshot {
     pub missing_uid_body: Bytes,
     /// Metric label children for this configuration's pools, backends and uid sources.
     pub stats: SnapshotStats,
+    /// The JavaScript hooks, if any are configured (`None` costs the request path nothing).
+    pub hooks: Option<Hooks>,
 }
 
 impl Snapshot {
-    fn build(
+    /// Derives everything from a loaded configuration (hooks were read and checked by
+    /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
+    /// `file` names the configuration in errors.
+    pub fn build(
         config: Config,
         health: Arc<HealthRegistry>,
         file: &Path,
         shared: &Shared,
     ) -> Result<Self, ConfigError> {
         let resolver = UidResolver::new(&config.uid);
-        let missing_uid_body = Bytes::from(format!(
-            "gopush: no uid in the request (tried {})\n",
-            resolver.describe_sources()
-        ));
+        let hooks = config.hooks.program.clone().map(Hooks::new);
+        let tried = match hooks.as_ref().and_then(|h| h.program().file(HookKind::Uid)) {
+            // The file name only: the body goes to clients, the directory is nobody's business.
+            Some(f) => format!(
+                "the uid hook {}",
+                f.path
+                    .file_name()
+                    .map_or("".into(), |n| n.to_string_lossy())
+            ),
+            None => resolver.describe_sources().to_string(),
+        };
+        let missing_uid_body =
+            Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
         let router = Router::new(&config, &health, &shared.drain).map_err(|message| {
             ConfigError::Invalid {
                 file: file.to_path_buf(),
@@ -70,9 +85,30 @@ impl Snapshot {
             health,
             missing_uid_body,
             stats,
+            hooks,
             loaded_at,
             config,
         })
+    }
+
+    /// Asks the admin hook whether `req` may use the admin console: `Ok(None)` when no admin
+    /// hook is configured (the console applies its own rule), `Err` when the hook failed (deny).
+    /// `peer` is the TCP peer; trusted `X-Forwarded-For` is applied as for every hook.
+    pub fn admin_allowed(
+        &self,
+        req: &pingora::http::RequestHeader,
+        peer: Option<std::net::IpAddr>,
+    ) -> Result<Option<bool>, crate::hooks::HookError> {
+        let Some(hooks) = &self.hooks else {
+            return Ok(None);
+        };
+        let query = req.uri.query().unwrap_or("");
+        let hook_req = HookRequest {
+            header: req,
+            ip: crate::client_ip::of_request(&self.config.trusted_proxies, peer, req),
+            product: crate::uid::query_value(query, &self.config.product_param),
+        };
+        hooks.admin(&hook_req)
     }
 }
 
@@ -82,8 +118,9 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// What outlives every snapshot.
-struct Shared {
+/// What outlives every snapshot: the metric families and the drain set.
+#[derive(Default)]
+pub struct Shared {
     metrics: Arc<Metrics>,
     drain: Arc<Drain>,
 }
@@ -101,10 +138,7 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
-        let shared = Shared {
-            metrics: Arc::new(Metrics::new()),
-            drain: Arc::new(Drain::default()),
-        };
+        let shared = Shared::default();
         let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
             current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
@@ -181,7 +215,7 @@ impl Live {
         }
         if config.admin.enabled
             && !config.admin.listen.ip().is_loopback()
-            && !config.admin.has_authentication()
+            && !config.admin_authenticated()
         {
             // The running listener is not loopback: dropping its token would open it.
             return Err(ConfigError::Invalid {
@@ -299,5 +333,72 @@ impl BackgroundService for ReloadOnHangup {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snapshot(yaml: &str) -> Snapshot {
+        let config = Config::from_str_named(
+            yaml,
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        Snapshot::build(
+            config,
+            Arc::new(HealthRegistry::new()),
+            std::path::Path::new("conf/x.yaml"),
+            &Shared::default(),
+        )
+        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn req(xff: Option<&str>) -> pingora::http::RequestHeader {
+        let mut r = pingora::http::RequestHeader::build("GET", b"/admin", None).unwrap();
+        if let Some(x) = xff {
+            r.append_header("x-forwarded-for", x).unwrap();
+        }
+        r
+    }
+
+    const POOLS: &str = "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\n";
+
+    #[test]
+    fn admin_hook_sees_the_client_behind_trusted_proxies_only() {
+        let loopback = Some("127.0.0.1".parse().unwrap());
+        let s = snapshot(&format!("{POOLS}hooks: {{admin: ../hooks/admin.js}}\n"));
+        assert_eq!(s.admin_allowed(&req(None), loopback), Ok(Some(true)));
+        // Untrusted peer: its X-Forwarded-For is ignored, the peer is the client.
+        assert_eq!(
+            s.admin_allowed(&req(Some("203.0.113.5")), loopback),
+            Ok(Some(true))
+        );
+        let s = snapshot(&format!(
+            "{POOLS}hooks: {{admin: ../hooks/admin.js}}\ntrusted_proxies: [\"127.0.0.1\"]\n"
+        ));
+        assert_eq!(
+            s.admin_allowed(&req(Some("203.0.113.5")), loopback),
+            Ok(Some(false))
+        );
+        assert_eq!(s.admin_allowed(&req(Some("::1")), loopback), Ok(Some(true)));
+        // No admin hook: the console decides by itself.
+        assert_eq!(
+            snapshot(POOLS).admin_allowed(&req(None), loopback),
+            Ok(None)
+        );
+    }
+
+    #[test]
+    fn the_430_body_names_the_uid_hook_file_not_its_directory() {
+        let s = snapshot(&format!("{POOLS}hooks: {{uid: ../hooks/uid.js}}\n"));
+        let body = String::from_utf8_lossy(&s.missing_uid_body).to_string();
+        assert_eq!(
+            body,
+            "gopush: no uid in the request (tried the uid hook uid.js)\n"
+        );
+        assert!(s.hooks.is_some());
+        assert!(snapshot(POOLS).hooks.is_none());
     }
 }

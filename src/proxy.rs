@@ -1,7 +1,8 @@
 //! The one [`ProxyHttp`] implementation: each phase delegates to the module that owns its step.
 //!
 //! ```text
-//! request_filter           uid::locate → routing (pool, ring, health) / affinity → Ctx
+//! request_filter           uid (hook, or sources: cookie/query/header/jwt/callback) → route hook
+//!                          → routing (pool, ring, health) / affinity → Ctx
 //!                          (#946 guard for WebSocket upgrades, see `upgrade`)
 //! upstream_peer            Ctx.backend → HttpPeer (on a refused connect: the next ring backend)
 //! upstream_request_filter  forward::set_uid, forward::set_proxy_headers
@@ -12,11 +13,13 @@
 
 use crate::access_log;
 use crate::affinity::{self, Affinity};
+use crate::callback::Answer;
+use crate::hooks::{HookKind, HookRequest, RouteDecision};
 use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics, RefusalKind};
 use crate::routing::backend_addr;
-use crate::uid::{query_value, UidError, UidSpan};
+use crate::uid::{query_value, validate_value, Step, Uid, UidError};
 use crate::upgrade;
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -51,7 +54,7 @@ pub struct Ctx {
     start: Instant,
     /// The configuration this request is handled with, from start to end.
     snapshot: Option<Arc<Snapshot>>,
-    uid: Option<UidSpan>,
+    uid: Option<Uid>,
     /// Index of the pool in the snapshot's router.
     pool: Option<usize>,
     backend: Option<Backend>,
@@ -59,6 +62,8 @@ pub struct Ctx {
     refused: Option<Backend>,
     /// The session's backend came from the sid memory, not the ring.
     via_affinity: bool,
+    /// The route hook named this backend itself (no pool, no retry elsewhere).
+    explicit: bool,
     /// Scan the response for a new Engine.IO sid.
     learn_sid: bool,
     /// The #946 guard is in place for this upgrade request.
@@ -78,8 +83,12 @@ pub struct Ctx {
 enum Refusal {
     MissingUid,
     InvalidUid(&'static str),
+    /// Credentials were refused (a bad token, the auth callback said no): 430 with the reason.
+    Rejected(&'static str),
     UnknownProduct,
     NoHealthyBackend,
+    /// A hook failed or the auth callback could not be asked: this status; details are logged.
+    Failed(u16, &'static str),
     Limit(Exceeded),
 }
 
@@ -88,10 +97,38 @@ impl Refusal {
         match self {
             Refusal::MissingUid => RefusalKind::MissingUid,
             Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
+            Refusal::Rejected(_) => RefusalKind::Rejected,
+            Refusal::Failed(..) => RefusalKind::Failed,
             Refusal::UnknownProduct => RefusalKind::UnknownProduct,
             Refusal::NoHealthyBackend => RefusalKind::NoBackend,
             Refusal::Limit(_) => RefusalKind::Limit,
         }
+    }
+}
+
+fn uid_refusal(e: UidError) -> Refusal {
+    match e {
+        UidError::Missing => Refusal::MissingUid,
+        UidError::Invalid(why) => Refusal::InvalidUid(why),
+        UidError::Rejected(why) => Refusal::Rejected(why),
+    }
+}
+
+/// The `req` a hook sees; built only when a hook is about to run.
+fn hook_request<'a>(
+    snap: &Snapshot,
+    session: &'a Session,
+    product: Option<&'a str>,
+) -> HookRequest<'a> {
+    let req = session.req_header();
+    let peer = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    HookRequest {
+        header: req,
+        ip: crate::client_ip::of_request(&snap.config.trusted_proxies, peer, req),
+        product,
     }
 }
 
@@ -120,36 +157,138 @@ impl Agent {
         self
     }
 
+    /// The uid: from the uid hook when there is one, else from the sources in order (asking
+    /// an auth callback where one is configured).
+    async fn resolve_uid(&self, snap: &Snapshot, session: &mut Session) -> Result<Uid, Refusal> {
+        let max_len = snap.resolver.max_len();
+        if let Some(hooks) = snap.hooks.as_ref().filter(|h| h.has(HookKind::Uid)) {
+            let query = session.req_header().uri.query().unwrap_or("");
+            let product = query_value(query, &snap.config.product_param);
+            return match hooks.uid(&hook_request(snap, session, product)) {
+                Ok(Some(uid)) => {
+                    validate_value(&uid, max_len).map_err(uid_refusal)?;
+                    Ok(Uid::Owned(uid.into_boxed_str()))
+                }
+                Ok(None) => Err(Refusal::MissingUid),
+                Err(e) if e.is_limit() => Err(Refusal::Failed(500, "the uid hook failed")),
+                Err(_) => Err(Refusal::Failed(
+                    snap.config.hooks.on_throw.uid,
+                    "the uid hook failed",
+                )),
+            };
+        }
+        let mut from = 0;
+        // Bounded: every turn either returns or moves `from` past a callback source.
+        loop {
+            let step = snap.resolver.next(session.req_header(), from);
+            if let Err(UidError::Missing) = step {
+                snap.stats.uid_missing();
+            }
+            match step.map_err(uid_refusal)? {
+                Step::Found(uid) => {
+                    if let Uid::Span(span) = &uid {
+                        snap.stats.uid_found(span.source());
+                    }
+                    return Ok(uid);
+                }
+                Step::Ask(i) => {
+                    let Some(client) = snap.resolver.callback(i) else {
+                        return Err(Refusal::MissingUid);
+                    };
+                    let Some(creds) = client.credentials(session.req_header()) else {
+                        from = i + 1;
+                        continue;
+                    };
+                    return match client.ask(&creds).await {
+                        Answer::Uid(uid) => {
+                            validate_value(&uid, max_len).map_err(uid_refusal)?;
+                            snap.stats.uid_found(i);
+                            Ok(Uid::Owned(Box::from(&*uid)))
+                        }
+                        Answer::Rejected => Err(Refusal::Rejected(
+                            "the auth callback refused the credentials",
+                        )),
+                        Answer::Failed => Err(Refusal::Failed(
+                            client.on_error(),
+                            "the auth callback could not be asked",
+                        )),
+                    };
+                }
+            }
+        }
+    }
+
     /// Resolves uid, pool and backend, or says why the request is refused.
-    fn route(&self, snap: &Snapshot, session: &Session, ctx: &mut Ctx) -> Result<(), Refusal> {
+    async fn route(
+        &self,
+        snap: &Snapshot,
+        session: &mut Session,
+        ctx: &mut Ctx,
+    ) -> Result<(), Refusal> {
+        {
+            // Limits first: a refused client costs no hook run and no callback question.
+            let req = session.req_header();
+            let client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip());
+            self.limiter
+                .admit_client(
+                    &snap.config.limits,
+                    head_size(req),
+                    client_ip,
+                    &mut ctx.slots,
+                )
+                .map_err(Refusal::Limit)?;
+        }
+        let resolved = self.resolve_uid(snap, session).await?;
         let req = session.req_header();
         let limits = &snap.config.limits;
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        self.limiter
-            .admit_client(limits, head_size(req), client_ip, &mut ctx.slots)
-            .map_err(Refusal::Limit)?;
-        let span = snap.resolver.locate(req).map_err(|e| match e {
-            UidError::Missing => {
-                snap.stats.uid_missing();
-                Refusal::MissingUid
-            }
-            UidError::Invalid(why) => Refusal::InvalidUid(why),
-        })?;
-        snap.stats.uid_found(span.source());
-        ctx.uid = Some(span);
-        let uid = span.get(&snap.resolver, req);
+        let uid = ctx.uid.insert(resolved).get(&snap.resolver, req);
         self.limiter
             .admit_uid(limits, uid, session.is_upgrade_req(), &mut ctx.slots)
             .map_err(Refusal::Limit)?;
         let query = req.uri.query().unwrap_or("");
         let product = query_value(query, &snap.config.product_param);
-        let index = snap
-            .router
-            .pool_index(product)
-            .map_err(|_| Refusal::UnknownProduct)?;
+        let mut chosen = None;
+        if let Some(hooks) = snap.hooks.as_ref().filter(|h| h.has(HookKind::Route)) {
+            let failed = |e: crate::hooks::HookError| {
+                let status = if e.is_limit() {
+                    500
+                } else {
+                    snap.config.hooks.on_throw.route
+                };
+                Refusal::Failed(status, "the route hook failed")
+            };
+            match hooks.route(&hook_request(snap, session, product), uid) {
+                Ok(RouteDecision::Default) => {}
+                Ok(RouteDecision::Pool(name)) => match snap.router.pool_index(Some(&name)) {
+                    Ok(i) => chosen = Some(i),
+                    Err(_) => {
+                        tracing::warn!(target: "gopush::hooks", "hook route: returned pool `{name}`, which is not configured");
+                        crate::metrics::bump(&crate::metrics::metrics().hook_errors);
+                        return Err(failed(crate::hooks::HookError::BadReturn(name)));
+                    }
+                },
+                Ok(RouteDecision::Backend(addr)) => {
+                    ctx.explicit = true;
+                    ctx.backend = Some(Backend {
+                        addr: PeerAddr::Inet(addr),
+                        weight: 1,
+                        ext: Default::default(),
+                    });
+                    return Ok(());
+                }
+                Err(e) => return Err(failed(e)),
+            }
+        }
+        let index = match chosen {
+            Some(i) => i,
+            None => snap
+                .router
+                .pool_index(product)
+                .map_err(|_| Refusal::UnknownProduct)?,
+        };
         ctx.pool = Some(index);
         let pool = snap.router.pool_at(index).ok_or(Refusal::UnknownProduct)?;
 
@@ -191,6 +330,16 @@ impl Agent {
                 503,
                 "Service Unavailable",
                 Bytes::from_static(b"gopush: no healthy backend in the pool\n"),
+            ),
+            Refusal::Rejected(why) => (
+                430,
+                "Uid Required",
+                Bytes::from(format!("gopush: uid refused: {why}\n")),
+            ),
+            Refusal::Failed(status, what) => (
+                status,
+                reason_phrase(status),
+                Bytes::from(format!("gopush: {what}\n")),
             ),
             Refusal::Limit(which) => {
                 let (status, reason, body) = which.response();
@@ -235,9 +384,9 @@ impl Ctx {
     }
 
     /// The request's uid ("" before it is resolved).
-    fn uid<'s>(&self, session: &'s Session) -> &'s str {
-        match (&self.snapshot, self.uid) {
-            (Some(snap), Some(span)) => span.get(&snap.resolver, session.req_header()),
+    fn uid<'s>(&'s self, session: &'s Session) -> &'s str {
+        match (&self.snapshot, &self.uid) {
+            (Some(snap), Some(uid)) => uid.get(&snap.resolver, session.req_header()),
             _ => "",
         }
     }
@@ -249,6 +398,17 @@ impl Drop for Ctx {
     fn drop(&mut self) {
         self.uncount_backend();
     }
+}
+
+/// The phrase for a configured error status (`http` knows none for 430).
+fn reason_phrase(status: u16) -> &'static str {
+    if status == 430 {
+        return "Uid Required";
+    }
+    http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("Error")
 }
 
 /// Size of the request head as the limit counts it: request target and header lines.
@@ -298,6 +458,7 @@ impl ProxyHttp for Agent {
             backend: None,
             refused: None,
             via_affinity: false,
+            explicit: false,
             learn_sid: false,
             upgrade_guard: false,
             slots: Slots::default(),
@@ -317,7 +478,7 @@ impl ProxyHttp for Agent {
             }
         }
         let snap = self.live.load();
-        let routed = self.route(&snap, session, ctx);
+        let routed = self.route(&snap, session, ctx).await;
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
             self.metrics.refused(why.kind());
@@ -335,7 +496,10 @@ impl ProxyHttp for Agent {
     async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
         if let (Some(refused), Some(snap), Some(index)) = (&ctx.refused, &ctx.snapshot, ctx.pool) {
             // Retry after a refused connect: the next backend on this uid's ring.
-            let uid = ctx.uid(session);
+            let uid = ctx
+                .uid
+                .as_ref()
+                .map_or("", |u| u.get(&snap.resolver, session.req_header()));
             ctx.backend = snap
                 .router
                 .pool_at(index)
@@ -371,7 +535,7 @@ impl ProxyHttp for Agent {
         if let Some(s) = ctx.backend_stats() {
             s.connect_failures.inc();
         }
-        if ctx.refused.is_none() && !ctx.via_affinity {
+        if ctx.refused.is_none() && !ctx.via_affinity && !ctx.explicit {
             ctx.refused = ctx.backend.clone();
             e.set_retry(true);
         }
@@ -384,10 +548,9 @@ impl ProxyHttp for Agent {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let Some(snap) = &ctx.snapshot {
+        if let (Some(snap), Some(uid)) = (&ctx.snapshot, &ctx.uid) {
             // Validated in request_filter, so decoding succeeds; the raw value is the fallback.
-            let raw = ctx.uid(session);
-            let uid = crate::uid::decode(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
+            let uid = uid.forwarded(&snap.resolver, session.req_header());
             crate::forward::set_uid(upstream_request, &snap.config.uid.forward, &uid)?;
         }
         let client_ip = session

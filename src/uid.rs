@@ -1,12 +1,21 @@
 //! Uid resolution: which user is this request for?
 //!
-//! First step of the request path (`request_filter`). Pure functions over the request head, no
-//! I/O, no allocation: the resolved uid borrows from the request. The uid is used exactly as the
-//! client sent it (a cookie or query value is *not* percent-decoded), because that is what nginx's
-//! `$cookie_uid` / `$arg_uid` hash, and placement must agree with nginx's `hash ... consistent`.
+//! First step of the request path (`request_filter`). The declarative sources (cookie, query,
+//! header) are pure functions over the request head with no allocation: the resolved uid borrows
+//! from the request. Such a uid is used exactly as the client sent it (a cookie or query value is
+//! *not* percent-decoded), because that is what nginx's `$cookie_uid` / `$arg_uid` hash, and
+//! placement must agree with nginx's `hash ... consistent`.
+//!
+//! A signed token ([`crate::jwt`]) is verified here too (CPU only); its claim is an owned uid. An
+//! auth callback ([`crate::callback`]) needs I/O, so [`UidResolver::next`] stops at it and hands
+//! it to the caller ([`Step::Ask`]), which asks and, when the request carries no credentials for
+//! it, continues with the following source.
 
+use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
+use crate::metrics::{bump, metrics};
 use pingora::http::RequestHeader;
+use std::sync::Arc;
 
 /// Why no uid could be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -15,12 +24,62 @@ pub enum UidError {
     Missing,
     /// A value was found but is unusable.
     Invalid(&'static str),
+    /// Credentials were found and refused (a bad token); answered like a missing uid (430), with
+    /// the reason.
+    Rejected(&'static str),
+}
+
+/// A resolved uid.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Uid {
+    /// A declarative source's value, borrowed from the request head exactly as sent.
+    Span(UidSpan),
+    /// A value a token, callback or hook produced; hashed and forwarded as it is.
+    Owned(Box<str>),
+}
+
+impl Uid {
+    /// The uid as hashed (for a span: as sent, still percent-encoded).
+    pub fn get<'a>(&'a self, resolver: &UidResolver, req: &'a RequestHeader) -> &'a str {
+        match self {
+            Uid::Span(span) => span.get(resolver, req),
+            Uid::Owned(s) => s,
+        }
+    }
+
+    /// The uid as the backend receives it: a span's value percent-decoded ([`decode`]), an
+    /// owned value unchanged.
+    pub fn forwarded<'a>(
+        &'a self,
+        resolver: &UidResolver,
+        req: &'a RequestHeader,
+    ) -> std::borrow::Cow<'a, str> {
+        match self {
+            Uid::Span(span) => {
+                let raw = span.get(resolver, req);
+                decode(raw).unwrap_or(std::borrow::Cow::Borrowed(raw))
+            }
+            Uid::Owned(s) => std::borrow::Cow::Borrowed(s),
+        }
+    }
+}
+
+/// Where resolution stands (see [`UidResolver::next`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// The uid.
+    Found(Uid),
+    /// The source at this index is an auth callback: ask it ([`UidResolver::callback`]); if the
+    /// request has no credentials for it, continue with `next(req, index + 1)`.
+    Ask(usize),
 }
 
 /// The configured uid sources, checked once at start.
 #[derive(Debug, Clone)]
 pub struct UidResolver {
     sources: Box<[UidSource]>,
+    /// The client of each callback source, by source index.
+    callbacks: Box<[Option<Arc<CallbackClient>>]>,
     max_len: usize,
     /// "cookie `uid`, query `uid`": for the 430 body, built once.
     described: String,
@@ -35,11 +94,57 @@ impl UidResolver {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
+        let callbacks = config
+            .sources
+            .iter()
+            .map(|s| match s {
+                UidSource::Callback(c) => Some(Arc::new(CallbackClient::new(c))),
+                _ => None,
+            })
+            .collect();
         UidResolver {
             sources: config.sources.clone().into_boxed_slice(),
+            callbacks,
             max_len: config.max_len,
             described,
         }
+    }
+
+    /// The longest accepted uid.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The client of the callback source at `index` (from [`Step::Ask`]).
+    pub fn callback(&self, index: usize) -> Option<&CallbackClient> {
+        self.callbacks.get(index).and_then(|c| c.as_deref())
+    }
+
+    /// Tries the sources from `from` on, in order: the first that yields a value decides (a
+    /// found value is validated; a present but refused token is [`UidError::Rejected`]).
+    pub fn next(&self, req: &RequestHeader, from: usize) -> Result<Step, UidError> {
+        for (i, source) in self.sources.iter().enumerate().skip(from) {
+            match source {
+                UidSource::Jwt(jwt) => {
+                    let Some(token) = jwt.token(req) else {
+                        continue;
+                    };
+                    let uid = jwt.verify(&token).map_err(|why| {
+                        bump(&metrics().jwt_rejected);
+                        UidError::Rejected(why)
+                    })?;
+                    validate_value(&uid, self.max_len)?;
+                    return Ok(Step::Found(Uid::Owned(uid.into())));
+                }
+                UidSource::Callback(_) => return Ok(Step::Ask(i)),
+                _ => {
+                    if let Some(span) = self.locate_one(req, i, source)? {
+                        return Ok(Step::Found(Uid::Span(span)));
+                    }
+                }
+            }
+        }
+        Err(UidError::Missing)
     }
 
     /// The sources in order, as words for error messages.
@@ -54,8 +159,24 @@ impl UidResolver {
 
     /// Like [`UidResolver::resolve`], but answers where the uid is, so that later proxy phases
     /// can borrow it again from the same request head without copying or parsing it again.
+    /// Only the declarative sources (cookie, query, header) are tried.
     pub fn locate(&self, req: &RequestHeader) -> Result<UidSpan, UidError> {
         for (i, source) in self.sources.iter().enumerate() {
+            if let Some(span) = self.locate_one(req, i, source)? {
+                return Ok(span);
+            }
+        }
+        Err(UidError::Missing)
+    }
+
+    /// One declarative source (`None` for any other kind).
+    fn locate_one(
+        &self,
+        req: &RequestHeader,
+        i: usize,
+        source: &UidSource,
+    ) -> Result<Option<UidSpan>, UidError> {
+        {
             let found = match source {
                 UidSource::Cookie(name) => req
                     .headers
@@ -76,20 +197,21 @@ impl UidResolver {
                     .get(name)
                     .and_then(|v| v.to_str().ok())
                     .map(|h| (Origin::Header(i as u32), h, h.trim())),
+                UidSource::Jwt(_) | UidSource::Callback(_) => None,
             };
             if let Some((origin, base, v)) = found.filter(|(_, _, v)| !v.is_empty()) {
                 validate(v, self.max_len)?;
                 // `v` is a sub-slice of `base`: its offset is the distance between the pointers.
                 let start = v.as_ptr() as usize - base.as_ptr() as usize;
-                return Ok(UidSpan {
+                return Ok(Some(UidSpan {
                     origin,
                     source: i as u32,
                     start: start as u32,
                     end: (start + v.len()) as u32,
-                });
+                }));
             }
         }
-        Err(UidError::Missing)
+        Ok(None)
     }
 }
 
@@ -142,7 +264,21 @@ impl UidSpan {
     }
 }
 
-/// Checks a found uid: bounded length, no control characters.
+/// Checks a uid that a token, callback or hook produced (used as it is, never decoded): not
+/// empty, bounded length, no control characters (it goes into a header).
+pub fn validate_value(uid: &str, max_len: usize) -> Result<&str, UidError> {
+    if uid.is_empty() {
+        return Err(UidError::Missing);
+    }
+    if uid.len() > max_len {
+        return Err(UidError::Invalid("too long"));
+    }
+    if uid.bytes().any(|b| b < 0x20 || b == 0x7f) {
+        return Err(UidError::Invalid("contains control characters"));
+    }
+    Ok(uid)
+}
+
 /// Checks a found uid, raw and decoded: bounded length, no control characters, and valid UTF-8
 /// once percent-decoded.
 pub fn validate(uid: &str, max_len: usize) -> Result<&str, UidError> {

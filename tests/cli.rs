@@ -232,6 +232,9 @@ fn init_writes_valid_files_and_never_overwrites() {
         "conf/develop.yaml",
         "conf/production.yaml",
         "hooks/README.md",
+        "hooks/uid.js",
+        "hooks/route.js",
+        "hooks/admin.js",
     ];
     let mut before = Vec::new();
     for f in files {
@@ -253,6 +256,52 @@ fn init_writes_valid_files_and_never_overwrites() {
             );
         }
     }
+    // The example hooks compile when turned on (as conf/local.yaml's comment shows).
+    let hooked = target.join("conf/hooks.yaml");
+    std::fs::write(
+        &hooked,
+        "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\nhooks: {uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}\n",
+    )
+    .unwrap();
+    let c = check(&hooked, &[]);
+    assert!(
+        c.ok(),
+        "the example hooks do not pass check: {}{}",
+        c.stdout,
+        c.stderr
+    );
+    for hook in ["uid", "route", "admin"] {
+        assert!(
+            c.stdout.contains(&format!("hook {hook}: ")) && c.stdout.contains("(compiled)"),
+            "{}",
+            c.stdout
+        );
+    }
+    // A syntax error in a hook is reported with its file and line, and check fails.
+    let broken = target.join("hooks/broken.js");
+    std::fs::write(
+        &broken,
+        "module.exports = function (req) {\n  return {ip: '127.0.0.1', port: };\n};\n",
+    )
+    .unwrap();
+    let bad = target.join("conf/broken.yaml");
+    std::fs::write(
+        &bad,
+        "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\nhooks: {route: ../hooks/broken.js}\n",
+    )
+    .unwrap();
+    let c = check(&bad, &[]);
+    assert!(!c.ok(), "a broken hook passed check: {}", c.stdout);
+    assert!(
+        c.stderr.contains("hooks.route") && c.stderr.contains("broken.js:2"),
+        "{}",
+        c.stderr
+    );
+    for f in [&bad, &broken] {
+        std::fs::remove_file(f).unwrap();
+    }
+    std::fs::remove_file(&hooked).unwrap();
+
     // Mark one file so that an overwrite would be visible even within the mtime resolution.
     let marker = target.join("conf/local.yaml");
     let mut marked = std::fs::read(&marker).unwrap();

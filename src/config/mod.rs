@@ -60,6 +60,12 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Does anything authenticate the admin API: a token (`admin.token`) or the `admin(req)`
+    /// hook (`hooks.admin`)?
+    pub fn admin_authenticated(&self) -> bool {
+        self.admin.has_authentication() || self.hooks.admin.is_some()
+    }
+
     /// Reads, substitutes `${VAR}` references, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -92,14 +98,59 @@ impl Config {
                 message: strip_serde_yaml_decorations(&inner.to_string()),
             }
         })?;
+        let mut config = config;
+        let base = name.parent().unwrap_or(Path::new(""));
         config
             .validate()
+            .and_then(|()| config.load_files(base))
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: name.to_path_buf(),
                 key,
                 message,
             })?;
         Ok(config)
+    }
+
+    /// Reads what the configuration points to (hook files, JWT keys), relative to `base` (the
+    /// configuration file's directory), and checks it: hooks are compiled and their top level
+    /// run once, so a syntax error is reported here with its file and line, not at the first
+    /// request.
+    fn load_files(&mut self, base: &Path) -> Result<(), (String, String)> {
+        for (i, source) in self.uid.sources.iter_mut().enumerate() {
+            if let UidSource::Jwt(jwt) = source {
+                jwt.load_key(base).map_err(|(field, message)| {
+                    (format!("uid.sources[{i}].jwt.{field}"), message)
+                })?;
+            }
+        }
+        let mut files = Vec::new();
+        for (kind, path) in self.hooks.files() {
+            let key = format!("hooks.{}", kind.name());
+            let full = normalize(&base.join(path));
+            let text = std::fs::read_to_string(&full)
+                .map_err(|e| (key.clone(), format!("cannot read {}: {e}", full.display())))?;
+            files.push(crate::hooks::HookFile {
+                kind,
+                name: full.display().to_string().into(),
+                path: full,
+                source: text.into(),
+            });
+        }
+        if files.is_empty() {
+            self.hooks.program = None;
+            return Ok(());
+        }
+        let limits = crate::hooks::Limits {
+            timeout: self.hooks.timeout,
+            memory: self.hooks.memory_limit,
+            ..crate::hooks::Limits::default()
+        };
+        let program = crate::hooks::Program::new(files, limits);
+        program
+            .check()
+            .map_err(|(kind, e)| (format!("hooks.{}", kind.name()), e.detail().to_string()))?;
+        self.hooks.program = Some(std::sync::Arc::new(program));
+        Ok(())
     }
 
     /// Cross-field checks that a single value's deserializer cannot make.
@@ -144,12 +195,12 @@ impl Config {
         }
         if self.admin.enabled
             && !self.admin.listen.ip().is_loopback()
-            && !self.admin.has_authentication()
+            && !self.admin_authenticated()
         {
             return Err((
                 "admin.token".into(),
                 format!(
-                    "the admin listener {} is not a loopback address: set a token (e.g. `token: ${{GOPUSH_ADMIN_TOKEN}}`) or listen on 127.0.0.1",
+                    "the admin listener {} is not a loopback address: set a token (e.g. `token: ${{GOPUSH_ADMIN_TOKEN}}`), an admin hook (`hooks.admin`), or listen on 127.0.0.1",
                     self.admin.listen
                 ),
             ));
@@ -172,8 +223,57 @@ impl Config {
         if self.server.threads == 0 {
             return Err(("server.threads".into(), "must be at least 1".into()));
         }
+        if self.hooks.uid.is_some() && self.uid.sources != default_sources() {
+            return Err((
+                "uid.sources".into(),
+                "not used when `hooks.uid` is set (the hook decides the uid): remove one of them"
+                    .into(),
+            ));
+        }
+        for (key, status) in [
+            ("hooks.on_throw.uid", self.hooks.on_throw.uid),
+            ("hooks.on_throw.route", self.hooks.on_throw.route),
+        ] {
+            if !(400..=599).contains(&status) {
+                return Err((
+                    key.into(),
+                    format!("{status} is not an error status (400..=599)"),
+                ));
+            }
+        }
+        if self.hooks.timeout.is_zero() || self.hooks.timeout > std::time::Duration::from_secs(10) {
+            return Err((
+                "hooks.timeout".into(),
+                "must be more than 0 and at most 10s (a hook blocks its worker thread)".into(),
+            ));
+        }
+        if self.hooks.memory_limit < (1 << 20) {
+            return Err(("hooks.memory_limit".into(), "must be at least 1MiB".into()));
+        }
         Ok(())
     }
+}
+
+/// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
+/// logs and JS stack traces, where the short form reads better).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last = out.components().next_back();
+                if matches!(last, Some(Component::Normal(_))) {
+                    out.pop();
+                } else if !matches!(last, Some(Component::RootDir | Component::Prefix(_))) {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// serde_yaml repeats the path and location we already print; keep only the message.

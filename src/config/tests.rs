@@ -194,3 +194,186 @@ fn admin_and_push_sections() {
     let e = err(&format!("{MIN}access_log: {{format: xml}}\n"));
     assert!(e.contains("access_log.format"), "{e}");
 }
+
+/// A scratch directory with `files` written into it; the configuration file is `conf/x.yaml`.
+fn scratch(name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gopush-config-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (rel, text) in files {
+        let p = dir.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn hooks_load_relative_to_the_config_file() {
+    let dir = scratch(
+        "hooks-ok",
+        &[
+            ("hooks/uid.js", "module.exports = (req) => req.cookies.uid;"),
+            (
+                "conf/x.yaml",
+                &format!(
+                    "{MIN}hooks: {{uid: ../hooks/uid.js, timeout: 20ms, memory_limit: 8MiB}}\n"
+                ),
+            ),
+        ],
+    );
+    let c = Config::load(&dir.join("conf/x.yaml")).unwrap();
+    let program = c.hooks.program.as_ref().unwrap();
+    let f = program.file(crate::hooks::HookKind::Uid).unwrap();
+    assert!(f.name.ends_with("hooks/uid.js"), "{}", f.name);
+    assert!(!f.name.contains(".."), "{}", f.name);
+    assert_eq!(program.limits().memory, 8 << 20);
+    assert_eq!(
+        program.limits().timeout,
+        std::time::Duration::from_millis(20)
+    );
+    assert!(c.hooks.route.is_none());
+    // Without hooks there is no program: the request path does not look for one.
+    assert!(parse(MIN).unwrap().hooks.program.is_none());
+}
+
+#[test]
+fn hook_errors_name_the_key_file_and_line() {
+    let dir = scratch(
+        "hooks-bad",
+        &[
+            (
+                "hooks/route.js",
+                "function route(req) {\n  return {ip: '1.2.3.4',\n}\n",
+            ),
+            (
+                "conf/x.yaml",
+                &format!("{MIN}hooks: {{route: ../hooks/route.js}}\n"),
+            ),
+        ],
+    );
+    let e = Config::load(&dir.join("conf/x.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hooks.route"), "{e}");
+    assert!(e.contains("hooks/route.js:"), "{e}");
+    assert!(e.contains("SyntaxError"), "{e}");
+
+    let dir = scratch(
+        "hooks-missing",
+        &[(
+            "conf/x.yaml",
+            &format!("{MIN}hooks: {{admin: ../hooks/nope.js}}\n"),
+        )],
+    );
+    let e = Config::load(&dir.join("conf/x.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("hooks.admin"), "{e}");
+    assert!(e.contains("nope.js"), "{e}");
+}
+
+#[test]
+fn hook_settings_are_checked() {
+    let e = err(&format!(
+        "{MIN}uid: {{sources: [{{cookie: sid}}]}}\nhooks: {{uid: ../hooks/uid.js}}\n"
+    ));
+    assert!(e.contains("uid.sources"), "{e}");
+    let e = err(&format!("{MIN}hooks: {{timeout: 0s}}\n"));
+    assert!(e.contains("hooks.timeout"), "{e}");
+    let e = err(&format!("{MIN}hooks: {{memory_limit: 12 bananas}}\n"));
+    assert!(e.contains("hooks.memory_limit"), "{e}");
+    let e = err(&format!("{MIN}hooks: {{memory_limit: 1000}}\n"));
+    assert!(e.contains("at least 1MiB"), "{e}");
+    let e = err(&format!("{MIN}hooks: {{on_throw: {{uid: 200}}}}\n"));
+    assert!(e.contains("hooks.on_throw.uid"), "{e}");
+    let e = err(&format!("{MIN}hooks: {{uid: a.js, wat: 1}}\n"));
+    assert!(e.contains("wat"), "{e}");
+    let e = err(&format!("{MIN}trusted_proxies: [\"10.0.0.0/40\"]\n"));
+    assert!(e.contains("trusted_proxies"), "{e}");
+    let c = parse(&format!(
+        "{MIN}trusted_proxies: [\"10.0.0.0/8\", \"::1\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.trusted_proxies.0.len(), 2);
+}
+
+#[test]
+fn jwt_and_callback_sources_parse_and_load() {
+    let dir = scratch(
+        "jwt",
+        &[
+            ("conf/secret.txt", "file-secret\n"),
+            (
+                "conf/x.yaml",
+                &format!(
+                    "{MIN}uid:\n  sources:\n    - jwt: {{from: query, name: token, key_file: secret.txt, alg: HS256}}\n    - callback: {{url: \"http://127.0.0.1:3000/whoami\", forward: [Cookie], cache: 10s}}\n    - cookie: uid\n"
+                ),
+            ),
+        ],
+    );
+    let c = Config::load(&dir.join("conf/x.yaml")).unwrap();
+    assert!(matches!(c.uid.sources[0], UidSource::Jwt(_)));
+    match &c.uid.sources[1] {
+        UidSource::Callback(cb) => {
+            assert_eq!(cb.forward, vec![http::header::COOKIE]);
+            assert_eq!(cb.cache, std::time::Duration::from_secs(10));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        crate::uid::UidResolver::new(&c.uid).describe_sources(),
+        "signed token in query `token`, auth callback http://127.0.0.1:3000/whoami, cookie `uid`"
+    );
+
+    let e = err(&format!(
+        "{MIN}uid:\n  sources:\n    - jwt: {{from: query, name: t, key_file: nope.pem, alg: RS256}}\n"
+    ));
+    assert!(e.contains("uid.sources[0].jwt.key_file"), "{e}");
+    let e = err(&format!(
+        "{MIN}uid:\n  sources:\n    - jwt: {{from: body, name: t, key: k, alg: HS256}}\n"
+    ));
+    assert!(e.contains("uid.sources[0]"), "{e}");
+    let e = err(&format!(
+        "{MIN}uid:\n  sources:\n    - callback: {{url: \"http://app.local/\", forward: [cookie]}}\n"
+    ));
+    assert!(e.contains("literal IP"), "{e}");
+    let e = err(&format!(
+        "{MIN}uid:\n  sources:\n    - {{cookie: a, jwt: {{from: query, name: t, key: k, alg: HS256}}}}\n"
+    ));
+    assert!(e.contains("exactly one"), "{e}");
+}
+
+#[test]
+fn shipped_hooks_load_and_behave_like_the_original_gopush() {
+    use crate::hooks::{HookKind, HookRequest, Hooks, RouteDecision};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let yaml = format!(
+        "{MIN}hooks: {{uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}}\n"
+    );
+    let c =
+        Config::from_str_named(&yaml, &root.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let hooks = Hooks::new(c.hooks.program.clone().unwrap());
+    for k in HookKind::ALL {
+        assert!(hooks.has(k));
+    }
+    let mut head = pingora::http::RequestHeader::build("GET", b"/socket.io/?EIO=4", None).unwrap();
+    head.append_header("cookie", "uid=alice").unwrap();
+    let mut req = HookRequest {
+        header: &head,
+        ip: Some("127.0.0.1".parse().unwrap()),
+        product: None,
+    };
+    assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("alice"));
+    assert_eq!(hooks.route(&req, "alice").unwrap(), RouteDecision::Default);
+    assert_eq!(hooks.admin(&req), Ok(Some(true)));
+    req.product = Some("test");
+    assert_eq!(
+        hooks.route(&req, "alice").unwrap(),
+        RouteDecision::Backend("127.0.0.1:4002".parse().unwrap())
+    );
+    req.ip = Some("192.0.2.1".parse().unwrap());
+    assert_eq!(hooks.admin(&req), Ok(Some(false)));
+    let bare = pingora::http::RequestHeader::build("GET", b"/?uid=bob", None).unwrap();
+    req.header = &bare;
+    assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("bob"));
+}

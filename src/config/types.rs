@@ -5,7 +5,13 @@ use serde::{de, Deserialize, Deserializer};
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
+
+pub use crate::callback::CallbackSource;
+pub use crate::client_ip::TrustedProxies;
+pub use crate::jwt::JwtSource;
 
 /// The pool used when a request names no product.
 pub const DEFAULT_POOL: &str = "default";
@@ -49,6 +55,13 @@ pub struct Config {
     /// Pushing events into the Socket.IO cluster through its Redis adapter.
     #[serde(default)]
     pub push: PushConfig,
+    /// JavaScript hooks.
+    #[serde(default)]
+    pub hooks: HooksConfig,
+    /// Proxies whose `X-Forwarded-For` is believed when working out the client address
+    /// (CIDR blocks or addresses; empty: the TCP peer is the client).
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxies,
 }
 
 fn default_listen() -> Listen {
@@ -116,7 +129,8 @@ impl Default for UidConfig {
     }
 }
 
-fn default_sources() -> Vec<UidSource> {
+/// The sources used when `uid.sources` is not given.
+pub fn default_sources() -> Vec<UidSource> {
     vec![
         UidSource::Cookie("uid".into()),
         UidSource::Query("uid".into()),
@@ -137,6 +151,10 @@ pub enum UidSource {
     Query(String),
     /// A request header (lower-case name).
     Header(http::HeaderName),
+    /// A signed token (JWT); the uid is one of its claims.
+    Jwt(Box<JwtSource>),
+    /// The user's own app is asked (like nginx `auth_request`).
+    Callback(Box<CallbackSource>),
 }
 
 impl fmt::Display for UidSource {
@@ -145,6 +163,8 @@ impl fmt::Display for UidSource {
             UidSource::Cookie(n) => write!(f, "cookie `{n}`"),
             UidSource::Query(n) => write!(f, "query `{n}`"),
             UidSource::Header(n) => write!(f, "header `{n}`"),
+            UidSource::Jwt(j) => j.fmt(f),
+            UidSource::Callback(c) => c.fmt(f),
         }
     }
 }
@@ -155,18 +175,22 @@ struct RawSource {
     cookie: Option<String>,
     query: Option<String>,
     header: Option<String>,
+    jwt: Option<Box<JwtSource>>,
+    callback: Option<Box<CallbackSource>>,
 }
 
 impl TryFrom<RawSource> for UidSource {
     type Error = String;
     fn try_from(raw: RawSource) -> Result<Self, String> {
-        let source = match (raw.cookie, raw.query, raw.header) {
-            (Some(c), None, None) => UidSource::Cookie(c),
-            (None, Some(q), None) => UidSource::Query(q),
-            (None, None, Some(h)) => UidSource::Header(parse_header_name(&h)?),
+        let source = match (raw.cookie, raw.query, raw.header, raw.jwt, raw.callback) {
+            (Some(c), None, None, None, None) => UidSource::Cookie(c),
+            (None, Some(q), None, None, None) => UidSource::Query(q),
+            (None, None, Some(h), None, None) => UidSource::Header(parse_header_name(&h)?),
+            (None, None, None, Some(j), None) => UidSource::Jwt(j),
+            (None, None, None, None, Some(c)) => UidSource::Callback(c),
             _ => {
                 return Err(
-                    "a source is exactly one of `cookie: NAME`, `query: NAME`, `header: NAME`"
+                    "a source is exactly one of `cookie: NAME`, `query: NAME`, `header: NAME`, `jwt: {...}`, `callback: {...}`"
                         .into(),
                 )
             }
@@ -575,8 +599,8 @@ impl AdminConfig {
             .filter(|t| !t.is_empty())
     }
 
-    /// Does any authentication guard the admin API? Today: a token. (The `admin(req)` hook, when
-    /// configured, counts too; see `crate::admin::authorize`.)
+    /// Is a token set? (The `admin(req)` hook authenticates too: see
+    /// `Config::admin_authenticated`.)
     pub fn has_authentication(&self) -> bool {
         self.token().is_some()
     }
@@ -689,6 +713,129 @@ pub struct RateLimit {
     /// Requests and tunnels open at once.
     #[serde(default)]
     pub max_concurrent: u32,
+}
+
+/// JavaScript hooks: files, limits and what a failing hook answers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    /// `uid(req)`; replaces `uid.sources` when set.
+    #[serde(default)]
+    pub uid: Option<PathBuf>,
+    /// `route(req, uid)`.
+    #[serde(default)]
+    pub route: Option<PathBuf>,
+    /// `admin(req)` (the admin console).
+    #[serde(default)]
+    pub admin: Option<PathBuf>,
+    /// Time budget of one hook call; a hook running longer is interrupted (500).
+    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Memory limit of the JS engine of one worker thread (`16MiB`, `512KiB`, bytes).
+    #[serde(default = "default_hook_memory", deserialize_with = "byte_size")]
+    pub memory_limit: usize,
+    /// Status answered when a hook throws or returns a wrong value.
+    #[serde(default)]
+    pub on_throw: OnThrow,
+    /// The files, read and checked by [`Config::load`](crate::config::Config::load).
+    #[serde(skip)]
+    pub program: Option<Arc<crate::hooks::Program>>,
+}
+
+impl Default for HooksConfig {
+    fn default() -> Self {
+        HooksConfig {
+            uid: None,
+            route: None,
+            admin: None,
+            timeout: default_hook_timeout(),
+            memory_limit: default_hook_memory(),
+            on_throw: OnThrow::default(),
+            program: None,
+        }
+    }
+}
+
+impl HooksConfig {
+    /// The configured files by hook.
+    pub fn files(&self) -> impl Iterator<Item = (crate::hooks::HookKind, &PathBuf)> {
+        use crate::hooks::HookKind;
+        [
+            (HookKind::Uid, &self.uid),
+            (HookKind::Route, &self.route),
+            (HookKind::Admin, &self.admin),
+        ]
+        .into_iter()
+        .filter_map(|(k, p)| p.as_ref().map(|p| (k, p)))
+    }
+}
+
+fn default_hook_timeout() -> Duration {
+    Duration::from_millis(50)
+}
+fn default_hook_memory() -> usize {
+    16 << 20
+}
+
+/// Statuses for hooks that throw. Breaking a limit (time, memory) is always 500.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnThrow {
+    /// The uid hook threw: by default the request has no usable uid (430).
+    #[serde(default = "default_uid_throw")]
+    pub uid: u16,
+    /// The route hook threw.
+    #[serde(default = "default_route_throw")]
+    pub route: u16,
+}
+
+impl Default for OnThrow {
+    fn default() -> Self {
+        OnThrow {
+            uid: default_uid_throw(),
+            route: default_route_throw(),
+        }
+    }
+}
+
+fn default_uid_throw() -> u16 {
+    430
+}
+fn default_route_throw() -> u16 {
+    500
+}
+
+/// `16MiB`, `512KiB`, `1GiB`, `4MB` or a number of bytes.
+fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Bytes(u64),
+        Text(String),
+    }
+    let text = match Raw::deserialize(d)? {
+        Raw::Bytes(n) => return usize::try_from(n).map_err(de::Error::custom),
+        Raw::Text(t) => t,
+    };
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let unit_bytes: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(de::Error::custom(format!(
+                "`{text}` is not a size (e.g. 16MiB, 512KiB)"
+            )))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit_bytes))
+        .and_then(|n| usize::try_from(n).ok())
+        .ok_or_else(|| de::Error::custom(format!("`{text}` is not a size (e.g. 16MiB, 512KiB)")))
 }
 
 /// Pingora's own server settings (see Pingora's `ServerConf`).
