@@ -15,7 +15,7 @@
 //!
 //! The HTTP client is Pingora's own HTTP/1 connector (pooled keep-alive connections).
 
-use crate::metrics::{bump, metrics};
+use crate::counters::{bump, metrics};
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::RequestHeader;

@@ -37,17 +37,17 @@ pub struct Snapshot {
     pub health: Arc<HealthRegistry>,
     /// The 430 body names the sources tried; built once per configuration.
     pub missing_uid_body: Bytes,
-    /// Metric label children for this configuration's pools, backends and uid sources.
-    pub stats: SnapshotStats,
     /// The JavaScript hooks, if any are configured (`None` costs the request path nothing).
     pub hooks: Option<Hooks>,
+    /// Metric label children for this configuration's pools, backends and uid sources.
+    pub stats: SnapshotStats,
 }
 
 impl Snapshot {
     /// Derives everything from a loaded configuration (hooks were read and checked by
     /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
     /// `file` names the configuration in errors.
-    pub fn build(
+    fn build(
         config: Config,
         health: Arc<HealthRegistry>,
         file: &Path,
@@ -84,8 +84,8 @@ impl Snapshot {
             resolver,
             health,
             missing_uid_body,
-            stats,
             hooks,
+            stats,
             loaded_at,
             config,
         })
@@ -118,9 +118,8 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// What outlives every snapshot: the metric families and the drain set.
-#[derive(Default)]
-pub struct Shared {
+/// What outlives every snapshot.
+struct Shared {
     metrics: Arc<Metrics>,
     drain: Arc<Drain>,
 }
@@ -138,7 +137,10 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
-        let shared = Shared::default();
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+        };
         let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
             current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
@@ -346,11 +348,15 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let shared = Shared {
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+        };
         Snapshot::build(
             config,
             Arc::new(HealthRegistry::new()),
             std::path::Path::new("conf/x.yaml"),
-            &Shared::default(),
+            &shared,
         )
         .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -6,10 +6,6 @@
 //! built ([`SnapshotStats`]), and a request only bumps atomics through them. Labels are pool,
 //! backend, status class, uid source and fixed reasons: bounded by the configuration, never
 //! per uid.
-//!
-//! Hook and uid-source failures ([`Failures`]) are plain process-wide atomics bumped where they
-//! happen (the hooks engine, the token and callback sources); `/metrics` copies them into
-//! Prometheus counters when it is scraped.
 
 use crate::config::UidSource;
 use crate::routing::{backend_addr, Router};
@@ -19,7 +15,6 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// Status classes counted per backend; index = first digit - 1, and the last is "no response"
@@ -39,10 +34,10 @@ pub enum RefusalKind {
     NoBackend = 3,
     /// A limit (429, 431, 503).
     Limit = 4,
-    /// Credentials refused (a bad token, the auth callback said no).
+    /// A signed token or the auth callback refused the credentials (430).
     Rejected = 5,
-    /// A hook failed or the auth callback could not be asked.
-    Failed = 6,
+    /// A hook or the auth callback failed (500 / 503, configurable).
+    HookFailed = 6,
 }
 
 const REFUSAL_LABELS: [&str; 7] = [
@@ -52,7 +47,7 @@ const REFUSAL_LABELS: [&str; 7] = [
     "no_backend",
     "limit",
     "rejected",
-    "hook_or_callback_failed",
+    "hook_failed",
 ];
 
 /// Every metric family of the process.
@@ -258,10 +253,11 @@ impl Metrics {
         self.config_loaded.set(unix_seconds);
     }
 
-    /// Copies the [`Failures`] atomics into their counters (they only grow, so the difference
-    /// is what happened since the last scrape).
-    fn sync_failures(&self) {
-        let f = metrics().read();
+    /// Copies the hook and uid-source failure atomics ([`crate::counters`]) into their
+    /// Prometheus counters; they only grow, so the difference is what happened since the last
+    /// scrape.
+    fn sync_counters(&self) {
+        let f = crate::counters::metrics().read();
         let set = |vec: &IntCounterVec, label: &str, now: u64| {
             let c = vec.with_label_values(&[label]);
             c.inc_by(now.saturating_sub(c.get()));
@@ -279,7 +275,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
-        self.sync_failures();
+        self.sync_counters();
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
@@ -306,7 +302,6 @@ impl Metrics {
             UidSource::Cookie(n) => format!("cookie:{n}"),
             UidSource::Query(n) => format!("query:{n}"),
             UidSource::Header(n) => format!("header:{n}"),
-            // By position: a token or callback source has no short name of its own.
             UidSource::Jwt(_) => "jwt".to_string(),
             UidSource::Callback(_) => "callback".to_string(),
         };
@@ -462,97 +457,6 @@ impl SnapshotStats {
             }
         }
     }
-}
-
-/// Hook and uid-source failure counters (plain atomics, bumped where the failure happens);
-/// read them with [`metrics`] and [`Failures::read`]. `/metrics` exports them.
-#[derive(Debug, Default)]
-pub struct Failures {
-    /// JS hook calls (any hook).
-    pub hook_calls: AtomicU64,
-    /// A hook threw, returned a value of the wrong shape, or could not be loaded on a thread.
-    pub hook_errors: AtomicU64,
-    /// A hook ran past its time budget and was interrupted.
-    pub hook_timeouts: AtomicU64,
-    /// A hook hit the memory or stack limit.
-    pub hook_memory: AtomicU64,
-    /// A signed token was present but refused (bad signature, expired, wrong algorithm, ...).
-    pub jwt_rejected: AtomicU64,
-    /// The auth callback answered 401/403.
-    pub callback_rejected: AtomicU64,
-    /// The auth callback timed out, was unreachable or answered something unusable.
-    pub callback_errors: AtomicU64,
-    /// Auth callback answers served from the cache.
-    pub callback_cache_hits: AtomicU64,
-    /// Auth callback requests actually sent.
-    pub callback_requests: AtomicU64,
-}
-
-/// A plain copy of the counters at one moment.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FailuresSnapshot {
-    /// See [`Failures::hook_calls`].
-    pub hook_calls: u64,
-    /// See [`Failures::hook_errors`].
-    pub hook_errors: u64,
-    /// See [`Failures::hook_timeouts`].
-    pub hook_timeouts: u64,
-    /// See [`Failures::hook_memory`].
-    pub hook_memory: u64,
-    /// See [`Failures::jwt_rejected`].
-    pub jwt_rejected: u64,
-    /// See [`Failures::callback_rejected`].
-    pub callback_rejected: u64,
-    /// See [`Failures::callback_errors`].
-    pub callback_errors: u64,
-    /// See [`Failures::callback_cache_hits`].
-    pub callback_cache_hits: u64,
-    /// See [`Failures::callback_requests`].
-    pub callback_requests: u64,
-}
-
-impl Failures {
-    const fn new() -> Self {
-        Failures {
-            hook_calls: AtomicU64::new(0),
-            hook_errors: AtomicU64::new(0),
-            hook_timeouts: AtomicU64::new(0),
-            hook_memory: AtomicU64::new(0),
-            jwt_rejected: AtomicU64::new(0),
-            callback_rejected: AtomicU64::new(0),
-            callback_errors: AtomicU64::new(0),
-            callback_cache_hits: AtomicU64::new(0),
-            callback_requests: AtomicU64::new(0),
-        }
-    }
-
-    /// The counters now.
-    pub fn read(&self) -> FailuresSnapshot {
-        let r = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        FailuresSnapshot {
-            hook_calls: r(&self.hook_calls),
-            hook_errors: r(&self.hook_errors),
-            hook_timeouts: r(&self.hook_timeouts),
-            hook_memory: r(&self.hook_memory),
-            jwt_rejected: r(&self.jwt_rejected),
-            callback_rejected: r(&self.callback_rejected),
-            callback_errors: r(&self.callback_errors),
-            callback_cache_hits: r(&self.callback_cache_hits),
-            callback_requests: r(&self.callback_requests),
-        }
-    }
-}
-
-/// Adds one to a counter.
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
-static FAILURES: Failures = Failures::new();
-
-/// The process-wide counters.
-pub fn metrics() -> &'static Failures {
-    &FAILURES
 }
 
 #[cfg(test)]

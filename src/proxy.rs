@@ -92,20 +92,6 @@ enum Refusal {
     Limit(Exceeded),
 }
 
-impl Refusal {
-    fn kind(&self) -> RefusalKind {
-        match self {
-            Refusal::MissingUid => RefusalKind::MissingUid,
-            Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
-            Refusal::Rejected(_) => RefusalKind::Rejected,
-            Refusal::Failed(..) => RefusalKind::Failed,
-            Refusal::UnknownProduct => RefusalKind::UnknownProduct,
-            Refusal::NoHealthyBackend => RefusalKind::NoBackend,
-            Refusal::Limit(_) => RefusalKind::Limit,
-        }
-    }
-}
-
 fn uid_refusal(e: UidError) -> Refusal {
     match e {
         UidError::Missing => Refusal::MissingUid,
@@ -129,6 +115,20 @@ fn hook_request<'a>(
         header: req,
         ip: crate::client_ip::of_request(&snap.config.trusted_proxies, peer, req),
         product,
+    }
+}
+
+impl Refusal {
+    fn kind(&self) -> RefusalKind {
+        match self {
+            Refusal::MissingUid => RefusalKind::MissingUid,
+            Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
+            Refusal::UnknownProduct => RefusalKind::UnknownProduct,
+            Refusal::NoHealthyBackend => RefusalKind::NoBackend,
+            Refusal::Limit(_) => RefusalKind::Limit,
+            Refusal::Rejected(_) => RefusalKind::Rejected,
+            Refusal::Failed(..) => RefusalKind::HookFailed,
+        }
     }
 }
 
@@ -180,17 +180,12 @@ impl Agent {
         let mut from = 0;
         // Bounded: every turn either returns or moves `from` past a callback source.
         loop {
-            let step = snap.resolver.next(session.req_header(), from);
-            if let Err(UidError::Missing) = step {
-                snap.stats.uid_missing();
-            }
-            match step.map_err(uid_refusal)? {
-                Step::Found(uid) => {
-                    if let Uid::Span(span) = &uid {
-                        snap.stats.uid_found(span.source());
-                    }
-                    return Ok(uid);
-                }
+            match snap
+                .resolver
+                .next(session.req_header(), from)
+                .map_err(uid_refusal)?
+            {
+                Step::Found(uid) => return Ok(uid),
                 Step::Ask(i) => {
                     let Some(client) = snap.resolver.callback(i) else {
                         return Err(Refusal::MissingUid);
@@ -202,7 +197,6 @@ impl Agent {
                     return match client.ask(&creds).await {
                         Answer::Uid(uid) => {
                             validate_value(&uid, max_len).map_err(uid_refusal)?;
-                            snap.stats.uid_found(i);
                             Ok(Uid::Owned(Box::from(&*uid)))
                         }
                         Answer::Rejected => Err(Refusal::Rejected(
@@ -241,7 +235,14 @@ impl Agent {
                 )
                 .map_err(Refusal::Limit)?;
         }
-        let resolved = self.resolve_uid(snap, session).await?;
+        let resolved = self.resolve_uid(snap, session).await.inspect_err(|r| {
+            if matches!(r, Refusal::MissingUid) {
+                snap.stats.uid_missing();
+            }
+        })?;
+        if let Uid::Span(span) = &resolved {
+            snap.stats.uid_found(span.source());
+        }
         let req = session.req_header();
         let limits = &snap.config.limits;
         let uid = ctx.uid.insert(resolved).get(&snap.resolver, req);
@@ -266,7 +267,7 @@ impl Agent {
                     Ok(i) => chosen = Some(i),
                     Err(_) => {
                         tracing::warn!(target: "gopush::hooks", "hook route: returned pool `{name}`, which is not configured");
-                        crate::metrics::bump(&crate::metrics::metrics().hook_errors);
+                        crate::counters::bump(&crate::counters::metrics().hook_errors);
                         return Err(failed(crate::hooks::HookError::BadReturn(name)));
                     }
                 },
@@ -392,14 +393,6 @@ impl Ctx {
     }
 }
 
-impl Drop for Ctx {
-    // Pingora drops the context when the request or tunnel is over, whichever way it ended, so
-    // the gauges cannot leak.
-    fn drop(&mut self) {
-        self.uncount_backend();
-    }
-}
-
 /// The phrase for a configured error status (`http` knows none for 430).
 fn reason_phrase(status: u16) -> &'static str {
     if status == 430 {
@@ -409,6 +402,14 @@ fn reason_phrase(status: u16) -> &'static str {
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Error")
+}
+
+impl Drop for Ctx {
+    // Pingora drops the context when the request or tunnel is over, whichever way it ended, so
+    // the gauges cannot leak.
+    fn drop(&mut self) {
+        self.uncount_backend();
+    }
 }
 
 /// Size of the request head as the limit counts it: request target and header lines.

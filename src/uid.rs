@@ -13,7 +13,7 @@
 
 use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
-use crate::metrics::{bump, metrics};
+use crate::counters::{bump, metrics};
 use pingora::http::RequestHeader;
 use std::sync::Arc;
 

@@ -553,6 +553,20 @@ fn the_admin_hook_decides_with_the_token() {
         status(&[("authorization", &auth), ("x-operator", "ann")]),
         200
     );
+    // The hook's calls are counted in /metrics.
+    let (code, text) = http(
+        agent.admin,
+        "GET",
+        "/metrics",
+        &[("authorization", &auth), ("x-operator", "ann")],
+        "",
+    );
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert!(
+        sample(&scrape, "gopush_hooks_total", &[("result", "call")]) >= 4.0,
+        "{text}"
+    );
     drop(agent);
     backends.shutdown().unwrap();
 }

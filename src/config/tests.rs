@@ -159,42 +159,6 @@ fn shipped_examples_load() {
     }
 }
 
-#[test]
-fn admin_and_push_sections() {
-    let c = parse(MIN).unwrap();
-    assert!(c.admin.enabled);
-    assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
-    assert!(c.admin.token().is_none());
-    assert_eq!(c.push.uid_room, "uid:{uid}");
-    assert_eq!(c.push.max_payload, 65536);
-    assert_eq!(c.access_log.format, LogFormat::Text);
-    // A public admin listener without a token is refused, naming the key.
-    let e = err(&format!("{MIN}admin: {{listen: \"0.0.0.0:6004\"}}\n"));
-    assert!(e.contains("admin.token"), "{e}");
-    let e = err(&format!(
-        "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"\"}}\n"
-    ));
-    assert!(e.contains("admin.token"), "{e}");
-    let c = parse(&format!(
-        "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"s3cret\"}}\naccess_log: {{format: json}}\n"
-    ))
-    .unwrap();
-    assert_eq!(c.admin.token(), Some("s3cret"));
-    assert!(
-        !format!("{c:?}").contains("s3cret"),
-        "the token never shows in Debug"
-    );
-    assert_eq!(c.access_log.format, LogFormat::Json);
-    let e = err(&format!("{MIN}push: {{uid_room: \"user\"}}\n"));
-    assert!(e.contains("push.uid_room"), "{e}");
-    let e = err(&format!("{MIN}push: {{redis: \"http://x\"}}\n"));
-    assert!(e.contains("push.redis"), "{e}");
-    let e = err(&format!("{MIN}admin: {{listen: \"localhost:6004\"}}\n"));
-    assert!(e.contains("admin.listen"), "{e}");
-    let e = err(&format!("{MIN}access_log: {{format: xml}}\n"));
-    assert!(e.contains("access_log.format"), "{e}");
-}
-
 /// A scratch directory with `files` written into it; the configuration file is `conf/x.yaml`.
 fn scratch(name: &str, files: &[(&str, &str)]) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gopush-config-{}-{name}", std::process::id()));
@@ -376,4 +340,40 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
     let bare = pingora::http::RequestHeader::build("GET", b"/?uid=bob", None).unwrap();
     req.header = &bare;
     assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("bob"));
+}
+
+#[test]
+fn admin_and_push_sections() {
+    let c = parse(MIN).unwrap();
+    assert!(c.admin.enabled);
+    assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
+    assert!(c.admin.token().is_none());
+    assert_eq!(c.push.uid_room, "uid:{uid}");
+    assert_eq!(c.push.max_payload, 65536);
+    assert_eq!(c.access_log.format, LogFormat::Text);
+    // A public admin listener without a token is refused, naming the key.
+    let e = err(&format!("{MIN}admin: {{listen: \"0.0.0.0:6004\"}}\n"));
+    assert!(e.contains("admin.token"), "{e}");
+    let e = err(&format!(
+        "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"\"}}\n"
+    ));
+    assert!(e.contains("admin.token"), "{e}");
+    let c = parse(&format!(
+        "{MIN}admin: {{listen: \"0.0.0.0:6004\", token: \"s3cret\"}}\naccess_log: {{format: json}}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.admin.token(), Some("s3cret"));
+    assert!(
+        !format!("{c:?}").contains("s3cret"),
+        "the token never shows in Debug"
+    );
+    assert_eq!(c.access_log.format, LogFormat::Json);
+    let e = err(&format!("{MIN}push: {{uid_room: \"user\"}}\n"));
+    assert!(e.contains("push.uid_room"), "{e}");
+    let e = err(&format!("{MIN}push: {{redis: \"http://x\"}}\n"));
+    assert!(e.contains("push.redis"), "{e}");
+    let e = err(&format!("{MIN}admin: {{listen: \"localhost:6004\"}}\n"));
+    assert!(e.contains("admin.listen"), "{e}");
+    let e = err(&format!("{MIN}access_log: {{format: xml}}\n"));
+    assert!(e.contains("access_log.format"), "{e}");
 }

@@ -49,12 +49,6 @@ pub struct Config {
     /// Pingora's server settings.
     #[serde(default)]
     pub server: ServerSection,
-    /// The admin listener: JSON API, Prometheus metrics and the admin page.
-    #[serde(default)]
-    pub admin: AdminConfig,
-    /// Pushing events into the Socket.IO cluster through its Redis adapter.
-    #[serde(default)]
-    pub push: PushConfig,
     /// JavaScript hooks.
     #[serde(default)]
     pub hooks: HooksConfig,
@@ -62,6 +56,12 @@ pub struct Config {
     /// (CIDR blocks or addresses; empty: the TCP peer is the client).
     #[serde(default)]
     pub trusted_proxies: TrustedProxies,
+    /// The admin listener: JSON API, Prometheus metrics and the admin page.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Pushing events into the Socket.IO cluster through its Redis adapter.
+    #[serde(default)]
+    pub push: PushConfig,
 }
 
 fn default_listen() -> Listen {
@@ -599,8 +599,8 @@ impl AdminConfig {
             .filter(|t| !t.is_empty())
     }
 
-    /// Is a token set? (The `admin(req)` hook authenticates too: see
-    /// `Config::admin_authenticated`.)
+    /// Does any authentication guard the admin API? Today: a token. (The `admin(req)` hook, when
+    /// configured, counts too; see `crate::admin::authorize`.)
     pub fn has_authentication(&self) -> bool {
         self.token().is_some()
     }

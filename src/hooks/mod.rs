@@ -17,14 +17,14 @@
 //! `require`; `console.log` writes to the agent's log. Every call has a time budget (an interrupt
 //! handler stops a runaway hook) and the runtime has a memory limit and a stack limit. A hook
 //! that throws, returns a value of the wrong shape or breaks a limit fails only its own request;
-//! the error, with file:line, is logged and counted in [`crate::metrics`].
+//! the error, with file:line, is logged and counted in [`crate::counters`].
 
 mod engine;
 mod request;
 
 pub use request::{cookie_pairs, form_decode, query_pairs, HookRequest};
 
-use crate::metrics::{bump, metrics};
+use crate::counters::{bump, metrics};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
