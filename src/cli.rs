@@ -154,10 +154,14 @@ fn print_pools(config: &Config) {
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
     say!("configuration ok; listen {}", listen.join(", "));
     if config.admin.enabled {
-        let token = if config.admin.has_authentication() {
-            "token set"
-        } else {
-            "no token"
+        let token = match (
+            config.admin.has_authentication(),
+            config.hooks.admin.is_some(),
+        ) {
+            (true, true) => "token and admin hook",
+            (true, false) => "token set",
+            (false, true) => "admin hook",
+            (false, false) => "no token",
         };
         say!("admin {} ({token})", config.admin.listen);
     }

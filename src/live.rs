@@ -217,7 +217,7 @@ impl Live {
         }
         if config.admin.enabled
             && !config.admin.listen.ip().is_loopback()
-            && !config.admin.has_authentication()
+            && !config.admin_authenticated()
         {
             // The running listener is not loopback: dropping its token would open it.
             return Err(ConfigError::Invalid {

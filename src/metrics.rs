@@ -66,10 +66,8 @@ pub struct Metrics {
     pushes: IntCounterVec,
     reloads: IntCounterVec,
     config_loaded: IntGauge,
-    /// Mirrors [`crate::counters`] (hooks, tokens, auth callback), brought up to date when
-    /// scraped: those counters are plain atomics on the request path, not label children.
-    hook_events: IntCounterVec,
-    hook_sync: std::sync::Mutex<()>,
+    hooks: IntCounterVec,
+    uid_auth: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -196,15 +194,19 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
         );
-        let hook_events = counter_vec(
+        let hooks = counter_vec(
             &r,
-            "gopush_hook_events_total",
-            "JS hooks, signed tokens and the auth callback: calls and failures by event.",
+            "gopush_hooks_total",
+            "JavaScript hook calls (result=call) and their failures (error, timeout, memory).",
+            &["result"],
+        );
+        let uid_auth = counter_vec(
+            &r,
+            "gopush_uid_auth_total",
+            "Signed-token and auth-callback uid sources: rejections, callback errors, requests and cache hits.",
             &["event"],
         );
         Metrics {
-            hook_events,
-            hook_sync: std::sync::Mutex::new(()),
             registry: r,
             requests,
             connect_failures,
@@ -219,6 +221,8 @@ impl Metrics {
             pushes,
             reloads,
             config_loaded,
+            hooks,
+            uid_auth,
         }
     }
 
@@ -249,36 +253,29 @@ impl Metrics {
         self.config_loaded.set(unix_seconds);
     }
 
-    /// Brings `gopush_hook_events_total` up to the process counters (monotonic: only adds).
-    fn sync_hook_events(&self) {
-        // One scrape at a time, so two cannot both add the same difference.
-        let _one = self
-            .hook_sync
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let c = crate::counters::metrics().read();
-        for (event, value) in [
-            ("hook_call", c.hook_calls),
-            ("hook_error", c.hook_errors),
-            ("hook_timeout", c.hook_timeouts),
-            ("hook_memory", c.hook_memory),
-            ("jwt_rejected", c.jwt_rejected),
-            ("callback_request", c.callback_requests),
-            ("callback_cache_hit", c.callback_cache_hits),
-            ("callback_rejected", c.callback_rejected),
-            ("callback_error", c.callback_errors),
-        ] {
-            let child = self.hook_events.with_label_values(&[event]);
-            let seen = child.get();
-            if value > seen {
-                child.inc_by(value - seen);
-            }
-        }
+    /// Copies the hook and uid-source failure atomics ([`crate::counters`]) into their
+    /// Prometheus counters; they only grow, so the difference is what happened since the last
+    /// scrape.
+    fn sync_counters(&self) {
+        let f = crate::counters::metrics().read();
+        let set = |vec: &IntCounterVec, label: &str, now: u64| {
+            let c = vec.with_label_values(&[label]);
+            c.inc_by(now.saturating_sub(c.get()));
+        };
+        set(&self.hooks, "call", f.hook_calls);
+        set(&self.hooks, "error", f.hook_errors);
+        set(&self.hooks, "timeout", f.hook_timeouts);
+        set(&self.hooks, "memory", f.hook_memory);
+        set(&self.uid_auth, "jwt_rejected", f.jwt_rejected);
+        set(&self.uid_auth, "callback_rejected", f.callback_rejected);
+        set(&self.uid_auth, "callback_error", f.callback_errors);
+        set(&self.uid_auth, "callback_request", f.callback_requests);
+        set(&self.uid_auth, "callback_cache_hit", f.callback_cache_hits);
     }
 
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
-        self.sync_hook_events();
+        self.sync_counters();
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
@@ -503,26 +500,6 @@ mod tests {
         let l1 = stats.pools[0].get_or_resolve(late);
         let l2 = stats.pools[0].get_or_resolve(late);
         assert!(Arc::ptr_eq(&l1, &l2));
-    }
-
-    #[test]
-    fn hook_counters_are_exported_and_stay_monotonic() {
-        let m = Metrics::new();
-        let read = |m: &Metrics, event: &str| -> u64 {
-            let text = String::from_utf8(m.encode().unwrap()).unwrap();
-            let prefix = format!("gopush_hook_events_total{{event=\"{event}\"}} ");
-            text.lines()
-                .find_map(|l| l.strip_prefix(prefix.as_str()))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {prefix} in {text}"))
-        };
-        let before = read(&m, "jwt_rejected");
-        crate::counters::bump(&crate::counters::metrics().jwt_rejected);
-        crate::counters::bump(&crate::counters::metrics().jwt_rejected);
-        let after = read(&m, "jwt_rejected");
-        // Other tests in this process may count too: at least our two.
-        assert!(after >= before + 2, "{before} -> {after}");
-        assert!(read(&m, "jwt_rejected") >= after, "never goes down");
     }
 
     #[test]

@@ -73,8 +73,8 @@ pub fn run(
         // proxy's threads for traffic.
         admin.threads = Some(1);
         server.add_service(admin);
-        if !config.admin.has_authentication() {
-            tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token): any local process can use it");
+        if !config.admin_authenticated() {
+            tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token) and no admin hook: any local process can use it");
         }
     }
     server.add_service(background_service("watch for hand-over", watch));

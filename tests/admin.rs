@@ -496,3 +496,77 @@ fn a_public_admin_listener_needs_a_token() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn the_admin_hook_decides_with_the_token() {
+    let backends =
+        gopush::demo::spawn_backends(&["127.0.0.1:0".parse().unwrap()]).expect("demo backend");
+    let dir = temp_dir("hook");
+    std::fs::write(
+        dir.0.join("admin.js"),
+        "module.exports = function (req) { return req.headers['x-operator'] === 'ann'; };\n",
+    )
+    .unwrap();
+    let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let conf = dir.0.join("gopush.yaml");
+    let extra = format!(
+        "hooks: {{admin: \"{}\"}}\n",
+        dir.0.join("admin.js").display()
+    );
+    std::fs::write(&conf, config(proxy, admin, backends.addrs(), &dir, &extra)).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_gopush"))
+        .args(["run", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start gopush");
+    let agent = Agent {
+        child,
+        proxy,
+        admin,
+        conf,
+        log: Arc::new(Mutex::new(Vec::new())),
+        _dir: dir,
+    };
+    wait_for(15, "the admin listener", || {
+        TcpStream::connect_timeout(&agent.admin, Duration::from_millis(200)).ok()
+    });
+    let auth = bearer();
+    let status = |headers: &[(&str, &str)]| http(agent.admin, "GET", "/api/status", headers, "").0;
+    assert_eq!(
+        status(&[("x-operator", "ann")]),
+        401,
+        "the hook alone does not replace the token"
+    );
+    assert_eq!(
+        status(&[("authorization", &auth)]),
+        401,
+        "the token alone does not pass the hook"
+    );
+    assert_eq!(
+        status(&[("authorization", &auth), ("x-operator", "bob")]),
+        401
+    );
+    assert_eq!(
+        status(&[("authorization", &auth), ("x-operator", "ann")]),
+        200
+    );
+    // The hook's calls are counted in /metrics.
+    let (code, text) = http(
+        agent.admin,
+        "GET",
+        "/metrics",
+        &[("authorization", &auth), ("x-operator", "ann")],
+        "",
+    );
+    assert_eq!(code, 200);
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap();
+    assert!(
+        sample(&scrape, "gopush_hooks_total", &[("result", "call")]) >= 4.0,
+        "{text}"
+    );
+    drop(agent);
+    backends.shutdown().unwrap();
+}

@@ -49,13 +49,28 @@ const RESERVED_EVENTS: [&str; 6] = [
     "removeListener",
 ];
 
-/// Decides whether an admin request may proceed: the one seam for authentication.
+/// Decides whether an admin request may proceed: the one place for authentication.
 ///
-/// Today: when `admin.token` is set, the request must carry `Authorization: Bearer TOKEN`
-/// (compared in constant time); without a token (allowed on a loopback listener only, see
-/// config validation) every request passes. The `admin(req)` JavaScript hook, when configured,
-/// is asked next, by the listener ([`crate::live::Snapshot::admin_allowed`]): both must agree.
-pub fn authorize(req: &RequestHeader, admin: &AdminConfig) -> bool {
+/// When `admin.token` is set, the request must carry `Authorization: Bearer TOKEN` (compared in
+/// constant time). When the `admin(req)` JavaScript hook is configured, it is asked next and only
+/// `true` admits (a failing hook denies). With neither (allowed on a loopback listener only, see
+/// config validation) every request passes.
+pub fn authorize(snap: &Snapshot, req: &RequestHeader, peer: Option<std::net::IpAddr>) -> bool {
+    if !token_ok(req, &snap.config.admin) {
+        return false;
+    }
+    match snap.admin_allowed(req, peer) {
+        Ok(None) => true,
+        Ok(Some(allowed)) => allowed,
+        Err(e) => {
+            tracing::warn!("admin hook failed, request denied: {e}");
+            false
+        }
+    }
+}
+
+/// The token part of [`authorize`]: passes when no token is set.
+fn token_ok(req: &RequestHeader, admin: &AdminConfig) -> bool {
     let Some(token) = admin.token() else {
         return true;
     };
@@ -70,15 +85,15 @@ pub fn authorize(req: &RequestHeader, admin: &AdminConfig) -> bool {
 /// request from another origin (cross-site request forgery: a browser adds `Origin`, curl and
 /// scripts do not), and, when no token protects the API, a `Host` that is not a loopback name
 /// (a DNS-rebinding page reaches 127.0.0.1 under its own name).
-fn browser_guard(req: &RequestHeader, method: &Method, admin: &AdminConfig) -> Option<String> {
+fn browser_guard(req: &RequestHeader, method: &Method, authenticated: bool) -> Option<String> {
     let host = req
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    if admin.token().is_none() && !is_loopback_host(host) {
+    if !authenticated && !is_loopback_host(host) {
         return Some(format!(
-            "Host `{host}` is not a loopback address (without admin.token only 127.0.0.1, [::1] and localhost are served)"
+            "Host `{host}` is not a loopback address (without admin.token or an admin hook only 127.0.0.1, [::1] and localhost are served)"
         ));
     }
     if method != Method::GET && method != Method::HEAD {
@@ -210,10 +225,14 @@ impl AdminApp {
                 _ => method_not_allowed(),
             };
         }
-        if let Some(why) = browser_guard(req, &method, &snap.config.admin) {
+        if let Some(why) = browser_guard(req, &method, snap.config.admin_authenticated()) {
             return Reply::error(StatusCode::FORBIDDEN, why);
         }
-        if !authorize(req, &snap.config.admin) {
+        let peer = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !authorize(&snap, req, peer) {
             return Reply {
                 extra: Some((
                     http::header::WWW_AUTHENTICATE,
@@ -224,23 +243,6 @@ impl AdminApp {
                     "authentication required: send `Authorization: Bearer <admin.token>`",
                 )
             };
-        }
-        // The operator's admin hook has the last word; a hook that fails refuses.
-        let peer = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        match snap.admin_allowed(req, peer) {
-            Ok(None | Some(true)) => {}
-            Ok(Some(false)) => {
-                return Reply::error(StatusCode::FORBIDDEN, "refused by the admin hook")
-            }
-            Err(_) => {
-                return Reply::error(
-                    StatusCode::FORBIDDEN,
-                    "the admin hook failed, so the request is refused (the agent's log says why)",
-                )
-            }
         }
         let query = req.uri.query().unwrap_or("").to_string();
         let get = method == Method::GET || method == Method::HEAD;
@@ -764,18 +766,18 @@ mod tests {
     #[test]
     fn bearer_token_is_required_when_configured() {
         let a = admin(Some("s3cret"));
-        assert!(!authorize(&req(None), &a));
-        assert!(!authorize(&req(Some("Bearer nope")), &a));
-        assert!(!authorize(&req(Some("Bearer s3cre")), &a));
-        assert!(!authorize(&req(Some("Basic s3cret")), &a));
-        assert!(authorize(&req(Some("Bearer s3cret")), &a));
-        assert!(authorize(&req(Some("bearer  s3cret ")), &a));
+        assert!(!token_ok(&req(None), &a));
+        assert!(!token_ok(&req(Some("Bearer nope")), &a));
+        assert!(!token_ok(&req(Some("Bearer s3cre")), &a));
+        assert!(!token_ok(&req(Some("Basic s3cret")), &a));
+        assert!(token_ok(&req(Some("Bearer s3cret")), &a));
+        assert!(token_ok(&req(Some("bearer  s3cret ")), &a));
     }
 
     #[test]
     fn no_token_means_open_and_empty_token_is_no_token() {
-        assert!(authorize(&req(None), &admin(None)));
-        assert!(authorize(&req(None), &admin(Some(""))));
+        assert!(token_ok(&req(None), &admin(None)));
+        assert!(token_ok(&req(None), &admin(Some(""))));
     }
 
     #[test]
@@ -788,22 +790,22 @@ mod tests {
             }
             r
         };
-        let open = admin(None);
-        let locked = admin(Some("t"));
+        let open = false;
+        let locked = true;
         let post = Method::POST;
         // Same origin (the page) and no Origin (curl) pass.
         let page = build("POST", "127.0.0.1:6004", Some("http://127.0.0.1:6004"));
-        assert!(browser_guard(&page, &post, &open).is_none());
-        assert!(browser_guard(&build("POST", "localhost:6004", None), &post, &open).is_none());
-        assert!(browser_guard(&build("POST", "[::1]:6004", None), &post, &open).is_none());
+        assert!(browser_guard(&page, &post, open).is_none());
+        assert!(browser_guard(&build("POST", "localhost:6004", None), &post, open).is_none());
+        assert!(browser_guard(&build("POST", "[::1]:6004", None), &post, open).is_none());
         // Another site's page posting here.
         let csrf = build("POST", "127.0.0.1:6004", Some("http://evil.example"));
-        assert!(browser_guard(&csrf, &post, &open).is_some());
-        assert!(browser_guard(&csrf, &post, &locked).is_some());
+        assert!(browser_guard(&csrf, &post, open).is_some());
+        assert!(browser_guard(&csrf, &post, locked).is_some());
         // DNS rebinding without a token; with a token the name does not matter.
         let rebound = build("GET", "evil.example:6004", None);
-        assert!(browser_guard(&rebound, &Method::GET, &open).is_some());
-        assert!(browser_guard(&rebound, &Method::GET, &locked).is_none());
+        assert!(browser_guard(&rebound, &Method::GET, open).is_some());
+        assert!(browser_guard(&rebound, &Method::GET, locked).is_none());
     }
 
     #[test]

@@ -60,6 +60,12 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Does anything authenticate the admin API: a token (`admin.token`) or the `admin(req)`
+    /// hook (`hooks.admin`)?
+    pub fn admin_authenticated(&self) -> bool {
+        self.admin.has_authentication() || self.hooks.admin.is_some()
+    }
+
     /// Reads, substitutes `${VAR}` references, parses and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -189,8 +195,7 @@ impl Config {
         }
         if self.admin.enabled
             && !self.admin.listen.ip().is_loopback()
-            && !self.admin.has_authentication()
-            && self.hooks.admin.is_none()
+            && !self.admin_authenticated()
         {
             return Err((
                 "admin.token".into(),

@@ -55,9 +55,10 @@ async function openChromium(env) {
   const waitFor = (expression, what) => h.poll(() => evaluate(expression), {
     attempts: 60, delayMs: 100, maxDelayMs: 300, what,
   });
+  // Called after the environment killed chromium: the profile is no longer being written.
   const close = () => {
     ws.close();
-    fs.rmSync(profile, { recursive: true, force: true });
+    fs.rmSync(profile, { recursive: true, force: true, maxRetries: 5, retryDelay: 100 });
   };
   return { send, evaluate, waitFor, close };
 }
@@ -88,8 +89,8 @@ describe('admin page in headless Chromium', { timeout: 120_000 }, () => {
   });
 
   after(async () => {
-    if (browser) browser.close();
     if (env) await env.close();
+    if (browser) browser.close();
   });
 
   it('signs in, shows live numbers, looks up a uid, pushes, and drains a backend', async () => {

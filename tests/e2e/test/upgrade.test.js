@@ -109,7 +109,8 @@ describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
     keepAlive.destroy();
 
     assert.deepEqual(stats.errors.slice(0, 5), [], `${stats.failed} of ${stats.ok + stats.failed} HTTP requests failed`);
-    assert.ok(stats.droppedUnread.length <= 2, `${stats.droppedUnread.length} fresh connections dropped unread`);
+    assert.ok(stats.droppedUnread.length <= 4, // at most one per keep-alive socket slot (maxSockets 4)
+      `${stats.droppedUnread.length} fresh connections dropped unread`);
     assert.ok(stats.ok > okBefore, 'requests served during and after the upgrade');
     for (const c of ws) {
       assert.ok(c.hellos.every((p) => p === c.port), `${c.uid} came back on ${c.hellos} instead of ${c.port}`);
