@@ -16,10 +16,12 @@
 # What it starts, all on 127.0.0.1 with free ports, all stopped on exit (trap):
 #   redis-server (fresh, no persistence); 2 Node Socket.IO backends (tests/e2e/lib/backend.js,
 #   @socket.io/redis-adapter); a static nginx answering `return 200` on 2 ports; nginx as the
-#   proxy (`hash $cookie_uid consistent`, WebSocket headers); gopush with the equivalent config.
-# Each scenario runs its targets in rotating order (direct, nginx, gopush; then nginx, gopush,
-# direct; ...) so slow drift of a shared machine hits all of them alike; report.js takes the
-# median over rounds.
+#   proxy (`hash $cookie_uid consistent`, WebSocket headers); gopush with the equivalent config;
+#   and bare Pingora (examples/bare_pingora.rs: cookie uid -> Ketama, nothing else), which shows
+#   what Pingora itself costs and what gopush adds on top.
+# Each scenario runs its targets in rotating order (direct, nginx, pingora, gopush; then nginx,
+# pingora, gopush, direct; ...) so slow drift of a shared machine hits all of them alike;
+# report.js takes the median over rounds.
 #
 # Exit status: 0 if every selected scenario ran without error, 1 otherwise (the report is still
 # written, failed scenarios marked), 2 on a setup problem.
@@ -34,6 +36,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
 GOPUSH_BIN=${GOPUSH_BIN:-$ROOT/target/release/gopush}
+BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_pingora}
 NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 REDIS_BIN=${REDIS_SERVER_BIN:-redis-server}
 # The Node load generator reuses the e2e suite's packages (socket.io-client, ws, ...).
@@ -204,6 +207,10 @@ if [ ! -x "$GOPUSH_BIN" ]; then
   log "building $GOPUSH_BIN (cargo build --release --bin gopush)"
   (cd "$ROOT" && cargo build --release --bin gopush) || die "build failed"
 fi
+if [ ! -x "$BARE_BIN" ] || [ "$BARE_BIN" -ot "$ROOT/examples/bare_pingora.rs" ]; then
+  log "building $BARE_BIN (cargo build --release --example bare_pingora)"
+  (cd "$ROOT" && cargo build --release --example bare_pingora) || die "build failed"
+fi
 
 # Idle WebSockets need many descriptors: raise the soft limit to the hard one (inherited by
 # everything started below). A proxy holds 2 descriptors per proxied connection (client side +
@@ -234,7 +241,7 @@ IDLE_TIERS_CSV=$(IFS=,; echo "${IDLE_ACTUAL[*]}")
 MICRO_BUILD_OK=1
 if selected micro; then
   log "building the criterion micro-benchmarks (cargo bench --no-run)"
-  if ! (cd "$ROOT" && timeout 900 cargo bench --bench resolve_select --no-run) >"$WORK/micro-build.log" 2>&1; then
+  if ! (cd "$ROOT" && timeout 900 cargo bench --bench resolve_select --bench hook_cost --no-run) >"$WORK/micro-build.log" 2>&1; then
     MICRO_BUILD_OK=0
     tail -n 30 "$WORK/micro-build.log" >&2
     log "micro: build failed (is the [[bench]] entry and criterion dev-dependency in Cargo.toml?)"
@@ -250,9 +257,10 @@ RUN_START=$(date +%s)
 # ------------------------------------------------------------------------------------------------
 # servers
 
-mapfile -t P < <(LOAD ports 7)
-[ "${#P[@]}" -eq 7 ] || die "could not find free ports"
+mapfile -t P < <(LOAD ports 8)
+[ "${#P[@]}" -eq 8 ] || die "could not find free ports"
 REDIS_PORT=${P[0]} B1_PORT=${P[1]} B2_PORT=${P[2]} S1_PORT=${P[3]} S2_PORT=${P[4]} NGX_PORT=${P[5]} GP_PORT=${P[6]}
+BARE_PORT=${P[7]}
 B1=127.0.0.1:$B1_PORT B2=127.0.0.1:$B2_PORT S1=127.0.0.1:$S1_PORT S2=127.0.0.1:$S2_PORT
 
 start redis "$WORK/redis.log" "$REDIS_BIN" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
@@ -415,7 +423,12 @@ start gopush "$WORK/gopush.log" env RUST_LOG=warn "$GOPUSH_BIN" run -c "$GP_CONF
 GP_PID=$LAST_PID
 wait_port "$GP_PID" "$GP_PORT" 15 gopush
 
-NGX_URL=http://127.0.0.1:$NGX_PORT GP_URL=http://127.0.0.1:$GP_PORT
+# Bare Pingora: the same pools and threads, Pingora's defaults for everything else.
+start pingora "$WORK/pingora.log" env BARE_THREADS=2 "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
+BARE_PID=$LAST_PID
+wait_port "$BARE_PID" "$BARE_PORT" 15 "bare pingora"
+
+NGX_URL=http://127.0.0.1:$NGX_PORT GP_URL=http://127.0.0.1:$GP_PORT BARE_URL=http://127.0.0.1:$BARE_PORT
 # The HTTP scenarios use one uid so that direct, nginx and gopush all hit the same single backend
 # (the one the ring gives `u123`): the proxies' cost is then what separates them from direct.
 # (Whole output captured, first line kept: `gopush route | head -n 1` can make gopush panic on EPIPE.)
@@ -424,9 +437,9 @@ S_U123=$("$GOPUSH_BIN" route u123 --product static -c "$GP_CONF") S_U123=${S_U12
 case "$B_U123 $S_U123" in *127.0.0.1:*' '127.0.0.1:*) ;; *) die "gopush route gave '$B_U123' / '$S_U123'" ;; esac
 
 log "checking that nginx and gopush place uids alike (and as the Ketama model says)"
-LOAD parity --urls "$NGX_URL,$GP_URL" --direct "$B1,$B2" --uids 40 --record "$RESULTS" --scenario parity \
+LOAD parity --urls "$NGX_URL,$GP_URL,$BARE_URL" --direct "$B1,$B2" --uids 40 --record "$RESULTS" --scenario parity \
   || die "nginx and gopush disagree on placement: the comparison would be meaningless"
-for u in "$NGX_URL" "$GP_URL"; do
+for u in "$NGX_URL" "$GP_URL" "$BARE_URL"; do
   code=$(curl -s -o /dev/null -w '%{http_code}' -H 'Cookie: uid=u123' "$u/whoami?product=static")
   [ "$code" = 200 ] || die "$u/whoami?product=static answered $code"
 done
@@ -436,14 +449,15 @@ done
 
 # Rotating order of the targets per round (drift on a shared machine hits everyone alike).
 order() {
-  case $(( ($1 - 1) % 3 )) in
-    0) echo direct nginx gopush ;;
-    1) echo nginx gopush direct ;;
-    2) echo gopush direct nginx ;;
+  case $(( ($1 - 1) % 4 )) in
+    0) echo direct nginx pingora gopush ;;
+    1) echo nginx pingora gopush direct ;;
+    2) echo pingora gopush direct nginx ;;
+    3) echo gopush direct nginx pingora ;;
   esac
 }
-pids_of() { case $1 in nginx) echo "$NGX_PIDS" ;; gopush) echo "$GP_PID" ;; *) echo "" ;; esac; }
-url_of() { case $1 in nginx) echo "$NGX_URL" ;; gopush) echo "$GP_URL" ;; esac; }
+pids_of() { case $1 in nginx) echo "$NGX_PIDS" ;; gopush) echo "$GP_PID" ;; pingora) echo "$BARE_PID" ;; *) echo "" ;; esac; }
+url_of() { case $1 in nginx) echo "$NGX_URL" ;; gopush) echo "$GP_URL" ;; pingora) echo "$BARE_URL" ;; esac; }
 # Socket.IO targets: a proxy URL, or the direct baseline (clients pick their backend by the ring).
 # Both helpers fill an array (TGT, REC) so the options keep their word boundaries.
 sio_target() { case $1 in direct) TGT=(--direct "$B1,$B2") ;; *) TGT=(--url "$(url_of "$1")") ;; esac; }
@@ -502,7 +516,7 @@ sc_websocket() {
 sc_idle() {
   local rc=0 t
   [ -n "$IDLE_TIERS_CSV" ] || { log "idle: no tier fits in ulimit -n $NOFILE"; return 1; }
-  for t in nginx gopush; do
+  for t in nginx pingora gopush; do
     log "idle websockets: $t (tiers $IDLE_TIERS_CSV)"
     rec idle "$t" 1
     LOAD idle --url "$(url_of "$t")" --pids "$(pids_of "$t")" --tiers "$IDLE_TIERS_CSV" \
@@ -526,9 +540,9 @@ sc_storm() {
 
 sc_micro() {
   [ "$MICRO_BUILD_OK" = 1 ] || return 1
-  log "criterion: uid resolution + ring selection"
+  log "criterion: uid resolution + ring selection; what a JavaScript uid hook costs"
   (cd "$ROOT" && CRITERION_HOME="$WORK/criterion" timeout 300 \
-    cargo bench --bench resolve_select -- "${CRITERION_ARGS[@]}") >"$WORK/micro.log" 2>&1 \
+    cargo bench --bench resolve_select --bench hook_cost -- "${CRITERION_ARGS[@]}") >"$WORK/micro.log" 2>&1 \
     || { tail -n 30 "$WORK/micro.log" >&2; return 1; }
   grep -B1 'time:' "$WORK/micro.log" | grep -v -e '^--$' -e '^Benchmarking' >&2 || true
   rec micro gopush 1
@@ -551,7 +565,7 @@ run_scenario() {
   fi
   SCEN_PID=""
   # A proxy that died makes every later number meaningless: stop here.
-  for p in "$GP_PID" ${NGX_PIDS//,/ }; do
+  for p in "$GP_PID" "$BARE_PID" ${NGX_PIDS//,/ }; do
     kill -0 "$p" 2>/dev/null || die "proxy process $p died during '$name' (logs in $WORK)"
   done
 }

@@ -1,17 +1,24 @@
-//! The floor gopush is measured against in `benches/run.sh --bare`: a bare Pingora 0.9.1 proxy
-//! doing the same routing job (uid cookie → Ketama ring → backend) with nothing else: no uid
-//! validation, header rewriting, limits, affinity, metrics or logging.
+//! The floor gopush is measured against in `benches/run.sh`: a bare Pingora 0.9.1 proxy doing the
+//! same routing job (uid cookie → Ketama ring → backend) and nothing else: no uid validation,
+//! header rewriting, limits, health checks, affinity, metrics or logging. Pingora's own WebSocket
+//! pass-through (without gopush's pingora#946 workaround).
 //!
-//! `cargo run --release --example bare_pingora -- LISTEN BACKEND...`
+//! ```text
+//! bare_pingora LISTEN DEFAULT_POOL [STATIC_POOL]     pools: comma-separated ip:port lists
+//! ```
+//! `?product=static` picks the second pool, as gopush's `product_param` does in the benchmark.
+//! `BARE_THREADS` sets the worker threads (default 2, gopush's benchmark setting).
 
 use async_trait::async_trait;
 use pingora::lb::{selection::consistent::KetamaHashing, LoadBalancer};
 use pingora::prelude::*;
-use std::sync::Arc;
 
-struct Bare(Arc<LoadBalancer<KetamaHashing>>);
+struct Bare {
+    default: LoadBalancer<KetamaHashing>,
+    static_pool: Option<LoadBalancer<KetamaHashing>>,
+}
 
-fn cookie_uid(req: &pingora::http::RequestHeader) -> &[u8] {
+fn cookie_uid(req: &RequestHeader) -> &[u8] {
     let Some(c) = req.headers.get("cookie") else {
         return b"";
     };
@@ -28,39 +35,53 @@ impl ProxyHttp for Bare {
     fn new_ctx(&self) {}
 
     async fn upstream_peer(&self, s: &mut Session, _: &mut ()) -> Result<Box<HttpPeer>> {
-        let backend = self
-            .0
-            .select(cookie_uid(s.req_header()), 256)
+        let req = s.req_header();
+        let pool = match (&self.static_pool, req.uri.query()) {
+            (Some(p), Some(q)) if q.split('&').any(|kv| kv == "product=static") => p,
+            _ => &self.default,
+        };
+        let backend = pool
+            .select(cookie_uid(req), 256)
             .ok_or_else(|| Error::new_str("no backend"))?;
         Ok(Box::new(HttpPeer::new(backend, false, String::new())))
     }
 }
 
+fn pool(list: &str) -> LoadBalancer<KetamaHashing> {
+    LoadBalancer::try_from_iter(list.split(',')).unwrap_or_else(|e| {
+        eprintln!("bad backend list '{list}': {e}");
+        std::process::exit(2)
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((listen, backends)) = args.split_first() else {
-        eprintln!("usage: bare_pingora LISTEN BACKEND...");
-        std::process::exit(2);
-    };
-    let lb = match LoadBalancer::try_from_iter(backends) {
-        Ok(lb) => lb,
-        Err(e) => {
-            eprintln!("bad backend list: {e}");
-            std::process::exit(2);
+    let (listen, default, static_pool) = match args.as_slice() {
+        [l, d] => (l, pool(d), None),
+        [l, d, s] => (l, pool(d), Some(pool(s))),
+        _ => {
+            eprintln!("usage: bare_pingora LISTEN DEFAULT_POOL [STATIC_POOL]");
+            std::process::exit(2)
         }
     };
-    let mut server = match Server::new(None) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("server: {e}");
-            std::process::exit(1);
-        }
+    // Pingora's defaults, except a short shutdown (the harness stops it with SIGTERM).
+    let conf = pingora::server::configuration::ServerConf {
+        grace_period_seconds: Some(1),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
     };
+    let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let mut svc = http_proxy_service(&server.configuration, Bare(Arc::new(lb)));
+    let bare = Bare {
+        default,
+        static_pool,
+    };
+    let mut svc = http_proxy_service(&server.configuration, bare);
     svc.add_tcp(listen);
-    // BARE_THREADS: the proxy's worker threads (default 2, as in the benchmark).
-    svc.threads = std::env::var("BARE_THREADS").ok().and_then(|t| t.parse().ok()).or(Some(2));
+    svc.threads = std::env::var("BARE_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .or(Some(2));
     server.add_service(svc);
     server.run_forever();
 }
