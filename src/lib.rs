@@ -21,6 +21,7 @@ pub mod config;
 pub mod counters;
 pub mod demo;
 pub mod forward;
+pub mod handover;
 pub mod hooks;
 pub mod jwt;
 pub mod limits;

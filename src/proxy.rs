@@ -14,6 +14,7 @@
 use crate::access_log;
 use crate::affinity::{self, Affinity};
 use crate::callback::Answer;
+use crate::handover::{self, HandOver};
 use crate::hooks::{HookKind, HookRequest, RouteDecision};
 use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
@@ -28,7 +29,6 @@ use pingora::lb::Backend;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::proxy::FailToProxy;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,7 +42,7 @@ pub struct Agent {
     /// Set once this process hands its listeners to a new one (or stops): responses then say
     /// `Connection: close`, so clients move to the new process while this one still answers,
     /// instead of racing the idle keep-alive connections it will drop.
-    closing: Arc<AtomicBool>,
+    handover: Arc<HandOver>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
     /// Process-wide metric families (per-backend children live in the snapshot).
@@ -77,6 +77,10 @@ pub struct Ctx {
     stats: Option<Arc<BackendStats>>,
     /// The request is counted as an open tunnel of its backend, not as an active request.
     tunnel_counted: bool,
+    /// A tunnel's moment to close during a hand-over (ms after the listeners stop accepting).
+    close_at: Option<u32>,
+    /// The agent sent this tunnel's client a close frame: the tunnel ends at its next frame.
+    going_away: bool,
 }
 
 /// A request the agent answers itself.
@@ -135,7 +139,7 @@ impl Refusal {
 impl Agent {
     /// Builds the agent around a live configuration; `closing` is raised when the process starts
     /// to hand over or stop (see [`crate::server`]).
-    pub fn new(live: Arc<Live>, closing: Arc<AtomicBool>) -> Self {
+    pub fn new(live: Arc<Live>, handover: Arc<HandOver>) -> Self {
         let snapshot = live.load();
         let affinity = &snapshot.config.affinity;
         let affinity = affinity
@@ -146,7 +150,7 @@ impl Agent {
             live,
             affinity,
             limiter: Arc::new(Limiter::default()),
-            closing,
+            handover,
             demo_page: None,
         }
     }
@@ -394,6 +398,14 @@ impl Ctx {
 }
 
 /// The phrase for a configured error status (`http` knows none for 430).
+/// How a tunnel closed for a hand-over ends (not logged as an error).
+fn handed_over() -> Box<Error> {
+    Error::explain(
+        ErrorType::ConnectionClosed,
+        "tunnel closed for the hand-over to a new process",
+    )
+}
+
 fn reason_phrase(status: u16) -> &'static str {
     if status == 430 {
         return "Uid Required";
@@ -466,6 +478,8 @@ impl ProxyHttp for Agent {
             tunnel: None,
             stats: None,
             tunnel_counted: false,
+            close_at: None,
+            going_away: false,
         }
     }
 
@@ -483,7 +497,7 @@ impl ProxyHttp for Agent {
         ctx.snapshot = Some(snap.clone());
         if let Err(why) = routed {
             self.metrics.refused(why.kind());
-            if self.closing.load(Ordering::Relaxed) {
+            if self.handover.is_closing() {
                 session.set_keepalive(None);
             }
             self.refuse(&snap, session, why).await?;
@@ -574,11 +588,12 @@ impl ProxyHttp for Agent {
         if ctx.upgrade_guard {
             upgrade::on_response(session, upstream_response.status.as_u16());
         }
-        if self.closing.load(Ordering::Relaxed) {
+        if self.handover.is_closing() {
             session.set_keepalive(None);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
             ctx.tunnel = Some(self.limiter.tunnel_opened());
+            ctx.close_at = self.handover.tunnel_opened();
             if let Some(s) = ctx.backend_stats() {
                 // Counted now, not when the tunnel ends: a WebSocket can live for hours.
                 s.count_status(101);
@@ -593,6 +608,20 @@ impl ProxyHttp for Agent {
         Ok(())
     }
 
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        if ctx.going_away {
+            // The client's answer to our close frame (or anything after it): end the tunnel.
+            return Err(handed_over());
+        }
+        Ok(())
+    }
+
     fn response_body_filter(
         &self,
         _session: &mut Session,
@@ -600,6 +629,18 @@ impl ProxyHttp for Agent {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if let Some(at) = ctx.close_at {
+            if ctx.going_away {
+                return Err(handed_over());
+            }
+            if body.as_deref().is_some_and(handover::is_lone_ping) && self.handover.tunnel_due(at) {
+                // Its moment has come during a hand-over: a clean close instead of this ping;
+                // the client reconnects through the new process.
+                *body = Some(Bytes::from_static(handover::GOING_AWAY));
+                ctx.going_away = true;
+                return Ok(None);
+            }
+        }
         if ctx.learn_sid {
             if let (Some(chunk), Some(memory), Some(backend)) =
                 (body.as_ref(), &self.affinity, &ctx.backend)
@@ -684,8 +725,9 @@ impl ProxyHttp for Agent {
         }
     }
 
-    fn suppress_error_log(&self, _session: &Session, _ctx: &Ctx, error: &Error) -> bool {
-        // A client going away (tab closed, load tool ending, refused upgrade) is routine.
-        matches!(error.esource(), pingora::ErrorSource::Downstream)
+    fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
+        // A client going away (tab closed, load tool ending, refused upgrade) is routine, and so
+        // is a tunnel the agent closed itself during a hand-over.
+        ctx.going_away || matches!(error.esource(), pingora::ErrorSource::Downstream)
     }
 }

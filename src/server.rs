@@ -4,6 +4,7 @@
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::handover::HandOver;
 use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
@@ -12,7 +13,6 @@ use pingora::server::Server;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::sync::Mutex;
 use tokio::sync::broadcast;
@@ -49,12 +49,12 @@ pub fn run(
             .build()?
             .block_on(live.refresh_discovery());
     }
-    let closing = Arc::new(AtomicBool::new(false));
+    let handover = Arc::new(HandOver::new(config.server.tunnel_close_spread()));
     let watch = WatchClosing {
         phases: Mutex::new(Some(server.watch_execution_phase())),
-        closing: closing.clone(),
+        handover: handover.clone(),
     };
-    let mut agent = Agent::new(live.clone(), closing);
+    let mut agent = Agent::new(live.clone(), handover);
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
@@ -92,10 +92,11 @@ pub fn run(
     server.run_forever()
 }
 
-/// Raises the agent's `closing` flag when Pingora starts a graceful upgrade or stop.
+/// Moves the agent through its hand-over stages (see [`crate::handover`]) as Pingora goes
+/// through a graceful upgrade or stop.
 struct WatchClosing {
     phases: Mutex<Option<broadcast::Receiver<ExecutionPhase>>>,
-    closing: Arc<AtomicBool>,
+    handover: Arc<HandOver>,
 }
 
 #[async_trait]
@@ -110,13 +111,21 @@ impl BackgroundService for WatchClosing {
                 Ok(
                     ExecutionPhase::GracefulUpgradeTransferringFds
                     | ExecutionPhase::GracefulUpgradeCloseTimeout
-                    | ExecutionPhase::GracefulTerminate
-                    | ExecutionPhase::ShutdownStarted
-                    | ExecutionPhase::ShutdownGracePeriod,
+                    | ExecutionPhase::GracefulTerminate,
                 ) => {
-                    if !self.closing.swap(true, Ordering::Relaxed) {
+                    if self.handover.start_closing() {
                         tracing::info!(
                             "handing over or stopping: responses now close their connections"
+                        );
+                    }
+                }
+                Ok(ExecutionPhase::ShutdownStarted | ExecutionPhase::ShutdownGracePeriod) => {
+                    if self.handover.start_closing() {
+                        tracing::info!("stopping: responses now close their connections");
+                    }
+                    if self.handover.stop_accepting() {
+                        tracing::info!(
+                            "no longer accepting: open WebSocket tunnels close one by one over the grace period"
                         );
                     }
                 }

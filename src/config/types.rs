@@ -878,6 +878,10 @@ pub struct ServerSection {
     /// In daemon mode, the parent exits only once the services are ready.
     #[serde(default = "yes")]
     pub daemon_wait_for_ready: bool,
+    /// While handing over or stopping, close open WebSocket tunnels one by one over the first
+    /// half of the grace period (see `crate::handover`) rather than all at its end.
+    #[serde(default = "yes")]
+    pub spread_tunnel_closes: bool,
 }
 
 impl Default for ServerSection {
@@ -895,6 +899,7 @@ impl Default for ServerSection {
             graceful_shutdown_timeout_seconds: default_shutdown_timeout(),
             upstream_keepalive_pool_size: default_keepalive_pool(),
             daemon_wait_for_ready: true,
+            spread_tunnel_closes: true,
         }
     }
 }
@@ -920,6 +925,17 @@ fn default_keepalive_pool() -> usize {
 }
 
 impl ServerSection {
+    /// The window over which tunnels are closed during a hand-over: the first half of the grace
+    /// period (the second half leaves each tunnel time to meet its next Engine.IO ping), or zero
+    /// when spreading is off.
+    pub fn tunnel_close_spread(&self) -> std::time::Duration {
+        if self.spread_tunnel_closes {
+            std::time::Duration::from_millis(self.grace_period_seconds.saturating_mul(500))
+        } else {
+            std::time::Duration::ZERO
+        }
+    }
+
     /// Pingora's `ServerConf` with these settings applied over its defaults.
     pub fn to_pingora(&self) -> pingora::server::configuration::ServerConf {
         let mut conf = pingora::server::configuration::ServerConf {

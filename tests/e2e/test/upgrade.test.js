@@ -4,17 +4,44 @@
 // loop and 200 socket.io clients (100 long-polling, 100 websocket) run through the agent.
 // Expected: 0 failed HTTP requests, 0 polling sessions lost (their long-polls finish on the old
 // process within the grace period, the next ones reach the new process), and every websocket
-// client reconnected through the new process to the *same* backend. The reconnect spike (how
-// long until all websocket clients were back) is reported.
+// client reconnected through the new process to the *same* backend. Once the old process stops
+// accepting, it closes its WebSocket tunnels one by one over the first half of its grace period
+// (at each tunnel's next Engine.IO ping, with a close frame 1001): the disconnects must be spread
+// out, not all at one instant, and the reconnect spike (the most reconnects in any 250 ms) is
+// reported.
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const http = require('node:http');
+const WebSocket = require('ws');
 const h = require('../lib/harness');
 
 const POLLING = 100;
 const WEBSOCKET = 100;
+const RAW = 10; // bare Engine.IO WebSocket clients: they see the close frame's status code
+
+/** An Engine.IO 4 WebSocket session that answers pings and records how it was closed. */
+function rawEngineIo(url, uid) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`${url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`,
+      { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
+    const c = { uid, ws, open: false, closeCode: null, closedAt: null };
+    const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no Engine.IO open packet`)); }, 10000);
+    ws.on('message', (data) => {
+      const text = data.toString();
+      if (text.startsWith('0') && !c.open) {
+        c.open = true;
+        clearTimeout(timer);
+        resolve(c);
+      } else if (text === '2') {
+        ws.send('3');
+      }
+    });
+    ws.on('close', (code) => { c.closeCode = code; c.closedAt = Date.now(); });
+    ws.on('error', (err) => { clearTimeout(timer); if (!c.open) reject(err); });
+  });
+}
 
 describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
   let env;
@@ -55,7 +82,14 @@ describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
       clients.push(c);
     };
     await h.mapLimit(Array.from({ length: POLLING }, (_, i) => i), 20, (i) => open(i, ['polling']));
-    await h.mapLimit(Array.from({ length: WEBSOCKET }, (_, i) => POLLING + i), 20, (i) => open(i, ['websocket']));
+    // Opened over one ping interval (2 s), as real clients arrive at unrelated times: their
+    // Engine.IO pings, the moments a tunnel can be closed cleanly, are then spread too. (Pacing
+    // the load, not waiting for anything.)
+    await h.mapLimit(Array.from({ length: WEBSOCKET }, (_, i) => POLLING + i), 5, async (i) => {
+      await h.delay(100);
+      await open(i, ['websocket']);
+    });
+    const raws = await h.mapLimit(Array.from({ length: RAW }, (_, i) => i), 10, (i) => rawEngineIo(agent.url, `raw-${i}`));
 
     // --- HTTP loop: keep-alive connections, as a browser or an outer proxy would use them
     const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 4 });
@@ -94,6 +128,7 @@ describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
     assert.equal(next.exited, null, `new process exited: ${next.tail()}`);
     const okBefore = stats.ok;
     process.kill(agent.proc.pid, 'SIGQUIT');
+    const quitAt = Date.now();
     const oldExit = await h.withTimeout(agent.proc.exitPromise, 30000, 'the old process to exit');
     const oldGoneAt = Date.now();
     assert.equal(oldExit.code, 0, `old process exit ${JSON.stringify(oldExit)}: ${agent.proc.tail()}`);
@@ -122,11 +157,28 @@ describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
       const echoed = await h.emitAck(c.socket, 'echo', c.uid, 5000);
       assert.equal(echoed, c.uid);
     }
-    const back = ws.map((c) => c.backAt - oldGoneAt).sort((a, b) => a - b);
+    // Tunnels were closed cleanly (1001 going away), before the old process exited, and spread
+    // out rather than all at one instant.
+    for (const r of raws) {
+      assert.equal(r.closeCode, 1001, `${r.uid}: closed with ${r.closeCode}, not 1001 (going away)`);
+      assert.ok(r.closedAt <= oldGoneAt, `${r.uid} closed only when the old process exited`);
+    }
     const down = ws.map((c) => c.downAt).filter(Boolean).sort((a, b) => a - b);
-    const spread = down.length ? down[down.length - 1] - down[0] : 0;
-    process.stdout.write(`# upgrade: ${stats.ok} HTTP requests, ${stats.failed} failed, ${stats.droppedUnread.length} fresh connections dropped unread; ${ws.length} websockets cut `
-      + `within ${spread} ms of each other, all back ${back[back.length - 1]} ms after the old process exited `
-      + `(median ${back[Math.floor(back.length / 2)]} ms)\n`);
+    assert.equal(down.length, ws.length, 'every websocket client was moved');
+    const spread = down[down.length - 1] - down[0];
+    assert.ok(spread >= 1000, `websockets cut within ${spread} ms of each other: not spread out`);
+    const backs = ws.map((c) => c.backAt).sort((a, b) => a - b);
+    let spike = 0;
+    for (let i = 0, j = 0; i < backs.length; i++) {
+      while (backs[i] - backs[j] > 250) j++;
+      spike = Math.max(spike, i - j + 1);
+    }
+    const sinceQuit = (t) => ((t - quitAt) / 1000).toFixed(1);
+    if (process.env.GOPUSH_DEBUG_SPREAD) process.stdout.write(`# downs: ${down.map(sinceQuit).join(" ")}\n# backs: ${backs.map(sinceQuit).join(" ")}\n`);
+    process.stdout.write(`# upgrade: ${stats.ok} HTTP requests, ${stats.failed} failed, ${stats.droppedUnread.length} fresh connections dropped unread; `
+      + `${ws.length} websockets closed between ${sinceQuit(down[0])} s and ${sinceQuit(down[down.length - 1])} s after SIGQUIT `
+      + `(old process exited at ${sinceQuit(oldGoneAt)} s); reconnect spike: at most ${spike} of ${ws.length} back within 250 ms; `
+      + `${raws.length} raw Engine.IO clients got close code 1001\n`);
+    for (const r of raws) r.ws.terminate();
   });
 });
