@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # gopush benchmark harness: gopush vs nginx vs direct-to-backend, on loopback, in one command.
 #
-#   bash benches/run.sh            full run (~6-8 min), writes docs/BENCHMARKS.md + docs/benchmarks.svg
+#   bash benches/run.sh            full run (~10 min), writes docs/BENCHMARKS.md + docs/benchmarks.svg
 #   bash benches/run.sh --smoke    every scenario for a few seconds / small counts (CI); writes
 #                                  its report to $TMPDIR/gopush-bench-smoke/ unless --out is given
 #
@@ -29,7 +29,7 @@
 # Requirements: wrk, nginx (nginx-light), redis-server, node >= 20 with the e2e suite's packages
 # (`(cd tests/e2e && npm ci)`), cargo for `micro`, and the release binary (built if missing).
 # Environment: GOPUSH_BIN, NGINX_BIN, REDIS_SERVER_BIN, WRK_BIN, NODE_PATH override the tools;
-# BENCH_BACKEND_BACKLOG (4096; 0 = Node's 511), BENCH_BUDGET_S (watchdog: full 720, smoke 300).
+# BENCH_BACKEND_BACKLOG (4096; 0 = Node's 511), BENCH_BUDGET_S (watchdog: full 900, smoke 300).
 
 set -euo pipefail
 
@@ -84,13 +84,13 @@ if [ "$MODE" = smoke ]; then
   : "${OUT:=${TMPDIR:-/tmp}/gopush-bench-smoke}"
 else
   : "${ROUNDS:=3}"
-  HTTP_SECS=8 HTTP_WARM=1 WRK_CONNS=50
+  HTTP_SECS=5 HTTP_WARM=1 WRK_CONNS=50
   POLL_CLIENTS=200 POLL_ECHOES=20
-  WS_CLIENTS=200 WS_SECS=6
+  WS_CLIENTS=200 WS_SECS=4
   IDLE_TIERS="5000 20000"
   STORM_CLIENTS=2000
   CRITERION_ARGS=(--warm-up-time 1 --measurement-time 3)
-  BUDGET_S=720
+  BUDGET_S=900
   : "${OUT:=$ROOT/docs}"
 fi
 BUDGET_S=${BENCH_BUDGET_S:-$BUDGET_S}   # override for testing the watchdog
