@@ -60,7 +60,10 @@ fn main() {
     let mut svc = http_proxy_service(&server.configuration, Bare(Arc::new(lb)));
     svc.add_tcp(listen);
     // BARE_THREADS: the proxy's worker threads (default 2, as in the benchmark).
-    svc.threads = std::env::var("BARE_THREADS").ok().and_then(|t| t.parse().ok()).or(Some(2));
+    svc.threads = std::env::var("BARE_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .or(Some(2));
     server.add_service(svc);
     server.run_forever();
 }
