@@ -4,6 +4,7 @@
 
 use crate::admin::AdminApp;
 use crate::config::Config;
+use crate::limits::head_deadline::HeadDeadlineApp;
 use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
@@ -63,7 +64,11 @@ pub fn run(
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, agent);
+    let proxy = pingora::proxy::http_proxy(&server.configuration, agent);
+    let limits_of = live.clone();
+    let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout);
+    let mut proxy =
+        pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
     for addr in &config.listen.0 {
         proxy.add_tcp(&addr.to_string());
     }
