@@ -5,17 +5,21 @@
 //! every few seconds holds its connection until it reaches Pingora's 1 MiB head cap, i.e.
 //! practically forever. Enough such clients would hold all of the agent's file descriptors.
 //!
-//! [`HeadDeadline`] wraps each accepted connection. While a head is awaited, reads fail with
-//! `TimedOut` once the deadline has passed, and Pingora closes the connection (a head that was
-//! not complete is never proxied). The deadline runs from the accept for the first request,
+//! [`HeadDeadline`] wraps each accepted connection. While a head is awaited and the deadline has
+//! passed, a read no longer completes: it signals [`HeadDeadlineApp`], which drops the
+//! connection's processing (a head that was not complete is never proxied), closes the socket
+//! and counts it in `gopush_header_timeouts_total`. Cutting it there rather than failing the read
+//! keeps the log quiet: Pingora logs every failed head read at error level, one line per slow
+//! client, which an attack would turn into a flood. The deadline runs from the accept for the first request,
 //! and from the first byte of the next request on a kept-alive connection (the idle time
 //! between requests stays governed by Pingora's keep-alive timeout). Once the head is in, the
 //! agent lifts the deadline ([`HeadDeadline::head_read`], from `early_request_filter`): bodies,
 //! long-polls and WebSocket tunnels are not affected.
 //!
-//! Costs: one timer per connection, allocated at the accept; per request, two relaxed atomic
-//! stores and the timer reset — no allocation, no lock.
+//! Costs: a timer and a `Notify` per connection, allocated at the accept; per request, two
+//! relaxed atomic stores and the timer reset — no allocation, no lock.
 
+use crate::counters::{bump, metrics};
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -32,6 +36,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Reads fail once the deadline has passed.
@@ -40,6 +45,8 @@ const ARMED: u8 = 0;
 const PASSING: u8 = 1;
 /// Between requests: the first byte read arms the deadline.
 const IDLE: u8 = 2;
+/// The deadline passed while a head was awaited: reads never complete again.
+const EXPIRED: u8 = 3;
 
 /// A connection whose request heads must arrive within a deadline.
 pub struct HeadDeadline {
@@ -47,20 +54,30 @@ pub struct HeadDeadline {
     timeout: Duration,
     state: AtomicU8,
     timer: Pin<Box<Sleep>>,
+    /// Told when the deadline passes; without it (tests) the read fails with `TimedOut`.
+    expired: Option<Arc<Notify>>,
 }
 
 impl HeadDeadline {
     /// Wraps `inner`, armed: the first head must be complete within `timeout` from now.
-    pub fn new(inner: Stream, timeout: Duration) -> Self {
-        Self::armed_until(inner, timeout, Instant::now() + timeout)
+    /// `expired` is notified when a deadline passes (and reads stop completing); without it a
+    /// read after the deadline fails with `TimedOut`.
+    pub fn new(inner: Stream, timeout: Duration, expired: Option<Arc<Notify>>) -> Self {
+        Self::armed_until(inner, timeout, Instant::now() + timeout, expired)
     }
 
-    fn armed_until(inner: Stream, timeout: Duration, deadline: Instant) -> Self {
+    fn armed_until(
+        inner: Stream,
+        timeout: Duration,
+        deadline: Instant,
+        expired: Option<Arc<Notify>>,
+    ) -> Self {
         HeadDeadline {
             inner,
             timeout,
             state: AtomicU8::new(ARMED),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
+            expired,
         }
     }
 
@@ -82,7 +99,19 @@ impl HeadDeadline {
             .compare_exchange(PASSING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
     }
 
-    fn expired(&self) -> io::Error {
+    /// The read after the deadline: pending for good once the app was told (it drops the
+    /// connection), else an error.
+    fn expire(&self) -> Poll<io::Result<()>> {
+        match &self.expired {
+            Some(notify) => {
+                notify.notify_one();
+                Poll::Pending
+            }
+            None => Poll::Ready(Err(self.timed_out())),
+        }
+    }
+
+    fn timed_out(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
             format!(
@@ -113,10 +142,12 @@ impl AsyncRead for HeadDeadline {
         match this.state.load(Ordering::Relaxed) {
             ARMED => {
                 if this.timer.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(Err(this.expired()));
+                    this.state.store(EXPIRED, Ordering::Relaxed);
+                    return this.expire();
                 }
                 Pin::new(&mut this.inner).poll_read(cx, buf)
             }
+            EXPIRED => this.expire(),
             IDLE => {
                 let before = buf.filled().len();
                 let read = Pin::new(&mut this.inner).poll_read(cx, buf);
@@ -259,12 +290,21 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let timeout = (self.timeout)();
-        let stream: Stream = if timeout.is_zero() {
-            stream
-        } else {
-            Box::new(HeadDeadline::new(stream, timeout))
-        };
-        self.requests.process_new(stream, shutdown).await
+        if timeout.is_zero() {
+            return self.requests.process_new(stream, shutdown).await;
+        }
+        let expired = Arc::new(Notify::new());
+        let stream: Stream = Box::new(HeadDeadline::new(stream, timeout, Some(expired.clone())));
+        tokio::select! {
+            biased;
+            reused = self.requests.process_new(stream, shutdown) => reused,
+            () = expired.notified() => {
+                // Dropping the processing closes the connection; nothing was proxied.
+                bump(&metrics().header_timeouts);
+                tracing::debug!("request head not complete within limits.header_timeout: connection closed");
+                None
+            }
+        }
     }
 
     async fn cleanup(&self) {
@@ -319,7 +359,7 @@ mod tests {
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now);
         (
-            HeadDeadline::armed_until(Box::new(ours), timeout, past),
+            HeadDeadline::armed_until(Box::new(ours), timeout, past, None),
             theirs,
         )
     }
@@ -352,9 +392,38 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn with_a_watcher_the_expired_read_notifies_it_and_never_completes() {
+        let (ours, mut client) = tokio::io::duplex(1024);
+        let notify = Arc::new(Notify::new());
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        let mut d = HeadDeadline::armed_until(
+            Box::new(ours),
+            Duration::from_secs(10),
+            past,
+            Some(notify.clone()),
+        );
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 64];
+        let outcome = tokio::time::timeout(BOUND, async {
+            tokio::select! {
+                r = d.read(&mut buf) => Err(format!("the read completed: {r:?}")),
+                () = notify.notified() => Ok(()),
+            }
+        })
+        .await;
+        assert_eq!(
+            outcome,
+            Ok(Ok(())),
+            "the watcher is told, the read stays pending"
+        );
+    }
+
+    #[tokio::test]
     async fn a_head_dribbled_byte_by_byte_is_cut_at_the_deadline() {
         let (ours, mut client) = tokio::io::duplex(1024);
-        let mut d = HeadDeadline::new(Box::new(ours), Duration::from_millis(300));
+        let mut d = HeadDeadline::new(Box::new(ours), Duration::from_millis(300), None);
         let started = std::time::Instant::now();
         let writer = tokio::spawn(async move {
             // One byte every 50 ms for at most 5 s: each byte would renew a per-read timeout.
