@@ -1,4 +1,5 @@
-//! Counters of hook and uid-source failures, for operators (the admin console exposes them).
+//! Counters of hook and uid-source failures and of slow clients cut at `limits.header_timeout`,
+//! for operators (the admin console exposes them).
 //!
 //! Process-wide and monotonic: they survive configuration reloads, so a rate computed from two
 //! readings stays meaningful. Relaxed atomics: each counter is independent and only ever added to.
@@ -26,6 +27,9 @@ pub struct Metrics {
     pub callback_cache_hits: AtomicU64,
     /// Auth callback requests actually sent.
     pub callback_requests: AtomicU64,
+    /// Connections closed because their request head was not complete within
+    /// `limits.header_timeout`.
+    pub header_timeouts: AtomicU64,
 }
 
 /// A plain copy of the counters at one moment.
@@ -49,6 +53,8 @@ pub struct MetricsSnapshot {
     pub callback_cache_hits: u64,
     /// See [`Metrics::callback_requests`].
     pub callback_requests: u64,
+    /// See [`Metrics::header_timeouts`].
+    pub header_timeouts: u64,
 }
 
 impl Metrics {
@@ -63,6 +69,7 @@ impl Metrics {
             callback_errors: AtomicU64::new(0),
             callback_cache_hits: AtomicU64::new(0),
             callback_requests: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
         }
     }
 
@@ -79,6 +86,7 @@ impl Metrics {
             callback_errors: r(&self.callback_errors),
             callback_cache_hits: r(&self.callback_cache_hits),
             callback_requests: r(&self.callback_requests),
+            header_timeouts: r(&self.header_timeouts),
         }
     }
 }

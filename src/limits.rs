@@ -5,6 +5,11 @@
 //! clients; an estimate can only over-count, so a limit never lets more through than set).
 //! The counters live in the agent and survive reloads; the thresholds come from the request's
 //! configuration snapshot, so a reload changes them at once.
+//!
+//! The deadline for a request head (`limits.header_timeout`, against slowloris) acts on the
+//! connection itself, before a request exists: see [`head_deadline`].
+
+pub mod head_deadline;
 
 use crate::config::{LimitsConfig, RateLimit};
 use pingora_limits::inflight::{Guard, Inflight};

@@ -46,12 +46,13 @@ pub fn init(daemon: bool, format: LogFormat) {
     }
 }
 
-/// Reopens `server.error_log` on SIGUSR1 (after logrotate moved it), in daemon mode where
-/// Pingora pointed stderr at that file: the new file is opened and put in place of fd 2, so every
-/// writer keeps working without a restart.
+/// Handles SIGUSR1 (sent by logrotate): in daemon mode, where Pingora pointed stderr at
+/// `server.error_log`, that file is opened again and put in place of fd 2, so every writer
+/// follows it without a restart. Without a file to reopen (foreground, or no `error_log`) the
+/// signal is logged and ignored: its default action would kill the process.
 pub struct ReopenOnUsr1 {
-    /// The error log file.
-    pub path: std::path::PathBuf,
+    /// The error log file, when stderr is that file.
+    pub path: Option<std::path::PathBuf>,
 }
 
 #[async_trait::async_trait]
@@ -72,9 +73,13 @@ impl pingora::services::background::BackgroundService for ReopenOnUsr1 {
                     if got.is_none() {
                         return;
                     }
-                    match reopen_stderr(&self.path) {
-                        Ok(()) => tracing::info!(file = %self.path.display(), "error log reopened"),
-                        Err(e) => tracing::error!(file = %self.path.display(), "cannot reopen the error log: {e}"),
+                    let Some(path) = &self.path else {
+                        tracing::info!("SIGUSR1: no error log file to reopen (server.error_log is used in daemon mode only); ignored");
+                        continue;
+                    };
+                    match reopen_stderr(path) {
+                        Ok(()) => tracing::info!(file = %path.display(), "error log reopened"),
+                        Err(e) => tracing::error!(file = %path.display(), "cannot reopen the error log: {e}"),
                     }
                 }
             }

@@ -68,6 +68,7 @@ pub struct Metrics {
     config_loaded: IntGauge,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
+    header_timeouts: IntCounter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -206,6 +207,14 @@ impl Metrics {
             "Signed-token and auth-callback uid sources: rejections, callback errors, requests and cache hits.",
             &["event"],
         );
+        let header_timeouts = register(
+            &r,
+            IntCounter::new(
+                "gopush_header_timeouts_total",
+                "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_header_timeouts_total: {e}")),
+        );
         Metrics {
             registry: r,
             requests,
@@ -223,6 +232,7 @@ impl Metrics {
             config_loaded,
             hooks,
             uid_auth,
+            header_timeouts,
         }
     }
 
@@ -271,6 +281,8 @@ impl Metrics {
         set(&self.uid_auth, "callback_error", f.callback_errors);
         set(&self.uid_auth, "callback_request", f.callback_requests);
         set(&self.uid_auth, "callback_cache_hit", f.callback_cache_hits);
+        self.header_timeouts
+            .inc_by(f.header_timeouts.saturating_sub(self.header_timeouts.get()));
     }
 
     /// The Prometheus text exposition of every family.

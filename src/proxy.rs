@@ -16,6 +16,7 @@ use crate::affinity::{self, Affinity};
 use crate::callback::Answer;
 use crate::handover::{self, HandOver};
 use crate::hooks::{HookKind, HookRequest, RouteDecision};
+use crate::limits::head_deadline::HeadDeadline;
 use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics, RefusalKind};
@@ -481,6 +482,14 @@ impl ProxyHttp for Agent {
             close_at: None,
             going_away: false,
         }
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
+        // The head is in: lift `limits.header_timeout` until the connection's next request.
+        if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
+            deadline.head_read();
+        }
+        Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {

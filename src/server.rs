@@ -5,6 +5,7 @@
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::handover::HandOver;
+use crate::limits::head_deadline::HeadDeadlineApp;
 use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
@@ -39,7 +40,12 @@ pub fn run(
         ..Opt::default()
     };
     let mut server = Server::new_with_opt_and_conf(opt, config.server.to_pingora());
-    server.bootstrap();
+    // Pingora's bootstrap (which, with `-u`, takes the listening sockets over from the old
+    // process) runs as a service the listeners wait for, i.e. after the fork in daemon mode: a
+    // daemon's bootstrap is what tells the waiting parent that it is ready
+    // (`daemon_wait_for_ready`). Bootstrapped before the fork, the parent would wait for a
+    // signal that never comes (600 s).
+    let bootstrap = server.bootstrap_as_a_service();
 
     let live = Arc::new(Live::new(config.clone(), config_path)?);
     if config.pools.values().any(|p| p.is_dynamic()) {
@@ -58,11 +64,15 @@ pub fn run(
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
-    let mut proxy = pingora::proxy::http_proxy_service(&server.configuration, agent);
+    let proxy = pingora::proxy::http_proxy(&server.configuration, agent);
+    let limits_of = live.clone();
+    let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout);
+    let mut proxy =
+        pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
     for addr in &config.listen.0 {
         proxy.add_tcp(&addr.to_string());
     }
-    server.add_service(proxy);
+    server.add_service(proxy).add_dependency(&bootstrap);
     if config.admin.enabled {
         let mut admin = pingora::services::listening::Service::new(
             "gopush admin".to_string(),
@@ -72,7 +82,7 @@ pub fn run(
         // A few operators and a Prometheus scraper: one thread is plenty, and keeps the
         // proxy's threads for traffic.
         admin.threads = Some(1);
-        server.add_service(admin);
+        server.add_service(admin).add_dependency(&bootstrap);
         if !config.admin_authenticated() {
             tracing::warn!(listen = %config.admin.listen, "the admin API has no token (admin.token) and no admin hook: any local process can use it");
         }
@@ -84,10 +94,16 @@ pub fn run(
     ));
     server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
-    if let Some(path) = &config.server.error_log {
-        let reopen = crate::logging::ReopenOnUsr1 { path: path.into() };
-        server.add_service(background_service("reopen error log on SIGUSR1", reopen));
-    }
+    let daemon = mode.daemon || config.server.daemon;
+    let reopen = crate::logging::ReopenOnUsr1 {
+        path: config
+            .server
+            .error_log
+            .as_ref()
+            .filter(|_| daemon)
+            .map(Into::into),
+    };
+    server.add_service(background_service("reopen error log on SIGUSR1", reopen));
     tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }

@@ -129,6 +129,11 @@ pub fn uid_room(template: &str, uid: &str) -> String {
 
 /// Publishes to Redis over one multiplexed connection, made on first use and again after an
 /// error (or when a reload changed `push.redis`).
+///
+/// A connection kept from an earlier push may have died since (Redis restarted): the push that
+/// finds it dead is sent once more on a new connection instead of failing, so the first push
+/// after a Redis restart works. A dead connection fails before anything is sent (broken pipe),
+/// so the retry does not publish twice.
 #[derive(Default)]
 pub struct Publisher {
     conn: tokio::sync::Mutex<Option<(String, MultiplexedConnection)>>,
@@ -138,7 +143,24 @@ impl Publisher {
     /// Publishes `message`; answers how many Redis subscribers received it (each Node instance
     /// counts once per subscription that matched). The error is a sentence for the API caller.
     pub async fn publish(&self, cfg: &PushConfig, message: &Message) -> Result<i64, String> {
-        let mut conn = self.connection(cfg).await?;
+        let (conn, reused) = self.connection(cfg).await?;
+        match self.publish_on(cfg, conn, message).await {
+            Err(Failure::Dropped(_)) if reused => {
+                let (conn, _) = self.connection(cfg).await?;
+                self.publish_on(cfg, conn, message)
+                    .await
+                    .map_err(Failure::into_reason)
+            }
+            other => other.map_err(Failure::into_reason),
+        }
+    }
+
+    async fn publish_on(
+        &self,
+        cfg: &PushConfig,
+        mut conn: MultiplexedConnection,
+        message: &Message,
+    ) -> Result<i64, Failure> {
         let mut cmd = redis::cmd("PUBLISH");
         cmd.arg(&message.channel).arg(&message.payload);
         let publish = cmd.query_async::<i64>(&mut conn);
@@ -146,23 +168,30 @@ impl Publisher {
             Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(e)) => {
                 self.forget().await;
-                Err(format!("redis publish failed: {e}"))
+                let reason = format!("redis publish failed: {e}");
+                Err(if e.is_connection_dropped() {
+                    Failure::Dropped(reason)
+                } else {
+                    Failure::Other(reason)
+                })
             }
             Err(_) => {
                 self.forget().await;
-                Err(format!(
-                    "redis did not answer within {}",
+                // The PUBLISH was sent: a Redis that was only slow still executes it.
+                Err(Failure::Other(format!(
+                    "redis did not answer within {} (the event may still be delivered if Redis is only slow)",
                     humantime::format_duration(cfg.timeout)
-                ))
+                )))
             }
         }
     }
 
-    async fn connection(&self, cfg: &PushConfig) -> Result<MultiplexedConnection, String> {
+    /// The connection, and whether it was kept from an earlier push (rather than made now).
+    async fn connection(&self, cfg: &PushConfig) -> Result<(MultiplexedConnection, bool), String> {
         let mut slot = self.conn.lock().await;
         if let Some((url, conn)) = slot.as_ref() {
             if *url == cfg.redis {
-                return Ok(conn.clone());
+                return Ok((conn.clone(), true));
             }
         }
         let client = redis::Client::open(cfg.redis.as_str())
@@ -183,11 +212,26 @@ impl Publisher {
             }
         };
         *slot = Some((cfg.redis.clone(), conn.clone()));
-        Ok(conn)
+        Ok((conn, false))
     }
 
     async fn forget(&self) {
         *self.conn.lock().await = None;
+    }
+}
+
+/// Why a publish failed: the connection was found dead (worth one retry on a new one), or
+/// anything else.
+enum Failure {
+    Dropped(String),
+    Other(String),
+}
+
+impl Failure {
+    fn into_reason(self) -> String {
+        match self {
+            Failure::Dropped(s) | Failure::Other(s) => s,
+        }
     }
 }
 

@@ -34,6 +34,20 @@ fn minimal_config_gets_defaults() {
 }
 
 #[test]
+fn header_timeout_defaults_to_10s_and_can_be_turned_off() {
+    let c = parse(MIN).unwrap();
+    assert_eq!(c.limits.header_timeout, std::time::Duration::from_secs(10));
+    let c = parse(&format!("{MIN}limits: {{header_timeout: 2500ms}}\n")).unwrap();
+    assert_eq!(
+        c.limits.header_timeout,
+        std::time::Duration::from_millis(2500)
+    );
+    let c = parse(&format!("{MIN}limits: {{header_timeout: 0s}}\n")).unwrap();
+    assert!(c.limits.header_timeout.is_zero());
+    assert!(err(&format!("{MIN}limits: {{header_timeout: soon}}\n")).contains("header_timeout"));
+}
+
+#[test]
 fn full_config_parses() {
     let c = parse(
         r#"

@@ -682,6 +682,12 @@ pub struct LimitsConfig {
     /// Per uid.
     #[serde(default)]
     pub per_uid: RateLimit,
+    /// Time a client has to deliver a complete request head, counted from the accept of its
+    /// connection (or, on a kept-alive connection, from the first byte of the next request);
+    /// past it the connection is closed (slowloris). `0s` turns it off, leaving only Pingora's
+    /// per-read timeout (60 s, renewed by every byte).
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
@@ -691,10 +697,14 @@ impl Default for LimitsConfig {
             max_tunnels: default_max_tunnels(),
             per_ip: RateLimit::default(),
             per_uid: RateLimit::default(),
+            header_timeout: default_header_timeout(),
         }
     }
 }
 
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
 fn default_max_header_bytes() -> usize {
     16 * 1024
 }

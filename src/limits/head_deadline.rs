@@ -1,0 +1,476 @@
+//! `limits.header_timeout`: a deadline for the request head, against slowloris.
+//!
+//! Pingora 0.9.1 times out reading a request head only *per read* (the 60 s keep-alive timeout
+//! is applied to each `read()`, so every byte renews it): a client that sends one header byte
+//! every few seconds holds its connection until it reaches Pingora's 1 MiB head cap, i.e.
+//! practically forever. Enough such clients would hold all of the agent's file descriptors.
+//!
+//! [`HeadDeadline`] wraps each accepted connection. While a head is awaited and the deadline has
+//! passed, a read no longer completes: it signals [`HeadDeadlineApp`], which drops the
+//! connection's processing (a head that was not complete is never proxied), closes the socket
+//! and counts it in `gopush_header_timeouts_total`. Cutting it there rather than failing the read
+//! keeps the log quiet: Pingora logs every failed head read at error level, one line per slow
+//! client, which an attack would turn into a flood. The deadline runs from the accept for the first request,
+//! and from the first byte of the next request on a kept-alive connection (the idle time
+//! between requests stays governed by Pingora's keep-alive timeout). Once the head is in, the
+//! agent lifts the deadline ([`HeadDeadline::head_read`], from `early_request_filter`): bodies,
+//! long-polls and WebSocket tunnels are not affected.
+//!
+//! Costs: a timer and a `Notify` per connection, allocated at the accept; per request, two
+//! relaxed atomic stores and the timer reset — no allocation, no lock.
+
+use crate::counters::{bump, metrics};
+use async_trait::async_trait;
+use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
+use pingora::protocols::http::ServerSession;
+use pingora::protocols::{
+    GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
+    UniqueIDType, ALPN,
+};
+use pingora::server::ShutdownWatch;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+/// Reads fail once the deadline has passed.
+const ARMED: u8 = 0;
+/// The head is in: reads pass through.
+const PASSING: u8 = 1;
+/// Between requests: the first byte read arms the deadline.
+const IDLE: u8 = 2;
+/// The deadline passed while a head was awaited: reads never complete again.
+const EXPIRED: u8 = 3;
+
+/// A connection whose request heads must arrive within a deadline.
+pub struct HeadDeadline {
+    inner: Stream,
+    timeout: Duration,
+    state: AtomicU8,
+    timer: Pin<Box<Sleep>>,
+    /// Told when the deadline passes; without it (tests) the read fails with `TimedOut`.
+    expired: Option<Arc<Notify>>,
+}
+
+impl HeadDeadline {
+    /// Wraps `inner`, armed: the first head must be complete within `timeout` from now.
+    /// `expired` is notified when a deadline passes (and reads stop completing); without it a
+    /// read after the deadline fails with `TimedOut`.
+    pub fn new(inner: Stream, timeout: Duration, expired: Option<Arc<Notify>>) -> Self {
+        Self::armed_until(inner, timeout, Instant::now() + timeout, expired)
+    }
+
+    fn armed_until(
+        inner: Stream,
+        timeout: Duration,
+        deadline: Instant,
+        expired: Option<Arc<Notify>>,
+    ) -> Self {
+        HeadDeadline {
+            inner,
+            timeout,
+            state: AtomicU8::new(ARMED),
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+            expired,
+        }
+    }
+
+    /// The deadline of `stream`, if it was accepted through [`HeadDeadlineApp`].
+    pub fn of(stream: &Stream) -> Option<&HeadDeadline> {
+        stream.as_ref().as_any().downcast_ref::<HeadDeadline>()
+    }
+
+    /// The request head has been read: reads pass through until the next request.
+    pub fn head_read(&self) {
+        self.state.store(PASSING, Ordering::Relaxed);
+    }
+
+    /// A kept-alive connection waits for its next request: the deadline starts again with the
+    /// first byte of it. (Does nothing before the first head is in.)
+    fn next_request(&self) {
+        let _ = self
+            .state
+            .compare_exchange(PASSING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// The read after the deadline: pending for good once the app was told (it drops the
+    /// connection), else an error.
+    fn expire(&self) -> Poll<io::Result<()>> {
+        match &self.expired {
+            Some(notify) => {
+                notify.notify_one();
+                Poll::Pending
+            }
+            None => Poll::Ready(Err(self.timed_out())),
+        }
+    }
+
+    fn timed_out(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "request head not complete within limits.header_timeout ({})",
+                humantime::format_duration(self.timeout)
+            ),
+        )
+    }
+}
+
+impl std::fmt::Debug for HeadDeadline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HeadDeadline")
+            .field("inner", &self.inner)
+            .field("timeout", &self.timeout)
+            .field("state", &self.state.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl AsyncRead for HeadDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        match this.state.load(Ordering::Relaxed) {
+            ARMED => {
+                if this.timer.as_mut().poll(cx).is_ready() {
+                    this.state.store(EXPIRED, Ordering::Relaxed);
+                    return this.expire();
+                }
+                Pin::new(&mut this.inner).poll_read(cx, buf)
+            }
+            EXPIRED => this.expire(),
+            IDLE => {
+                let before = buf.filled().len();
+                let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+                if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+                    this.timer.as_mut().reset(Instant::now() + this.timeout);
+                    this.state.store(ARMED, Ordering::Relaxed);
+                }
+                read
+            }
+            _ => Pin::new(&mut this.inner).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for HeadDeadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[async_trait]
+impl Shutdown for HeadDeadline {
+    async fn shutdown(&mut self) {
+        self.inner.shutdown().await
+    }
+}
+
+impl UniqueID for HeadDeadline {
+    fn id(&self) -> UniqueIDType {
+        self.inner.id()
+    }
+}
+
+impl Ssl for HeadDeadline {
+    fn get_ssl(&self) -> Option<&pingora::protocols::tls::TlsRef> {
+        self.inner.get_ssl()
+    }
+
+    fn get_ssl_digest(&self) -> Option<Arc<pingora::protocols::tls::SslDigest>> {
+        self.inner.get_ssl_digest()
+    }
+
+    fn selected_alpn_proto(&self) -> Option<ALPN> {
+        self.inner.selected_alpn_proto()
+    }
+}
+
+impl GetTimingDigest for HeadDeadline {
+    fn get_timing_digest(&self) -> Vec<Option<pingora::protocols::TimingDigest>> {
+        self.inner.get_timing_digest()
+    }
+
+    fn get_read_pending_time(&self) -> Duration {
+        self.inner.get_read_pending_time()
+    }
+
+    fn get_write_pending_time(&self) -> Duration {
+        self.inner.get_write_pending_time()
+    }
+}
+
+impl GetProxyDigest for HeadDeadline {
+    fn get_proxy_digest(&self) -> Option<Arc<pingora::protocols::raw_connect::ProxyDigest>> {
+        self.inner.get_proxy_digest()
+    }
+
+    fn set_proxy_digest(&mut self, digest: pingora::protocols::raw_connect::ProxyDigest) {
+        self.inner.set_proxy_digest(digest)
+    }
+}
+
+impl GetSocketDigest for HeadDeadline {
+    fn get_socket_digest(&self) -> Option<Arc<pingora::protocols::SocketDigest>> {
+        self.inner.get_socket_digest()
+    }
+
+    fn set_socket_digest(&mut self, digest: pingora::protocols::SocketDigest) {
+        self.inner.set_socket_digest(digest)
+    }
+}
+
+#[async_trait]
+impl Peek for HeadDeadline {
+    async fn try_peek(&mut self, buf: &mut [u8]) -> io::Result<bool> {
+        self.inner.try_peek(buf).await
+    }
+}
+
+/// The proxy's server application with [`HeadDeadline`] on every accepted connection.
+///
+/// `A` is Pingora's `HttpProxy`; everything but the wrapping is delegated to it.
+pub struct HeadDeadlineApp<A> {
+    requests: Arc<NextRequest<A>>,
+    timeout: Box<dyn Fn() -> Duration + Send + Sync>,
+}
+
+impl<A> HeadDeadlineApp<A> {
+    /// `timeout` is asked at each accept (so a reload applies to new connections); a zero
+    /// duration leaves the connection unwrapped.
+    pub fn new(app: A, timeout: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
+        HeadDeadlineApp {
+            requests: Arc::new(NextRequest(Arc::new(app))),
+            timeout: Box::new(timeout),
+        }
+    }
+}
+
+#[async_trait]
+impl<A> ServerApp for HeadDeadlineApp<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let timeout = (self.timeout)();
+        if timeout.is_zero() {
+            return self.requests.process_new(stream, shutdown).await;
+        }
+        let expired = Arc::new(Notify::new());
+        let stream: Stream = Box::new(HeadDeadline::new(stream, timeout, Some(expired.clone())));
+        tokio::select! {
+            biased;
+            reused = self.requests.process_new(stream, shutdown) => reused,
+            () = expired.notified() => {
+                // Dropping the processing closes the connection; nothing was proxied.
+                bump(&metrics().header_timeouts);
+                tracing::debug!("request head not complete within limits.header_timeout: connection closed");
+                None
+            }
+        }
+    }
+
+    async fn cleanup(&self) {
+        self.requests.cleanup().await
+    }
+}
+
+/// Pingora calls [`HttpServerApp::process_new_http`] once per request of a connection, before
+/// reading its head: the point where a kept-alive connection starts waiting for the next head.
+struct NextRequest<A>(Arc<A>);
+
+#[async_trait]
+impl<A> HttpServerApp for NextRequest<A>
+where
+    A: HttpServerApp + Send + Sync + 'static,
+{
+    async fn process_new_http(
+        self: &Arc<Self>,
+        session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
+            deadline.next_request();
+        }
+        self.0.process_new_http(session, shutdown).await
+    }
+
+    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
+        self.0.h2_options()
+    }
+
+    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
+        self.0.server_options()
+    }
+
+    async fn http_cleanup(&self) {
+        self.0.http_cleanup().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const BOUND: Duration = Duration::from_secs(5);
+
+    /// A wrapped connection whose deadline has already passed, and its client end.
+    fn expired(timeout: Duration) -> (HeadDeadline, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        (
+            HeadDeadline::armed_until(Box::new(ours), timeout, past, None),
+            theirs,
+        )
+    }
+
+    async fn read_until_error(d: &mut HeadDeadline) -> io::Error {
+        let mut buf = [0u8; 64];
+        let outcome = tokio::time::timeout(BOUND, async {
+            loop {
+                match d.read(&mut buf).await {
+                    Ok(0) => return io::Error::other("EOF instead of the deadline"),
+                    Ok(_) => continue,
+                    Err(e) => return e,
+                }
+            }
+        })
+        .await;
+        outcome.unwrap_or_else(|_| io::Error::other("no error within 5 s"))
+    }
+
+    #[tokio::test]
+    async fn an_expired_head_deadline_fails_the_read_even_with_data_waiting() {
+        let (mut d, mut client) = expired(Duration::from_secs(10));
+        client.write_all(b"GET / HT").await.unwrap();
+        let err = read_until_error(&mut d).await;
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        assert!(
+            err.to_string().contains("limits.header_timeout (10s)"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_a_watcher_the_expired_read_notifies_it_and_never_completes() {
+        let (ours, mut client) = tokio::io::duplex(1024);
+        let notify = Arc::new(Notify::new());
+        let past = Instant::now()
+            .checked_sub(Duration::from_secs(1))
+            .unwrap_or_else(Instant::now);
+        let mut d = HeadDeadline::armed_until(
+            Box::new(ours),
+            Duration::from_secs(10),
+            past,
+            Some(notify.clone()),
+        );
+        client.write_all(b"GET / HT").await.unwrap();
+        let mut buf = [0u8; 64];
+        let outcome = tokio::time::timeout(BOUND, async {
+            tokio::select! {
+                r = d.read(&mut buf) => Err(format!("the read completed: {r:?}")),
+                () = notify.notified() => Ok(()),
+            }
+        })
+        .await;
+        assert_eq!(
+            outcome,
+            Ok(Ok(())),
+            "the watcher is told, the read stays pending"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_head_dribbled_byte_by_byte_is_cut_at_the_deadline() {
+        let (ours, mut client) = tokio::io::duplex(1024);
+        let mut d = HeadDeadline::new(Box::new(ours), Duration::from_millis(300), None);
+        let started = std::time::Instant::now();
+        let writer = tokio::spawn(async move {
+            // One byte every 50 ms for at most 5 s: each byte would renew a per-read timeout.
+            for _ in 0..100 {
+                if client.write_all(b"x").await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        let err = read_until_error(&mut d).await;
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(300), "cut after {took:?}");
+        writer.abort();
+    }
+
+    #[tokio::test]
+    async fn reads_pass_once_the_head_is_in_and_rearm_on_the_next_request() {
+        let (mut d, mut client) = expired(Duration::from_millis(20));
+        d.head_read();
+        client.write_all(b"body").await.unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(
+            d.read(&mut buf).await.unwrap(),
+            4,
+            "the body is not subject to it"
+        );
+        // Next request on the kept-alive connection: idle until its first byte, which arms the
+        // deadline (20 ms) again.
+        d.next_request();
+        client.write_all(b"GET").await.unwrap();
+        assert_eq!(
+            d.read(&mut buf).await.unwrap(),
+            3,
+            "the first byte is delivered"
+        );
+        let err = read_until_error(&mut d).await;
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test]
+    async fn next_request_before_the_first_head_keeps_the_accept_deadline() {
+        let (mut d, mut client) = expired(Duration::from_secs(10));
+        d.next_request();
+        client.write_all(b"G").await.unwrap();
+        let err = read_until_error(&mut d).await;
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+}
