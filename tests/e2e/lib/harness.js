@@ -99,18 +99,42 @@ function prng(seed) {
 // ---------------------------------------------------------------------------------------------
 // ports
 
+/**
+ * Ports for servers are picked below the kernel's ephemeral range: a port the kernel hands out
+ * with listen(0) comes from that range, where the outgoing connections of a test running in
+ * parallel (10,000 idle clients in faults.test.js) can take it between the check and the server's
+ * bind. Random within the window, each one checked free by binding it.
+ */
+const SERVER_PORTS = (() => {
+  let low = 32768;
+  try {
+    low = Number(fs.readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]) || low;
+  } catch { /* not Linux: keep the usual default */ }
+  const hi = low - 1;
+  const lo = Math.max(1024, hi - 12000);
+  return hi - lo >= 1000 ? { lo, hi } : null; // too narrow: fall back to listen(0)
+})();
+
+function bindOnce(port) {
+  return new Promise((resolve) => {
+    const srv = net.createServer();
+    srv.once('error', () => resolve(null));
+    srv.listen(port, '127.0.0.1', () => resolve(srv));
+  });
+}
+
 /** `n` distinct free TCP ports on 127.0.0.1 (all held open until every one is picked). */
 async function freePorts(n) {
   const servers = [];
   try {
-    for (let i = 0; i < n; i++) {
-      const srv = net.createServer();
-      await new Promise((resolve, reject) => {
-        srv.once('error', reject);
-        srv.listen(0, '127.0.0.1', resolve);
-      });
-      servers.push(srv);
+    for (let tries = 0; servers.length < n && tries < 1000; tries++) {
+      const port = SERVER_PORTS
+        ? SERVER_PORTS.lo + Math.floor(Math.random() * (SERVER_PORTS.hi - SERVER_PORTS.lo + 1))
+        : 0;
+      const srv = await bindOnce(port);
+      if (srv) servers.push(srv);
     }
+    if (servers.length < n) throw new Error(`could not find ${n} free ports`);
     return servers.map((s) => s.address().port);
   } finally {
     await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
