@@ -18,15 +18,14 @@ struct Bare {
     static_pool: Option<LoadBalancer<KetamaHashing>>,
 }
 
+/// The raw `uid` cookie (what nginx's `$cookie_uid` hashes), through gopush's own cookie lookup
+/// (the `cookie` crate), so both proxies parse the header alike.
 fn cookie_uid(req: &RequestHeader) -> &[u8] {
-    let Some(c) = req.headers.get("cookie") else {
-        return b"";
-    };
-    c.as_bytes()
-        .split(|b| *b == b';')
-        .map(|kv| kv.trim_ascii_start())
-        .find_map(|kv| kv.strip_prefix(b"uid="))
-        .unwrap_or(b"")
+    req.headers
+        .get("cookie")
+        .and_then(|c| c.to_str().ok())
+        .and_then(|c| gopush::uid::cookie_in(c, "uid"))
+        .map_or(b"", str::as_bytes)
 }
 
 #[async_trait]

@@ -40,9 +40,10 @@ pub struct Agent {
     affinity: Option<Affinity>,
     /// Rate and concurrency counters; they outlive snapshots too.
     limiter: Arc<Limiter>,
-    /// Set once this process hands its listeners to a new one (or stops): responses then say
-    /// `Connection: close`, so clients move to the new process while this one still answers,
-    /// instead of racing the idle keep-alive connections it will drop.
+    /// This process's hand-over stage (see [`crate::handover`]): once it hands its listeners to
+    /// a new one (or stops), responses say `Connection: close`, so clients move to the new
+    /// process while this one still answers; once it stops accepting, its tunnels are closed one
+    /// by one.
     handover: Arc<HandOver>,
     /// In `gopush demo`, the page served at `/`.
     demo_page: Option<&'static str>,
@@ -138,8 +139,8 @@ impl Refusal {
 }
 
 impl Agent {
-    /// Builds the agent around a live configuration; `closing` is raised when the process starts
-    /// to hand over or stop (see [`crate::server`]).
+    /// Builds the agent around a live configuration; `handover` is moved through its stages by
+    /// the server as the process hands over or stops (see [`crate::server`]).
     pub fn new(live: Arc<Live>, handover: Arc<HandOver>) -> Self {
         let snapshot = live.load();
         let affinity = &snapshot.config.affinity;
@@ -398,7 +399,6 @@ impl Ctx {
     }
 }
 
-/// The phrase for a configured error status (`http` knows none for 430).
 /// How a tunnel closed for a hand-over ends (not logged as an error).
 fn handed_over() -> Box<Error> {
     Error::explain(
@@ -407,6 +407,7 @@ fn handed_over() -> Box<Error> {
     )
 }
 
+/// The phrase for a configured error status (`http` knows none for 430).
 fn reason_phrase(status: u16) -> &'static str {
     if status == 430 {
         return "Uid Required";

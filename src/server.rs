@@ -136,9 +136,7 @@ impl BackgroundService for WatchClosing {
                     }
                 }
                 Ok(ExecutionPhase::ShutdownStarted | ExecutionPhase::ShutdownGracePeriod) => {
-                    if self.handover.start_closing() {
-                        tracing::info!("stopping: responses now close their connections");
-                    }
+                    // (Also enters the closing stage, if a stop skipped the phases above.)
                     if self.handover.stop_accepting() {
                         tracing::info!(
                             "no longer accepting: open WebSocket tunnels close one by one over the grace period"

@@ -101,9 +101,9 @@ impl Ring {
             .iter()
             .filter_map(|b| backend_addr(b).map(|a| (a, b.clone())))
             .collect();
-        let buckets: Vec<Bucket> = backends
+        let buckets: Vec<Bucket> = members
             .iter()
-            .filter_map(|b| backend_addr(b).map(|a| Bucket::new(a, b.weight as u32)))
+            .map(|(a, b)| Bucket::new(*a, b.weight as u32))
             .collect();
         Ring {
             continuum: Continuum::new(&buckets),
