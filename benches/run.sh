@@ -424,7 +424,7 @@ GP_PID=$LAST_PID
 wait_port "$GP_PID" "$GP_PORT" 15 gopush
 
 # Bare Pingora: the same pools and threads, Pingora's defaults for everything else.
-start pingora "$WORK/pingora.log" env BARE_THREADS=2 "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
+start pingora "$WORK/pingora.log" env BARE_THREADS=2 ${BARE_L4_READ:+BARE_L4_READ=$BARE_L4_READ} "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
 BARE_PID=$LAST_PID
 wait_port "$BARE_PID" "$BARE_PORT" 15 "bare pingora"
 

@@ -9,6 +9,7 @@ use crate::limits::head_deadline::HeadDeadlineApp;
 use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
+use pingora::listeners::{L4BufferSettings, ListenerConfig};
 use pingora::server::configuration::Opt;
 use pingora::server::Server;
 use pingora::server::{ExecutionPhase, ShutdownWatch};
@@ -69,8 +70,11 @@ pub fn run(
     let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout);
     let mut proxy =
         pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
+    // Pingora keeps a 64 KiB read buffer in front of every accepted connection unless told
+    // otherwise; see `server.read_buffer_bytes`.
+    let l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
     for addr in &config.listen.0 {
-        proxy.add_tcp(&addr.to_string());
+        proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(l4));
     }
     server.add_service(proxy).add_dependency(&bootstrap);
     if config.admin.enabled {

@@ -14,6 +14,10 @@ pub use types::*;
 
 use std::path::{Path, PathBuf};
 
+/// Upper bound of `server.read_buffer_bytes`: Pingora's own default is 64 KiB, and a bigger
+/// buffer per connection is almost certainly a typo (it is held by every open connection).
+pub const MAX_READ_BUFFER_BYTES: usize = 1 << 20;
+
 /// Where the configuration came from and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -222,6 +226,12 @@ impl Config {
         }
         if self.server.threads == 0 {
             return Err(("server.threads".into(), "must be at least 1".into()));
+        }
+        if self.server.read_buffer_bytes > MAX_READ_BUFFER_BYTES {
+            return Err((
+                "server.read_buffer_bytes".into(),
+                format!("at most {MAX_READ_BUFFER_BYTES} (1 MiB); 0 reads straight from the socket"),
+            ));
         }
         if self.hooks.uid.is_some() && self.uid.sources != default_sources() {
             return Err((

@@ -391,3 +391,15 @@ fn admin_and_push_sections() {
     let e = err(&format!("{MIN}access_log: {{format: xml}}\n"));
     assert!(e.contains("access_log.format"), "{e}");
 }
+
+#[test]
+fn read_buffer_defaults_to_unbuffered_and_is_bounded() {
+    let base = "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\n";
+    let c = parse(base).unwrap();
+    assert_eq!(c.server.read_buffer_bytes, 0);
+    let c = parse(&format!("{base}server: {{read_buffer_bytes: 65536}}\n")).unwrap();
+    assert_eq!(c.server.read_buffer_bytes, 65536);
+    let e = err(&format!("{base}server: {{read_buffer_bytes: 2000000}}\n"));
+    assert!(e.contains("server.read_buffer_bytes"), "{e}");
+    assert!(e.contains("at most 1048576"), "{e}");
+}

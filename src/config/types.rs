@@ -892,6 +892,11 @@ pub struct ServerSection {
     /// half of the grace period (see `crate::handover`) rather than all at its end.
     #[serde(default = "yes")]
     pub spread_tunnel_closes: bool,
+    /// Bytes of user-space read buffer in front of each client connection (Pingora's L4 read
+    /// buffer). 0 reads straight from the socket: on a plaintext listener the buffer only adds a
+    /// copy, and it is held for the life of every connection, WebSocket tunnels included.
+    #[serde(default)]
+    pub read_buffer_bytes: usize,
 }
 
 impl Default for ServerSection {
@@ -910,6 +915,7 @@ impl Default for ServerSection {
             upstream_keepalive_pool_size: default_keepalive_pool(),
             daemon_wait_for_ready: true,
             spread_tunnel_closes: true,
+            read_buffer_bytes: 0,
         }
     }
 }
