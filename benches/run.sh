@@ -30,6 +30,7 @@
 # (`(cd tests/e2e && npm ci)`), cargo for `micro`, and the release binary (built if missing).
 # Environment: GOPUSH_BIN, NGINX_BIN, REDIS_SERVER_BIN, WRK_BIN, NODE_PATH override the tools;
 # BENCH_BACKEND_BACKLOG (4096; 0 = Node's 511), BENCH_BUDGET_S (watchdog: full 900, smoke 300).
+# BARE_L4_READ (unset): bare Pingora's downstream read buffer in bytes, for experiments (default: Pingora's 64 KiB).
 
 set -euo pipefail
 
@@ -54,7 +55,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=$2; shift ;;
     --skip) SKIP=$2; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,31p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
