@@ -76,13 +76,13 @@ fn main() {
         static_pool,
     };
     let mut svc = http_proxy_service(&server.configuration, bare);
-    // BARE_L4_READ / BARE_L4_WRITE: downstream L4 buffer sizes (experiments; unset = Pingora's).
+    // BARE_L4_READ: the client-side read buffer in bytes (experiments; unset = Pingora's 64 KiB).
     let mut l4 = pingora::listeners::L4BufferSettings::default();
-    if let Some(n) = std::env::var("BARE_L4_READ").ok().and_then(|v| v.parse().ok()) {
+    if let Some(n) = std::env::var("BARE_L4_READ")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
         l4 = l4.read(n);
-    }
-    if let Some(n) = std::env::var("BARE_L4_WRITE").ok().and_then(|v| v.parse().ok()) {
-        l4 = l4.write(n);
     }
     svc.add_listener(pingora::listeners::ListenerConfig::tcp(listen).l4_buffer(l4));
     svc.threads = std::env::var("BARE_THREADS")

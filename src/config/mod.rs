@@ -230,7 +230,9 @@ impl Config {
         if self.server.read_buffer_bytes > MAX_READ_BUFFER_BYTES {
             return Err((
                 "server.read_buffer_bytes".into(),
-                format!("at most {MAX_READ_BUFFER_BYTES} (1 MiB); 0 reads straight from the socket"),
+                format!(
+                    "at most {MAX_READ_BUFFER_BYTES} (1 MiB); 0 reads straight from the socket"
+                ),
             ));
         }
         if self.hooks.uid.is_some() && self.uid.sources != default_sources() {
