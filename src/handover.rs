@@ -66,11 +66,16 @@ impl HandOver {
             .is_ok()
     }
 
+    /// Are tunnels closed one by one once the listeners stop accepting (`server.spread_tunnel_closes`)?
+    pub fn spreads_closes(&self) -> bool {
+        self.spread_ms != 0
+    }
+
     /// A new tunnel's close moment, as milliseconds after the listeners stop accepting, or
     /// `None` when spreading is off. Successive tunnels get the golden-ratio sequence over the
     /// window, which spreads any number of them evenly without knowing that number in advance.
     pub fn tunnel_opened(&self) -> Option<u32> {
-        if self.spread_ms == 0 {
+        if !self.spreads_closes() {
             return None;
         }
         let n = self.opened.fetch_add(1, Ordering::Relaxed);
@@ -132,7 +137,10 @@ mod tests {
 
     #[test]
     fn spreading_can_be_turned_off() {
-        assert_eq!(HandOver::new(Duration::ZERO).tunnel_opened(), None);
+        let h = HandOver::new(Duration::ZERO);
+        assert!(!h.spreads_closes());
+        assert_eq!(h.tunnel_opened(), None);
+        assert!(HandOver::new(Duration::from_secs(1)).spreads_closes());
     }
 
     #[test]

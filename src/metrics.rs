@@ -88,6 +88,11 @@ fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCoun
     register(r, v)
 }
 
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    register(r, c)
+}
+
 fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
     let v = IntGaugeVec::new(Opts::new(name, help), labels).unwrap_or_else(|e| {
         panic!("metric {name}: {e}");
@@ -167,13 +172,10 @@ impl Metrics {
             &["reason"],
         );
         let refused = REFUSAL_LABELS.map(|l| refused_vec.with_label_values(&[l]));
-        let affinity_hits = register(
+        let affinity_hits = counter(
             &r,
-            IntCounter::new(
-                "gopush_affinity_hits_total",
-                "Requests routed by the sid memory (a live session kept on its backend).",
-            )
-            .unwrap_or_else(|e| panic!("metric gopush_affinity_hits_total: {e}")),
+            "gopush_affinity_hits_total",
+            "Requests routed by the sid memory (a live session kept on its backend).",
         );
         let pushes = counter_vec(
             &r,
@@ -207,13 +209,10 @@ impl Metrics {
             "Signed-token and auth-callback uid sources: rejections, callback errors, requests and cache hits.",
             &["event"],
         );
-        let header_timeouts = register(
+        let header_timeouts = counter(
             &r,
-            IntCounter::new(
-                "gopush_header_timeouts_total",
-                "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
-            )
-            .unwrap_or_else(|e| panic!("metric gopush_header_timeouts_total: {e}")),
+            "gopush_header_timeouts_total",
+            "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
         );
         Metrics {
             registry: r,

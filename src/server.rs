@@ -142,9 +142,11 @@ impl BackgroundService for WatchClosing {
                 Ok(ExecutionPhase::ShutdownStarted | ExecutionPhase::ShutdownGracePeriod) => {
                     // (Also enters the closing stage, if a stop skipped the phases above.)
                     if self.handover.stop_accepting() {
-                        tracing::info!(
-                            "no longer accepting: open WebSocket tunnels close one by one over the grace period"
-                        );
+                        if self.handover.spreads_closes() {
+                            tracing::info!("no longer accepting: open WebSocket tunnels close one by one over the first half of the grace period");
+                        } else {
+                            tracing::info!("no longer accepting: open WebSocket tunnels are cut when the grace period ends");
+                        }
                     }
                 }
                 Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}

@@ -16,7 +16,18 @@ async fn get(port: u16, path: &str, headers: &[(&str, &str)]) -> Response {
 }
 
 fn start_agent(dir: &TempDir, port: u16, pools: &[(&str, &[u16])], extra: &str) -> Agent {
-    let yaml = agent_config(dir, port, pools, extra, "");
+    start_agent_with_server(dir, port, pools, extra, "")
+}
+
+/// [`start_agent`] with lines appended to the `server:` section.
+fn start_agent_with_server(
+    dir: &TempDir,
+    port: u16,
+    pools: &[(&str, &[u16])],
+    extra: &str,
+    server_extra: &str,
+) -> Agent {
+    let yaml = agent_config(dir, port, pools, extra, server_extra);
     tokio::task::block_in_place(|| Agent::start(dir, "agent", port, &yaml))
 }
 
@@ -389,14 +400,13 @@ async fn read_buffer_setting_keeps_kept_alive_requests_intact() {
     for read_buffer in [0usize, 65536] {
         let dir = TempDir::new(&format!("http-read-buffer-{read_buffer}"));
         let port = common::free_port();
-        let yaml = agent_config(
+        let agent = start_agent_with_server(
             &dir,
             port,
             &[("default", &[backend.port])],
             "",
             &format!("  read_buffer_bytes: {read_buffer}\n"),
         );
-        let agent = tokio::task::block_in_place(|| Agent::start(&dir, "agent", port, &yaml));
         let mut conn = HttpConn::connect(agent.port).await.expect("connect");
         for (uid, path) in [
             ("alice", "/first?a=1"),
