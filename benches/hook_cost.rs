@@ -67,7 +67,7 @@ fn bench(c: &mut Criterion) {
     .expect("config");
     let resolver = UidResolver::new(&config.uid);
     c.bench_function("uid: declarative cookie source", |b| {
-        b.iter(|| black_box(resolver.locate(black_box(&req)).expect("uid")))
+        b.iter(|| black_box(resolver.next(black_box(&req), 0).expect("uid")))
     });
 
     let cookie_hook = hooks(

@@ -1,5 +1,5 @@
 //! Micro-benchmarks of the routing work gopush does on every request: resolving the uid from the
-//! request head (`UidResolver::resolve`) and picking the backend on the pool's Ketama ring
+//! request head (`UidResolver::next`, as the agent does) and picking the backend on the pool's Ketama ring
 //! (`Router::route`), separately and together.
 //!
 //! `cargo bench --bench resolve_select` runs them; `benches/run.sh` does too and puts the numbers
@@ -9,7 +9,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use gopush::config::Config;
 use gopush::routing::Router;
-use gopush::uid::UidResolver;
+use gopush::uid::{Step, UidResolver};
 use pingora::http::RequestHeader;
 use std::hint::black_box;
 use std::path::Path;
@@ -95,13 +95,13 @@ fn resolve_select(c: &mut Criterion) {
     g.bench_function("resolve_cookie", |b| {
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(resolver.resolve(black_box(&by_cookie[i])))
+            black_box(resolver.next(black_box(&by_cookie[i]), 0))
         })
     });
     g.bench_function("resolve_query", |b| {
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            black_box(resolver.resolve(black_box(&by_query[i])))
+            black_box(resolver.next(black_box(&by_query[i]), 0))
         })
     });
     g.finish();
@@ -128,10 +128,11 @@ fn resolve_select(c: &mut Criterion) {
     g.bench_function("resolve_and_route", |b| {
         b.iter(|| {
             i = (i + 1) & (N - 1);
-            let uid = resolver
-                .resolve(black_box(&by_cookie[i]))
-                .expect("uid present");
-            black_box(router.route(None, uid))
+            let Ok(Step::Found(uid)) = resolver.next(black_box(&by_cookie[i]), 0) else {
+                panic!("uid present");
+            };
+            let key = std::str::from_utf8(uid.ring_key()).expect("utf-8");
+            black_box(router.route(None, key))
         })
     });
     g.finish();

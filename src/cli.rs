@@ -1,7 +1,7 @@
 //! The command line: `run`, `check`, `route`, `init`, `demo`.
 
 use crate::config::Config;
-use crate::routing::{backend_addr, Router};
+use crate::routing::backend_addr;
 use crate::server::{self, RunMode};
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -63,13 +63,22 @@ enum Command {
         #[arg(short, long)]
         conf: Option<PathBuf>,
     },
-    /// Print the backend a uid maps to (offline: every backend assumed healthy).
+    /// Print the backend a request of this uid goes to. Asks the running agent (its admin API,
+    /// the same decision the proxy makes: hooks, sid memory, health, drain); with --offline, or
+    /// when no agent answers, decides from the configuration alone (hooks run, every backend
+    /// taken as healthy, no sid memory).
     Route {
         /// The uid, exactly as the client sends it.
         uid: String,
         /// The product (pool); default pool when absent.
         #[arg(short, long)]
         product: Option<String>,
+        /// The sid of a live Engine.IO session (needs the running agent, which holds the memory).
+        #[arg(long)]
+        sid: Option<String>,
+        /// Decide from the configuration, without asking the running agent.
+        #[arg(long)]
+        offline: bool,
         /// Configuration file [default: conf/${GOPUSH_ENV:-local}.yaml]
         #[arg(short, long)]
         conf: Option<PathBuf>,
@@ -115,12 +124,23 @@ pub fn main() -> ExitCode {
             print_pools(&config);
             ExitCode::SUCCESS
         }
-        Command::Route { uid, product, conf } => {
+        Command::Route {
+            uid,
+            product,
+            sid,
+            offline,
+            conf,
+        } => {
             let config = match load(conf) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            route(&config, &uid, product.as_deref())
+            let ask = RouteQuestion {
+                uid: &uid,
+                product: product.as_deref(),
+                sid: sid.as_deref(),
+            };
+            route(config, ask, offline)
         }
         Command::Init { dir } => report(init(&dir)),
         Command::Demo => demo(),
@@ -180,47 +200,177 @@ fn print_pools(config: &Config) {
     }
 }
 
-fn route(config: &Config, uid: &str, product: Option<&str>) -> ExitCode {
-    if let Err(crate::uid::UidError::Invalid(why)) = crate::uid::validate(uid, config.uid.max_len) {
-        eprintln!("gopush: invalid uid: {why}");
-        return ExitCode::FAILURE;
-    }
-    let router = match Router::offline(config) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("gopush: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    if config.pools.values().any(|p| p.is_dynamic()) {
-        // DNS / file pools: discover them once (the only I/O `route` does).
-        match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt.block_on(router.refresh()),
-            Err(e) => {
-                eprintln!("gopush: {e}");
+/// What `gopush route` asks.
+struct RouteQuestion<'a> {
+    uid: &'a str,
+    product: Option<&'a str>,
+    sid: Option<&'a str>,
+}
+
+/// What `/api/route` answers (and `gopush route` prints).
+#[derive(serde::Deserialize)]
+struct RouteAnswer {
+    uid: String,
+    via: String,
+    pool: Option<String>,
+    backend: Option<String>,
+    failover: Option<String>,
+}
+
+fn route(config: Config, ask: RouteQuestion<'_>, offline: bool) -> ExitCode {
+    if !offline && config.admin.enabled {
+        match ask_agent(&config, &ask) {
+            Ok(answer) => {
+                print_route(&answer);
+                say!("decided by: the running agent at {}", config.admin.listen);
+                return ExitCode::SUCCESS;
+            }
+            Err(AgentError::Answered(message)) => {
+                eprintln!("gopush: {message}");
                 return ExitCode::FAILURE;
             }
+            Err(AgentError::Unreachable(why)) if ask.sid.is_some() => {
+                eprintln!("gopush: --sid needs the running agent (it holds the sid memory): {why}");
+                return ExitCode::FAILURE;
+            }
+            Err(AgentError::Unreachable(_)) => {}
         }
     }
-    let Ok(pool) = router.pool(product) else {
-        eprintln!("gopush: unknown product `{}`", product.unwrap_or_default());
-        return ExitCode::FAILURE;
+    match route_offline(config, &ask) {
+        Ok(answer) => {
+            print_route(&answer);
+            say!("decided by: the configuration (offline: every backend taken as healthy, no sid memory)");
+            ExitCode::SUCCESS
+        }
+        Err(message) => {
+            eprintln!("gopush: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn print_route(a: &RouteAnswer) {
+    say!("{}", a.backend.as_deref().unwrap_or("-"));
+    say!(
+        "pool: {}",
+        a.pool
+            .as_deref()
+            .unwrap_or("- (the route hook named the backend)")
+    );
+    say!("if it is down: {}", a.failover.as_deref().unwrap_or("none"));
+    say!("via: {}", a.via);
+    say!("uid: {}", a.uid);
+}
+
+/// The proxy's own decision ([`crate::decide::route`]) over the configuration alone.
+fn route_offline(config: Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, String> {
+    use crate::decide::{self, Refusal};
+    let uid = crate::uid::Uid::from_raw(ask.uid, config.uid.max_len).map_err(|e| match e {
+        crate::uid::UidError::Invalid(why) => format!("invalid uid: {why}"),
+        _ => "a uid is required".to_string(),
+    })?;
+    let dynamic = config.pools.values().any(|p| p.is_dynamic());
+    let live = crate::live::Live::new(config, None).map_err(|e| e.to_string())?;
+    if dynamic {
+        // DNS / file pools: discover them once (the only I/O an offline `route` does).
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?
+            .block_on(live.refresh_discovery());
+    }
+    let snap = live.load();
+    let decided = decide::probe_request(&snap, ask.product, ask.sid)
+        .and_then(|req| decide::route(&snap, None, &req, None, &uid));
+    let decision = match decided {
+        Ok(d) => d,
+        Err(Refusal::UnknownProduct) => {
+            return Err(format!(
+                "unknown product `{}`",
+                ask.product.unwrap_or_default()
+            ))
+        }
+        Err(why) => {
+            let (_, _, body) = why.response(&snap);
+            return Err(String::from_utf8_lossy(&body)
+                .trim_end()
+                .trim_start_matches("gopush: ")
+                .to_string());
+        }
     };
-    let Some(primary) = pool.select_ignoring_health(uid.as_bytes()) else {
-        eprintln!("gopush: pool `{}` has no backends", pool.name());
-        return ExitCode::FAILURE;
-    };
-    let fmt = |b: &pingora::lb::Backend| backend_addr(b).map_or("-".to_string(), |a| a.to_string());
-    let failover = pool
-        .failover(uid.as_bytes(), &primary)
-        .map_or_else(|| "none".to_string(), |b| fmt(&b));
-    say!("{}", fmt(&primary));
-    say!("pool: {}", pool.name());
-    say!("if it is down: {failover}");
-    ExitCode::SUCCESS
+    let target = &decision.target;
+    let pool = target.pool().and_then(|i| snap.router.pool_at(i));
+    let failover = pool.and_then(|p| p.failover(uid.ring_key(), target.backend()));
+    let show = |b: &pingora::lb::Backend| backend_addr(b).map(|a| a.to_string());
+    Ok(RouteAnswer {
+        uid: uid.as_str().to_string(),
+        via: target.via().to_string(),
+        pool: pool.map(|p| p.name().to_string()),
+        backend: show(target.backend()),
+        failover: failover.as_ref().and_then(show),
+    })
+}
+
+enum AgentError {
+    /// No agent to ask (not running, not reachable): decide offline instead.
+    Unreachable(String),
+    /// The agent answered, with an error.
+    Answered(String),
+}
+
+/// Asks the running agent's `/api/route` (loopback HTTP/1.1, one request, short timeouts).
+fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, AgentError> {
+    use std::io::{Read, Write};
+    let mut addr = config.admin.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    let unreachable = |e: std::io::Error| AgentError::Unreachable(format!("{addr}: {e}"));
+    let timeout = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(unreachable)?;
+    let mut query = form_urlencoded::Serializer::new(String::new());
+    query.append_pair("uid", ask.uid);
+    if let Some(p) = ask.product {
+        query.append_pair(&config.product_param, p);
+    }
+    if let Some(s) = ask.sid {
+        query.append_pair("sid", s);
+    }
+    let auth = config
+        .admin
+        .token()
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let request = format!(
+        "GET /api/route?{} HTTP/1.1\r\nHost: {addr}\r\n{auth}Connection: close\r\n\r\n",
+        query.finish()
+    );
+    stream.write_all(request.as_bytes()).map_err(unreachable)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).map_err(unreachable)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| AgentError::Unreachable(format!("{addr}: not an HTTP answer")))?;
+    let status = head.split(' ').nth(1).unwrap_or("");
+    if status != "200" {
+        let detail = serde_json::from_str::<serde_json::Value>(body)
+            .ok()
+            .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
+            .unwrap_or_else(|| body.trim().to_string());
+        return Err(AgentError::Answered(format!(
+            "the agent at {addr} answered {status}: {detail}"
+        )));
+    }
+    serde_json::from_str(body)
+        .map_err(|e| AgentError::Answered(format!("the agent at {addr}: unreadable answer: {e}")))
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {

@@ -19,6 +19,7 @@ pub mod cli;
 pub mod client_ip;
 pub mod config;
 pub mod counters;
+pub mod decide;
 pub mod demo;
 pub mod forward;
 pub mod handover;

@@ -8,6 +8,7 @@
 //! snapshot when the health-check settings did not change, so a reload does not forget which
 //! backends are down.
 
+use crate::affinity::Affinity;
 use crate::config::{Config, ConfigError};
 use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::metrics::{Metrics, SnapshotStats};
@@ -122,6 +123,8 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
 struct Shared {
     metrics: Arc<Metrics>,
     drain: Arc<Drain>,
+    /// Session memory: a reload must not move live sessions (`None`: `affinity.enabled: false`).
+    sessions: Option<Affinity>,
 }
 
 /// The current snapshot and where to reload it from.
@@ -137,9 +140,14 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
+        let sessions = config
+            .affinity
+            .enabled
+            .then(|| Affinity::new(config.affinity.max_sessions, config.affinity.ttl));
         let shared = Shared {
             metrics: Arc::new(Metrics::new()),
             drain: Arc::new(Drain::default()),
+            sessions,
         };
         let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
@@ -160,6 +168,11 @@ impl Live {
     /// The process's metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.shared.metrics
+    }
+
+    /// The sid memory, shared by every snapshot (`None` when disabled).
+    pub fn sessions(&self) -> Option<&Affinity> {
+        self.shared.sessions.as_ref()
     }
 
     /// The draining backends (kept across reloads for backends that stay).
@@ -348,9 +361,14 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
+        let sessions = config
+            .affinity
+            .enabled
+            .then(|| Affinity::new(config.affinity.max_sessions, config.affinity.ttl));
         let shared = Shared {
             metrics: Arc::new(Metrics::new()),
             drain: Arc::new(Drain::default()),
+            sessions,
         };
         Snapshot::build(
             config,

@@ -1,32 +1,34 @@
-//! The one [`ProxyHttp`] implementation: each phase delegates to the module that owns its step.
+//! The one [`ProxyHttp`] implementation: the request path from accept to backend.
 //!
 //! ```text
-//! request_filter           uid (hook, or sources: cookie/query/header/jwt/callback) → route hook
-//!                          → routing (pool, ring, health) / affinity → Ctx
-//!                          (#946 guard for WebSocket upgrades, see `upgrade`)
-//! upstream_peer            Ctx.backend → HttpPeer (on a refused connect: the next ring backend)
+//! request_filter           limits (head size, per IP) → decide::resolve_uid → limits (per uid)
+//!                          → decide::route → Route (gauge on the backend, #946 guard, see `upgrade`)
+//! upstream_peer            the decision's backend → HttpPeer
+//! fail_to_connect          a ring decision retries once on the next ring backend
 //! upstream_request_filter  forward::set_uid, forward::set_proxy_headers
-//! response_filter          upgrade: lift the idle timeout on 101, close cleanly otherwise
-//! response_body_filter     affinity: learn sid → backend from a polling handshake
-//! logging                  access_log::write
+//! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted
+//! response_body_filter     sid memory: learn sid → (uid, backend) from a polling handshake;
+//!                          hand-over: close tunnels one by one
+//! logging                  status and duration metrics, access_log::write
 //! ```
+//!
+//! What to do with a request is decided in [`crate::decide`]; this module only carries the
+//! decision through Pingora's phases and counts what happens.
 
 use crate::access_log;
-use crate::affinity::{self, Affinity};
-use crate::callback::Answer;
+use crate::affinity;
+use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
-use crate::hooks::{HookKind, HookRequest, RouteDecision};
 use crate::limits::head_deadline::HeadDeadline;
-use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
+use crate::limits::{Limiter, Slots, TunnelSlot};
 use crate::live::{Live, Snapshot};
-use crate::metrics::{BackendStats, Metrics, RefusalKind};
+use crate::metrics::{BackendStats, Metrics};
 use crate::routing::backend_addr;
-use crate::uid::{query_value, validate_value, Step, Uid, UidError};
+use crate::uid::Uid;
 use crate::upgrade;
 use async_trait::async_trait;
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::lb::Backend;
 use pingora::prelude::*;
 use pingora::protocols::l4::socket::SocketAddr as PeerAddr;
 use pingora::proxy::FailToProxy;
@@ -35,9 +37,8 @@ use std::time::{Duration, Instant};
 
 /// The agent: the live configuration plus what outlives a reload.
 pub struct Agent {
+    /// The configuration snapshots and what outlives them (the sid memory among it).
     live: Arc<Live>,
-    /// Session memory outlives configuration snapshots: a reload must not move live sessions.
-    affinity: Option<Affinity>,
     /// Rate and concurrency counters; they outlive snapshots too.
     limiter: Arc<Limiter>,
     /// This process's hand-over stage (see [`crate::handover`]): once it hands its listeners to
@@ -51,89 +52,76 @@ pub struct Agent {
     metrics: Arc<Metrics>,
 }
 
-/// What one request learned, filled in phase order and read by `logging`.
+/// One request, from its head to its end.
 pub struct Ctx {
     start: Instant,
     /// The configuration this request is handled with, from start to end.
-    snapshot: Option<Arc<Snapshot>>,
-    uid: Option<Uid>,
-    /// Index of the pool in the snapshot's router.
-    pool: Option<usize>,
-    backend: Option<Backend>,
-    /// A backend that refused the connection; the retry picks the next one on the ring.
-    refused: Option<Backend>,
-    /// The session's backend came from the sid memory, not the ring.
-    via_affinity: bool,
-    /// The route hook named this backend itself (no pool, no retry elsewhere).
-    explicit: bool,
-    /// Scan the response for a new Engine.IO sid.
-    learn_sid: bool,
-    /// The #946 guard is in place for this upgrade request.
-    upgrade_guard: bool,
+    snap: Arc<Snapshot>,
     /// Concurrency slots held until the request (or tunnel) ends.
     slots: Slots,
-    /// Counts this request in the open tunnels while it is one.
-    tunnel: Option<TunnelSlot>,
-    /// The chosen backend's metric children, while this request counts in its active requests
-    /// (or, once upgraded, its open tunnels).
-    stats: Option<Arc<BackendStats>>,
-    /// The request is counted as an open tunnel of its backend, not as an active request.
-    tunnel_counted: bool,
-    /// A tunnel's moment to close during a hand-over (ms after the listeners stop accepting).
+    /// The canonical uid, once resolved (a request refused after that is logged with it).
+    uid: Option<Uid>,
+    /// Once decided: where the request goes and what happened there.
+    route: Option<Route>,
+}
+
+/// A decided request.
+struct Route {
+    decision: Decision,
+    /// The request in its backend's gauges (none for an explicit backend, outside any pool).
+    gauge: Option<Gauge>,
+    /// The one retry after a refused connect was spent.
+    retried: bool,
+    /// The #946 guard is in place for this upgrade request.
+    upgrade_guard: bool,
+    /// Set by the backend's 101.
+    tunnel: Option<Tunnel>,
+}
+
+/// An open WebSocket tunnel.
+struct Tunnel {
+    /// Counts it in `limits.max_tunnels` while it lives.
+    _slot: TunnelSlot,
+    /// Its moment to close during a hand-over (ms after the listeners stop accepting).
     close_at: Option<u32>,
-    /// The agent sent this tunnel's client a close frame: the tunnel ends at its next frame.
+    /// The agent sent the client a close frame: the tunnel ends at its next frame.
     going_away: bool,
 }
 
-/// A request the agent answers itself.
-enum Refusal {
-    MissingUid,
-    InvalidUid(&'static str),
-    /// Credentials were refused (a bad token, the auth callback said no): 430 with the reason.
-    Rejected(&'static str),
-    UnknownProduct,
-    NoHealthyBackend,
-    /// A hook failed or the auth callback could not be asked: this status; details are logged.
-    Failed(u16, &'static str),
-    Limit(Exceeded),
+/// A request counted in its backend's in-flight gauge, or once upgraded in its open tunnels;
+/// released on drop, whichever way the request ended.
+struct Gauge {
+    stats: Arc<BackendStats>,
+    tunnel: bool,
 }
 
-fn uid_refusal(e: UidError) -> Refusal {
-    match e {
-        UidError::Missing => Refusal::MissingUid,
-        UidError::Invalid(why) => Refusal::InvalidUid(why),
-        UidError::Rejected(why) => Refusal::Rejected(why),
+impl Gauge {
+    fn new(snap: &Snapshot, target: &Target) -> Option<Gauge> {
+        let stats = backend_addr(target.backend())
+            .zip(target.pool().and_then(|i| snap.stats.pools.get(i)))
+            .map(|(addr, pool)| pool.get_or_resolve(addr))?;
+        stats.active.inc();
+        Some(Gauge {
+            stats,
+            tunnel: false,
+        })
+    }
+
+    /// The 101: counted now, not when the tunnel ends (a WebSocket can live for hours).
+    fn become_tunnel(&mut self) {
+        self.stats.count_status(101);
+        self.stats.active.dec();
+        self.stats.tunnels.inc();
+        self.tunnel = true;
     }
 }
 
-/// The `req` a hook sees; built only when a hook is about to run.
-fn hook_request<'a>(
-    snap: &Snapshot,
-    session: &'a Session,
-    product: Option<&'a str>,
-) -> HookRequest<'a> {
-    let req = session.req_header();
-    let peer = session
-        .client_addr()
-        .and_then(|a| a.as_inet())
-        .map(|a| a.ip());
-    HookRequest {
-        header: req,
-        ip: crate::client_ip::of_request(&snap.config.trusted_proxies, peer, req),
-        product,
-    }
-}
-
-impl Refusal {
-    fn kind(&self) -> RefusalKind {
-        match self {
-            Refusal::MissingUid => RefusalKind::MissingUid,
-            Refusal::InvalidUid(_) => RefusalKind::InvalidUid,
-            Refusal::UnknownProduct => RefusalKind::UnknownProduct,
-            Refusal::NoHealthyBackend => RefusalKind::NoBackend,
-            Refusal::Limit(_) => RefusalKind::Limit,
-            Refusal::Rejected(_) => RefusalKind::Rejected,
-            Refusal::Failed(..) => RefusalKind::HookFailed,
+impl Drop for Gauge {
+    fn drop(&mut self) {
+        if self.tunnel {
+            self.stats.tunnels.dec();
+        } else {
+            self.stats.active.dec();
         }
     }
 }
@@ -142,15 +130,9 @@ impl Agent {
     /// Builds the agent around a live configuration; `handover` is moved through its stages by
     /// the server as the process hands over or stops (see [`crate::server`]).
     pub fn new(live: Arc<Live>, handover: Arc<HandOver>) -> Self {
-        let snapshot = live.load();
-        let affinity = &snapshot.config.affinity;
-        let affinity = affinity
-            .enabled
-            .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
         Agent {
             metrics: live.metrics().clone(),
             live,
-            affinity,
             limiter: Arc::new(Limiter::default()),
             handover,
             demo_page: None,
@@ -163,240 +145,52 @@ impl Agent {
         self
     }
 
-    /// The uid: from the uid hook when there is one, else from the sources in order (asking
-    /// an auth callback where one is configured).
-    async fn resolve_uid(&self, snap: &Snapshot, session: &mut Session) -> Result<Uid, Refusal> {
-        let max_len = snap.resolver.max_len();
-        if let Some(hooks) = snap.hooks.as_ref().filter(|h| h.has(HookKind::Uid)) {
-            let query = session.req_header().uri.query().unwrap_or("");
-            let product = query_value(query, &snap.config.product_param);
-            return match hooks.uid(&hook_request(snap, session, product)) {
-                Ok(Some(uid)) => {
-                    validate_value(&uid, max_len).map_err(uid_refusal)?;
-                    Ok(Uid::Owned(uid.into_boxed_str()))
-                }
-                Ok(None) => Err(Refusal::MissingUid),
-                Err(e) if e.is_limit() => Err(Refusal::Failed(500, "the uid hook failed")),
-                Err(_) => Err(Refusal::Failed(
-                    snap.config.hooks.on_throw.uid,
-                    "the uid hook failed",
-                )),
-            };
-        }
-        let mut from = 0;
-        // Bounded: every turn either returns or moves `from` past a callback source.
-        loop {
-            match snap
-                .resolver
-                .next(session.req_header(), from)
-                .map_err(uid_refusal)?
-            {
-                Step::Found(uid) => return Ok(uid),
-                Step::Ask(i) => {
-                    let Some(client) = snap.resolver.callback(i) else {
-                        return Err(Refusal::MissingUid);
-                    };
-                    let Some(creds) = client.credentials(session.req_header()) else {
-                        from = i + 1;
-                        continue;
-                    };
-                    return match client.ask(&creds).await {
-                        Answer::Uid(uid) => {
-                            validate_value(&uid, max_len).map_err(uid_refusal)?;
-                            Ok(Uid::Owned(Box::from(&*uid)))
-                        }
-                        Answer::Rejected => Err(Refusal::Rejected(
-                            "the auth callback refused the credentials",
-                        )),
-                        Answer::Failed => Err(Refusal::Failed(
-                            client.on_error(),
-                            "the auth callback could not be asked",
-                        )),
-                    };
-                }
-            }
-        }
-    }
-
-    /// Resolves uid, pool and backend, or says why the request is refused.
-    async fn route(
-        &self,
-        snap: &Snapshot,
-        session: &mut Session,
-        ctx: &mut Ctx,
-    ) -> Result<(), Refusal> {
-        {
-            // Limits first: a refused client costs no hook run and no callback question.
-            let req = session.req_header();
-            let client_ip = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| a.ip());
-            self.limiter
-                .admit_client(
-                    &snap.config.limits,
-                    head_size(req),
-                    client_ip,
-                    &mut ctx.slots,
-                )
-                .map_err(Refusal::Limit)?;
-        }
-        let resolved = self.resolve_uid(snap, session).await.inspect_err(|r| {
-            if matches!(r, Refusal::MissingUid) {
-                snap.stats.uid_missing();
-            }
-        })?;
-        if let Uid::Span(span) = &resolved {
-            snap.stats.uid_found(span.source());
-        }
-        let req = session.req_header();
+    /// Limits, uid, limits again, decision: the request is routed or refused.
+    async fn admit(&self, session: &mut Session, ctx: &mut Ctx) -> Result<(), Refusal> {
+        let snap = &ctx.snap;
         let limits = &snap.config.limits;
-        let uid = ctx.uid.insert(resolved).get(&snap.resolver, req);
+        let peer = peer_ip(session);
+        // Limits first: a refused client costs no hook run and no callback question.
+        let head = head_size(session.req_header());
         self.limiter
-            .admit_uid(limits, uid, session.is_upgrade_req(), &mut ctx.slots)
+            .admit_client(limits, head, peer, &mut ctx.slots)
             .map_err(Refusal::Limit)?;
-        let query = req.uri.query().unwrap_or("");
-        let product = query_value(query, &snap.config.product_param);
-        let mut chosen = None;
-        if let Some(hooks) = snap.hooks.as_ref().filter(|h| h.has(HookKind::Route)) {
-            let failed = |e: crate::hooks::HookError| {
-                let status = if e.is_limit() {
-                    500
-                } else {
-                    snap.config.hooks.on_throw.route
-                };
-                Refusal::Failed(status, "the route hook failed")
-            };
-            match hooks.route(&hook_request(snap, session, product), uid) {
-                Ok(RouteDecision::Default) => {}
-                Ok(RouteDecision::Pool(name)) => match snap.router.pool_index(Some(&name)) {
-                    Ok(i) => chosen = Some(i),
-                    Err(_) => {
-                        tracing::warn!(target: "gopush::hooks", "hook route: returned pool `{name}`, which is not configured");
-                        crate::counters::bump(&crate::counters::metrics().hook_errors);
-                        return Err(failed(crate::hooks::HookError::BadReturn(name)));
-                    }
-                },
-                Ok(RouteDecision::Backend(addr)) => {
-                    ctx.explicit = true;
-                    ctx.backend = Some(Backend {
-                        addr: PeerAddr::Inet(addr),
-                        weight: 1,
-                        ext: Default::default(),
-                    });
-                    return Ok(());
+        let uid = decide::resolve_uid(snap, session.req_header(), peer)
+            .await
+            .inspect_err(|r| {
+                if *r == Refusal::MissingUid {
+                    snap.stats.uid_missing();
                 }
-                Err(e) => return Err(failed(e)),
-            }
+            })?;
+        if let Some(i) = uid.source() {
+            snap.stats.uid_found(i);
         }
-        let index = match chosen {
-            Some(i) => i,
-            None => snap
-                .router
-                .pool_index(product)
-                .map_err(|_| Refusal::UnknownProduct)?,
-        };
-        ctx.pool = Some(index);
-        let pool = snap.router.pool_at(index).ok_or(Refusal::UnknownProduct)?;
-
-        if let Some(memory) = &self.affinity {
-            if let Some(sid) = query_value(query, "sid") {
-                // Health (or retired by discovery), not drain: a live session stays on a
-                // draining backend.
-                if let Some(b) = memory.lookup(sid).filter(|b| pool.accepts_session(b)) {
-                    self.metrics.affinity_hit();
-                    ctx.via_affinity = true;
-                    ctx.backend = Some(b);
-                    return Ok(());
-                }
-            } else {
-                ctx.learn_sid = affinity::is_polling_handshake(query);
-            }
+        let uid = ctx.uid.insert(uid);
+        let upgrade = session.is_upgrade_req();
+        self.limiter
+            .admit_uid(limits, uid.as_str(), upgrade, &mut ctx.slots)
+            .map_err(Refusal::Limit)?;
+        let decision = decide::route(snap, self.live.sessions(), session.req_header(), peer, uid)?;
+        if matches!(decision.target, Target::Session { .. }) {
+            self.metrics.affinity_hit();
         }
-        let backend = pool
-            .select(uid.as_bytes())
-            .ok_or(Refusal::NoHealthyBackend)?;
-        ctx.backend = Some(backend);
+        ctx.route = Some(Route {
+            gauge: Gauge::new(snap, &decision.target),
+            decision,
+            retried: false,
+            upgrade_guard: upgrade::guard_request(session),
+            tunnel: None,
+        });
         Ok(())
-    }
-
-    async fn refuse(&self, snap: &Snapshot, session: &mut Session, why: Refusal) -> Result<()> {
-        let (status, reason, body) = match why {
-            Refusal::MissingUid => (430, "Uid Required", snap.missing_uid_body.clone()),
-            Refusal::InvalidUid(why) => (
-                400,
-                "Bad Request",
-                Bytes::from(format!("gopush: invalid uid: {why}\n")),
-            ),
-            Refusal::UnknownProduct => (
-                404,
-                "Not Found",
-                Bytes::from_static(b"gopush: unknown product\n"),
-            ),
-            Refusal::NoHealthyBackend => (
-                503,
-                "Service Unavailable",
-                Bytes::from_static(b"gopush: no healthy backend in the pool\n"),
-            ),
-            Refusal::Rejected(why) => (
-                430,
-                "Uid Required",
-                Bytes::from(format!("gopush: uid refused: {why}\n")),
-            ),
-            Refusal::Failed(status, what) => (
-                status,
-                reason_phrase(status),
-                Bytes::from(format!("gopush: {what}\n")),
-            ),
-            Refusal::Limit(which) => {
-                let (status, reason, body) = which.response();
-                (status, reason, Bytes::from_static(body.as_bytes()))
-            }
-        };
-        respond(session, status, reason, "text/plain; charset=utf-8", body).await
     }
 }
 
-impl Ctx {
-    /// The metric children of the backend this request counts against.
-    fn backend_stats(&self) -> Option<&BackendStats> {
-        self.stats.as_deref()
-    }
-
-    /// Starts counting this request as in flight on `ctx.backend`.
-    fn count_backend(&mut self) {
-        self.uncount_backend();
-        self.stats = match (&self.snapshot, self.pool, &self.backend) {
-            (Some(snap), Some(pool), Some(b)) => backend_addr(b)
-                .zip(snap.stats.pools.get(pool))
-                .map(|(addr, stats)| stats.get_or_resolve(addr)),
-            _ => None,
-        };
-        if let Some(s) = self.backend_stats() {
-            s.active.inc();
-        }
-    }
-
-    /// Stops counting this request (or tunnel) on its backend.
-    fn uncount_backend(&mut self) {
-        if let Some(s) = self.backend_stats() {
-            if self.tunnel_counted {
-                s.tunnels.dec();
-            } else {
-                s.active.dec();
-            }
-        }
-        self.stats = None;
-        self.tunnel_counted = false;
-    }
-
-    /// The request's uid ("" before it is resolved).
-    fn uid<'s>(&'s self, session: &'s Session) -> &'s str {
-        match (&self.snapshot, &self.uid) {
-            (Some(snap), Some(uid)) => uid.get(&snap.resolver, session.req_header()),
-            _ => "",
-        }
-    }
+/// The TCP peer's address.
+fn peer_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip())
 }
 
 /// How a tunnel closed for a hand-over ends (not logged as an error).
@@ -405,25 +199,6 @@ fn handed_over() -> Box<Error> {
         ErrorType::ConnectionClosed,
         "tunnel closed for the hand-over to a new process",
     )
-}
-
-/// The phrase for a configured error status (`http` knows none for 430).
-fn reason_phrase(status: u16) -> &'static str {
-    if status == 430 {
-        return "Uid Required";
-    }
-    http::StatusCode::from_u16(status)
-        .ok()
-        .and_then(|s| s.canonical_reason())
-        .unwrap_or("Error")
-}
-
-impl Drop for Ctx {
-    // Pingora drops the context when the request or tunnel is over, whichever way it ended, so
-    // the gauges cannot leak.
-    fn drop(&mut self) {
-        self.uncount_backend();
-    }
 }
 
 /// Size of the request head as the limit counts it: request target and header lines.
@@ -467,21 +242,10 @@ impl ProxyHttp for Agent {
     fn new_ctx(&self) -> Ctx {
         Ctx {
             start: Instant::now(),
-            snapshot: None,
-            uid: None,
-            pool: None,
-            backend: None,
-            refused: None,
-            via_affinity: false,
-            explicit: false,
-            learn_sid: false,
-            upgrade_guard: false,
+            snap: self.live.load(),
             slots: Slots::default(),
-            tunnel: None,
-            stats: None,
-            tunnel_counted: false,
-            close_at: None,
-            going_away: false,
+            uid: None,
+            route: None,
         }
     }
 
@@ -502,39 +266,24 @@ impl ProxyHttp for Agent {
                 return Ok(true);
             }
         }
-        let snap = self.live.load();
-        let routed = self.route(&snap, session, ctx).await;
-        ctx.snapshot = Some(snap.clone());
-        if let Err(why) = routed {
-            self.metrics.refused(why.kind());
-            if self.handover.is_closing() {
-                session.set_keepalive(None);
-            }
-            self.refuse(&snap, session, why).await?;
-            return Ok(true);
+        let Err(why) = self.admit(session, ctx).await else {
+            return Ok(false);
+        };
+        self.metrics.refused(why.kind());
+        if self.handover.is_closing() {
+            session.set_keepalive(None);
         }
-        ctx.count_backend();
-        ctx.upgrade_guard = upgrade::guard_request(session);
-        Ok(false)
+        let (status, reason, body) = why.response(&ctx.snap);
+        respond(session, status, reason, "text/plain; charset=utf-8", body).await?;
+        Ok(true)
     }
 
-    async fn upstream_peer(&self, session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
-        if let (Some(refused), Some(snap), Some(index)) = (&ctx.refused, &ctx.snapshot, ctx.pool) {
-            // Retry after a refused connect: the next backend on this uid's ring.
-            let uid = ctx
-                .uid
-                .as_ref()
-                .map_or("", |u| u.get(&snap.resolver, session.req_header()));
-            ctx.backend = snap
-                .router
-                .pool_at(index)
-                .and_then(|pool| pool.select_avoiding(uid.as_bytes(), refused));
-            ctx.count_backend();
-        }
-        let connect_timeout = ctx.snapshot.as_ref().map_or(Duration::from_secs(1), |s| {
-            s.config.upstream.connect_timeout
-        });
-        let addr = match ctx.backend.as_ref().map(|b| &b.addr) {
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        let addr = match ctx
+            .route
+            .as_ref()
+            .map(|r| &r.decision.target.backend().addr)
+        {
             Some(PeerAddr::Inet(addr)) => *addr,
             _ => {
                 return Err(Error::explain(
@@ -544,7 +293,7 @@ impl ProxyHttp for Agent {
             }
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(connect_timeout);
+        peer.options.connection_timeout = Some(ctx.snap.config.upstream.connect_timeout);
         Ok(Box::new(peer))
     }
 
@@ -555,15 +304,34 @@ impl ProxyHttp for Agent {
         ctx: &mut Ctx,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // One retry on the next backend covers the gap before the health check notices a dead
-        // backend. A remembered session is not moved: its state exists only on its backend.
-        if let Some(s) = ctx.backend_stats() {
-            s.connect_failures.inc();
+        let (Some(route), Some(uid)) = (&mut ctx.route, &ctx.uid) else {
+            return e;
+        };
+        if let Some(g) = &route.gauge {
+            g.stats.connect_failures.inc();
         }
-        if ctx.refused.is_none() && !ctx.via_affinity && !ctx.explicit {
-            ctx.refused = ctx.backend.clone();
-            e.set_retry(true);
+        // One retry on the next ring backend covers the gap before the health check notices a
+        // dead backend. A live session or a hook's backend is not moved.
+        let Target::Ring { pool, backend } = &route.decision.target else {
+            return e;
+        };
+        if route.retried {
+            return e;
         }
+        route.retried = true;
+        let pool = *pool;
+        let next = ctx
+            .snap
+            .router
+            .pool_at(pool)
+            .and_then(|p| p.select_avoiding(uid.ring_key(), backend));
+        let Some(backend) = next else {
+            return Error::explain(ErrorType::HTTPStatus(503), "no healthy backend in the pool");
+        };
+        route.decision.target = Target::Ring { pool, backend };
+        // The old gauge is released by the assignment.
+        route.gauge = Gauge::new(&ctx.snap, &route.decision.target);
+        e.set_retry(true);
         e
     }
 
@@ -573,17 +341,11 @@ impl ProxyHttp for Agent {
         upstream_request: &mut RequestHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if let (Some(snap), Some(uid)) = (&ctx.snapshot, &ctx.uid) {
-            // Validated in request_filter, so decoding succeeds; the raw value is the fallback.
-            let uid = uid.forwarded(&snap.resolver, session.req_header());
-            crate::forward::set_uid(upstream_request, &snap.config.uid.forward, &uid)?;
+        if let Some(uid) = &ctx.uid {
+            crate::forward::set_uid(upstream_request, &ctx.snap.config.uid.forward, uid.as_str())?;
         }
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        crate::forward::set_proxy_headers(upstream_request, client_ip)?;
-        if ctx.upgrade_guard {
+        crate::forward::set_proxy_headers(upstream_request, peer_ip(session))?;
+        if ctx.route.as_ref().is_some_and(|r| r.upgrade_guard) {
             upgrade::guard_upstream_request(upstream_request)?;
         }
         Ok(())
@@ -595,25 +357,28 @@ impl ProxyHttp for Agent {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.upgrade_guard {
-            upgrade::on_response(session, upstream_response.status.as_u16());
-        }
         if self.handover.is_closing() {
             session.set_keepalive(None);
         }
-        if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
-            ctx.tunnel = Some(self.limiter.tunnel_opened());
-            ctx.close_at = self.handover.tunnel_opened();
-            if let Some(s) = ctx.backend_stats() {
-                // Counted now, not when the tunnel ends: a WebSocket can live for hours.
-                s.count_status(101);
-                s.active.dec();
-                s.tunnels.inc();
-            }
-            ctx.tunnel_counted = ctx.stats.is_some();
+        let Some(route) = &mut ctx.route else {
+            return Ok(());
+        };
+        let status = upstream_response.status;
+        if route.upgrade_guard {
+            upgrade::on_response(session, status.as_u16());
         }
-        if ctx.learn_sid && upstream_response.status != http::StatusCode::OK {
-            ctx.learn_sid = false;
+        if status == http::StatusCode::SWITCHING_PROTOCOLS {
+            route.tunnel = Some(Tunnel {
+                _slot: self.limiter.tunnel_opened(),
+                close_at: self.handover.tunnel_opened(),
+                going_away: false,
+            });
+            if let Some(g) = &mut route.gauge {
+                g.become_tunnel();
+            }
+        }
+        if status != http::StatusCode::OK {
+            route.decision.learn_sid = false;
         }
         Ok(())
     }
@@ -625,7 +390,12 @@ impl ProxyHttp for Agent {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
-        if ctx.going_away {
+        if ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.tunnel.as_ref())
+            .is_some_and(|t| t.going_away)
+        {
             // The client's answer to our close frame (or anything after it): end the tunnel.
             return Err(handed_over());
         }
@@ -639,25 +409,32 @@ impl ProxyHttp for Agent {
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if let Some(at) = ctx.close_at {
-            if ctx.going_away {
+        let Some(route) = &mut ctx.route else {
+            return Ok(None);
+        };
+        if let Some(tunnel) = &mut route.tunnel {
+            let Some(at) = tunnel.close_at else {
+                return Ok(None);
+            };
+            if tunnel.going_away {
                 return Err(handed_over());
             }
             if body.as_deref().is_some_and(handover::is_lone_ping) && self.handover.tunnel_due(at) {
                 // Its moment has come during a hand-over: a clean close instead of this ping;
                 // the client reconnects through the new process.
                 *body = Some(Bytes::from_static(handover::GOING_AWAY));
-                ctx.going_away = true;
-                return Ok(None);
+                tunnel.going_away = true;
             }
+            return Ok(None);
         }
-        if ctx.learn_sid {
-            if let (Some(chunk), Some(memory), Some(backend)) =
-                (body.as_ref(), &self.affinity, &ctx.backend)
+        if route.decision.learn_sid {
+            if let (Some(chunk), Some(memory), Some(uid)) =
+                (body.as_ref(), self.live.sessions(), &ctx.uid)
             {
-                ctx.learn_sid = false;
-                if let Some(sid) = affinity::sid_in_handshake(chunk) {
-                    memory.learn(sid, backend.clone());
+                // A handshake body is a few hundred bytes: the first chunk decides.
+                route.decision.learn_sid = false;
+                if let Some(sid) = affinity::sid_in_open_packet(chunk) {
+                    memory.learn(sid, uid.as_str(), route.decision.target.backend().clone());
                 }
             }
         }
@@ -665,16 +442,16 @@ impl ProxyHttp for Agent {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        let Some(snap) = &ctx.snapshot else {
-            return; // the demo page, or a request that never got this far
-        };
+        let snap = &ctx.snap;
         let elapsed = ctx.start.elapsed();
-        if let Some(stats) = ctx.backend_stats().filter(|_| !ctx.tunnel_counted) {
+        let route = ctx.route.as_ref();
+        if let Some(g) = route.and_then(|r| r.gauge.as_ref()).filter(|g| !g.tunnel) {
             // (A tunnel was counted by its 101 in response_filter.)
             let status = session.response_written().map_or(0, |r| r.status.as_u16());
-            stats.count_status(status);
+            g.stats.count_status(status);
             if !session.was_upgraded() {
-                if let Some(pool) = ctx.pool.and_then(|i| snap.stats.pools.get(i)) {
+                let pool = route.and_then(|r| r.decision.target.pool());
+                if let Some(pool) = pool.and_then(|i| snap.stats.pools.get(i)) {
                     pool.duration.observe(elapsed.as_secs_f64());
                 }
             }
@@ -682,22 +459,23 @@ impl ProxyHttp for Agent {
         if !snap.config.access_log.enabled {
             return;
         }
-        let pool = ctx
-            .pool
+        let target = route.map(|r| &r.decision.target);
+        let pool = target
+            .and_then(Target::pool)
             .and_then(|i| snap.router.pool_at(i))
             .map_or("-", |p| p.name());
         access_log::write(access_log::Entry {
             session,
-            uid: ctx.uid(session),
+            uid: ctx.uid.as_ref().map_or("", Uid::as_str),
             pool,
-            backend: ctx.backend.as_ref(),
-            affinity: ctx.via_affinity,
+            backend: target.map(Target::backend),
+            affinity: matches!(target, Some(Target::Session { .. })),
             elapsed,
             error: e,
         });
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, _ctx: &mut Ctx) -> FailToProxy {
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             _ => match e.esource() {
@@ -711,20 +489,10 @@ impl ProxyHttp for Agent {
         };
         // Pingora's own error page is an empty body; say what happened, as the refusals do.
         if code > 0 && session.response_written().is_none() {
-            let body: &'static str = match code {
-                503 => "gopush: no healthy backend in the pool\n",
-                502 => "gopush: the backend failed or closed the connection\n",
-                504 => "gopush: the backend did not answer in time\n",
-                400 => "gopush: bad request\n",
-                _ => "gopush: the request failed\n",
-            };
-            let reason = http::StatusCode::from_u16(code)
-                .ok()
-                .and_then(|s| s.canonical_reason())
-                .unwrap_or("Error");
+            let (status, reason, body) = Refusal::Proxy(code).response(&ctx.snap);
             session.set_keepalive(None);
-            let body = Bytes::from_static(body.as_bytes());
-            if let Err(e) = respond(session, code, reason, "text/plain; charset=utf-8", body).await
+            if let Err(e) =
+                respond(session, status, reason, "text/plain; charset=utf-8", body).await
             {
                 tracing::debug!("could not send the error response: {e}");
             }
@@ -738,6 +506,11 @@ impl ProxyHttp for Agent {
     fn suppress_error_log(&self, _session: &Session, ctx: &Ctx, error: &Error) -> bool {
         // A client going away (tab closed, load tool ending, refused upgrade) is routine, and so
         // is a tunnel the agent closed itself during a hand-over.
-        ctx.going_away || matches!(error.esource(), pingora::ErrorSource::Downstream)
+        let going_away = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.tunnel.as_ref())
+            .is_some_and(|t| t.going_away);
+        going_away || matches!(error.esource(), pingora::ErrorSource::Downstream)
     }
 }

@@ -1,10 +1,9 @@
 //! Uid resolution: which user is this request for?
 //!
-//! First step of the request path (`request_filter`). The declarative sources (cookie, query,
-//! header) are pure functions over the request head with no allocation: the resolved uid borrows
-//! from the request. Such a uid is used exactly as the client sent it (a cookie or query value is
-//! *not* percent-decoded), because that is what nginx's `$cookie_uid` / `$arg_uid` hash, and
-//! placement must agree with nginx's `hash ... consistent`.
+//! First step of the request path (`request_filter`, through [`crate::decide::resolve_uid`]). The
+//! declarative sources (cookie, query, header) are pure functions over the request head. What
+//! they find becomes one canonical [`Uid`]: decoded as the backend decodes it, with the value as
+//! sent kept only as the ring key (see [`Uid`] for why).
 //!
 //! A signed token ([`crate::jwt`]) is verified here too (CPU only); its claim is an owned uid. An
 //! auth callback ([`crate::callback`]) needs I/O, so [`UidResolver::next`] stops at it and hands
@@ -15,6 +14,7 @@ use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
 use crate::counters::{bump, metrics};
 use pingora::http::RequestHeader;
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Why no uid could be used.
@@ -29,38 +29,87 @@ pub enum UidError {
     Rejected(&'static str),
 }
 
-/// A resolved uid.
+/// A resolved uid, in its one canonical form.
+///
+/// Everything that names the user (limits, forwarding, logs, metrics, hooks, push rooms, the sid
+/// memory) uses [`Uid::as_str`]: the value decoded as the backend decodes it. Only the ring
+/// hashes something else, [`Uid::ring_key`]: for a cookie, query or header source the value
+/// exactly as sent, still percent-encoded, because that is what nginx's `$cookie_uid` /
+/// `$arg_uid` hash, and placement must agree with nginx's `hash ... consistent`. A value a token,
+/// callback or hook produced is used as it is for both. Owned, so it outlives changes to the
+/// request head (the upgrade guard edits it) and costs one allocation, two when it was encoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Uid {
-    /// A declarative source's value, borrowed from the request head exactly as sent.
-    Span(UidSpan),
-    /// A value a token, callback or hook produced; hashed and forwarded as it is.
-    Owned(Box<str>),
+pub struct Uid {
+    value: Box<str>,
+    /// The ring key where it differs from `value` (a declarative source's value with `%`).
+    raw: Option<Box<str>>,
+    /// Index of the configured source that gave it (`None`: a hook, or a caller such as
+    /// `/api/route`).
+    source: Option<usize>,
 }
 
 impl Uid {
-    /// The uid as hashed (for a span: as sent, still percent-encoded).
-    pub fn get<'a>(&'a self, resolver: &UidResolver, req: &'a RequestHeader) -> &'a str {
-        match self {
-            Uid::Span(span) => span.get(resolver, req),
-            Uid::Owned(s) => s,
-        }
+    /// A value as a client sends it in a cookie or header (percent-encoded), validated and
+    /// decoded as `decodeURIComponent` does.
+    pub fn from_raw(raw: &str, max_len: usize) -> Result<Uid, UidError> {
+        Self::from_encoded(raw, max_len, false)
     }
 
-    /// The uid as the backend receives it: a span's value percent-decoded ([`decode`]), an
-    /// owned value unchanged.
-    pub fn forwarded<'a>(
-        &'a self,
-        resolver: &UidResolver,
-        req: &'a RequestHeader,
-    ) -> std::borrow::Cow<'a, str> {
-        match self {
-            Uid::Span(span) => {
-                let raw = span.get(resolver, req);
-                decode(raw).unwrap_or(std::borrow::Cow::Borrowed(raw))
-            }
-            Uid::Owned(s) => std::borrow::Cow::Borrowed(s),
+    /// A query parameter's value, validated and decoded as the backend's query parser
+    /// (`URLSearchParams`, Socket.IO's `handshake.query`) decodes it: `+` is a space.
+    pub fn from_query(raw: &str, max_len: usize) -> Result<Uid, UidError> {
+        Self::from_encoded(raw, max_len, true)
+    }
+
+    fn from_encoded(raw: &str, max_len: usize, plus_is_space: bool) -> Result<Uid, UidError> {
+        if raw.len() > max_len {
+            return Err(UidError::Invalid("too long"));
         }
+        let value = if plus_is_space && raw.contains('+') {
+            Cow::Owned(decode(&raw.replace('+', " "))?.into_owned())
+        } else {
+            decode(raw)?
+        };
+        if value.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(UidError::Invalid("contains control characters"));
+        }
+        let raw = matches!(value, Cow::Owned(_)).then(|| Box::from(raw));
+        Ok(Uid {
+            value: value.into(),
+            raw,
+            source: None,
+        })
+    }
+
+    /// A value a token, callback or hook produced: used as it is (never decoded), validated.
+    pub fn from_value(value: &str, max_len: usize) -> Result<Uid, UidError> {
+        validate_value(value, max_len)?;
+        Ok(Uid {
+            value: value.into(),
+            raw: None,
+            source: None,
+        })
+    }
+
+    /// The same uid, attributed to the configured source at `index`.
+    pub fn with_source(mut self, index: usize) -> Uid {
+        self.source = Some(index);
+        self
+    }
+
+    /// The canonical uid: what the backend, the limits, the logs and the hooks see.
+    pub fn as_str(&self) -> &str {
+        &self.value
+    }
+
+    /// What the ring hashes (see the type's documentation for why it may differ).
+    pub fn ring_key(&self) -> &[u8] {
+        self.raw.as_deref().unwrap_or(&self.value).as_bytes()
+    }
+
+    /// Index of the configured source that gave the uid.
+    pub fn source(&self) -> Option<usize> {
+        self.source
     }
 }
 
@@ -133,13 +182,18 @@ impl UidResolver {
                         bump(&metrics().jwt_rejected);
                         UidError::Rejected(why)
                     })?;
-                    validate_value(&uid, self.max_len)?;
-                    return Ok(Step::Found(Uid::Owned(uid.into())));
+                    return Ok(Step::Found(
+                        Uid::from_value(&uid, self.max_len)?.with_source(i),
+                    ));
                 }
                 UidSource::Callback(_) => return Ok(Step::Ask(i)),
                 _ => {
-                    if let Some(span) = self.locate_one(req, i, source)? {
-                        return Ok(Step::Found(Uid::Span(span)));
+                    if let Some(raw) = declared(req, source) {
+                        let uid = match source {
+                            UidSource::Query(_) => Uid::from_query(raw, self.max_len),
+                            _ => Uid::from_raw(raw, self.max_len),
+                        };
+                        return Ok(Step::Found(uid?.with_source(i)));
                     }
                 }
             }
@@ -151,117 +205,27 @@ impl UidResolver {
     pub fn describe_sources(&self) -> &str {
         &self.described
     }
-
-    /// Finds the uid of `req`: the first non-empty value among the sources, validated.
-    pub fn resolve<'r>(&self, req: &'r RequestHeader) -> Result<&'r str, UidError> {
-        self.locate(req).map(|span| span.get(self, req))
-    }
-
-    /// Like [`UidResolver::resolve`], but answers where the uid is, so that later proxy phases
-    /// can borrow it again from the same request head without copying or parsing it again.
-    /// Only the declarative sources (cookie, query, header) are tried.
-    pub fn locate(&self, req: &RequestHeader) -> Result<UidSpan, UidError> {
-        for (i, source) in self.sources.iter().enumerate() {
-            if let Some(span) = self.locate_one(req, i, source)? {
-                return Ok(span);
-            }
-        }
-        Err(UidError::Missing)
-    }
-
-    /// One declarative source (`None` for any other kind).
-    fn locate_one(
-        &self,
-        req: &RequestHeader,
-        i: usize,
-        source: &UidSource,
-    ) -> Result<Option<UidSpan>, UidError> {
-        {
-            let found = match source {
-                UidSource::Cookie(name) => req
-                    .headers
-                    .get_all(http::header::COOKIE)
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(n, v)| Some((n, v.to_str().ok()?)))
-                    .find_map(|(n, header)| {
-                        let v = cookie_in(header, name)?;
-                        Some((Origin::Cookie(n as u32), header, v))
-                    }),
-                UidSource::Query(name) => req
-                    .uri
-                    .query()
-                    .and_then(|q| query_value(q, name).map(|v| (Origin::Query, q, v))),
-                UidSource::Header(name) => req
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .map(|h| (Origin::Header(i as u32), h, h.trim())),
-                UidSource::Jwt(_) | UidSource::Callback(_) => None,
-            };
-            if let Some((origin, base, v)) = found.filter(|(_, _, v)| !v.is_empty()) {
-                validate(v, self.max_len)?;
-                // `v` is a sub-slice of `base`: its offset is the distance between the pointers.
-                let start = v.as_ptr() as usize - base.as_ptr() as usize;
-                return Ok(Some(UidSpan {
-                    origin,
-                    source: i as u32,
-                    start: start as u32,
-                    end: (start + v.len()) as u32,
-                }));
-            }
-        }
-        Ok(None)
-    }
 }
 
-/// Where in the request head a uid was found (see [`UidResolver::locate`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UidSpan {
-    origin: Origin,
-    /// Index of the configured source that gave the uid (for the per-source metrics).
-    source: u32,
-    start: u32,
-    end: u32,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Origin {
-    /// In the n-th `Cookie` header.
-    Cookie(u32),
-    /// In the query string.
-    Query,
-    /// In the header of the i-th source.
-    Header(u32),
-}
-
-impl UidSpan {
-    /// Index of the configured source that gave the uid.
-    pub fn source(&self) -> usize {
-        self.source as usize
-    }
-
-    /// The uid, borrowed from the request head it was located in. Returns `""` if `req` is not
-    /// that request head (a bug, not an input error).
-    pub fn get<'r>(&self, resolver: &UidResolver, req: &'r RequestHeader) -> &'r str {
-        let base = match self.origin {
-            Origin::Cookie(n) => req
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .nth(n as usize)
-                .and_then(|v| v.to_str().ok()),
-            Origin::Query => req.uri.query(),
-            Origin::Header(i) => match resolver.sources.get(i as usize) {
-                Some(UidSource::Header(name)) => {
-                    req.headers.get(name).and_then(|v| v.to_str().ok())
-                }
-                _ => None,
-            },
-        };
-        base.and_then(|b| b.get(self.start as usize..self.end as usize))
-            .unwrap_or("")
-    }
+/// The non-empty value a cookie, query or header source finds in `req`, as sent (`None` for any
+/// other kind of source).
+fn declared<'r>(req: &'r RequestHeader, source: &UidSource) -> Option<&'r str> {
+    let found = match source {
+        UidSource::Cookie(name) => req
+            .headers
+            .get_all(http::header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find_map(|header| cookie_in(header, name)),
+        UidSource::Query(name) => req.uri.query().and_then(|q| query_value(q, name)),
+        UidSource::Header(name) => req
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim),
+        UidSource::Jwt(_) | UidSource::Callback(_) => None,
+    };
+    found.filter(|v| !v.is_empty())
 }
 
 /// Checks a uid that a token, callback or hook produced (used as it is, never decoded): not
@@ -279,27 +243,14 @@ pub fn validate_value(uid: &str, max_len: usize) -> Result<&str, UidError> {
     Ok(uid)
 }
 
-/// Checks a found uid, raw and decoded: bounded length, no control characters, and valid UTF-8
-/// once percent-decoded.
-pub fn validate(uid: &str, max_len: usize) -> Result<&str, UidError> {
-    if uid.len() > max_len {
-        return Err(UidError::Invalid("too long"));
-    }
-    let decoded = decode(uid)?;
-    if decoded.bytes().any(|b| b < 0x20 || b == 0x7f) {
-        return Err(UidError::Invalid("contains control characters"));
-    }
-    Ok(uid)
-}
-
 /// The uid as the backend receives it: percent-decoded, as `decodeURIComponent` (and so
 /// Socket.IO's `handshake.query`) would give it. Borrowed unless the uid contains `%`.
 ///
 /// The *raw* uid stays the hash key (that is what nginx hashes); the backend gets the value the
 /// client meant, so `io(url, {query: {uid: "a@b.com"}})` is `a@b.com` behind gopush as without it.
-pub fn decode(raw: &str) -> Result<std::borrow::Cow<'_, str>, UidError> {
+pub fn decode(raw: &str) -> Result<Cow<'_, str>, UidError> {
     if !raw.contains('%') {
-        return Ok(std::borrow::Cow::Borrowed(raw));
+        return Ok(Cow::Borrowed(raw));
     }
     percent_encoding::percent_decode_str(raw)
         .decode_utf8()
@@ -342,6 +293,22 @@ mod tests {
         })
     }
 
+    /// What production does with a request: [`UidResolver::next`] from the first source; the
+    /// ring key, as text.
+    fn key(res: &UidResolver, r: &RequestHeader) -> Result<String, UidError> {
+        match res.next(r, 0)? {
+            Step::Found(uid) => Ok(String::from_utf8(uid.ring_key().to_vec()).unwrap()),
+            Step::Ask(_) => panic!("no callback source here"),
+        }
+    }
+
+    fn found(res: &UidResolver, r: &RequestHeader) -> Uid {
+        match res.next(r, 0) {
+            Ok(Step::Found(uid)) => uid,
+            other => panic!("{other:?}"),
+        }
+    }
+
     fn default_resolver() -> UidResolver {
         resolver(vec![
             UidSource::Cookie("uid".into()),
@@ -353,21 +320,21 @@ mod tests {
     #[test]
     fn cookie_among_several_with_spaces() {
         let r = req("/", &[("cookie", "a=1;  uid=alice ; b=2")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("alice"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("alice"));
     }
 
     #[test]
     fn cookie_across_several_headers_first_wins() {
         let r = req("/", &[("cookie", "a=1"), ("cookie", "uid=bob; uid=carol")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("bob"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("bob"));
     }
 
     #[test]
     fn cookie_quoted_and_percent_encoded_values_are_raw() {
         let r = req("/", &[("cookie", "uid=\"q\"")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("\"q\""));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("\"q\""));
         let r = req("/", &[("cookie", "uid=a%20b")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("a%20b"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("a%20b"));
         assert_eq!(decode("a%20b").unwrap(), "a b");
         assert_eq!(decode("a%40b.com").unwrap(), "a@b.com");
         assert!(matches!(
@@ -379,35 +346,35 @@ mod tests {
     #[test]
     fn cookie_name_is_exact() {
         let r = req("/", &[("cookie", "xuid=1; uidx=2")]);
-        assert_eq!(default_resolver().resolve(&r), Err(UidError::Missing));
+        assert_eq!(key(&default_resolver(), &r), Err(UidError::Missing));
     }
 
     #[test]
     fn query_first_duplicate_wins_and_is_not_decoded() {
         let r = req("/socket.io/?EIO=4&uid=u%2F1&uid=u2", &[]);
-        assert_eq!(default_resolver().resolve(&r), Ok("u%2F1"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("u%2F1"));
     }
 
     #[test]
     fn query_key_must_match_exactly() {
         let r = req("/?xuid=1&uidx=2&uid", &[]);
-        assert_eq!(default_resolver().resolve(&r), Err(UidError::Missing));
+        assert_eq!(key(&default_resolver(), &r), Err(UidError::Missing));
     }
 
     #[test]
     fn sources_in_order_cookie_before_query() {
         let r = req("/?uid=q", &[("cookie", "uid=c"), ("x-user-id", "h")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("c"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("c"));
         let r = req("/?uid=q", &[("x-user-id", "h")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("q"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("q"));
         let r = req("/", &[("x-user-id", " h ")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("h"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("h"));
     }
 
     #[test]
     fn empty_values_fall_through_to_next_source() {
         let r = req("/?uid=q", &[("cookie", "uid=")]);
-        assert_eq!(default_resolver().resolve(&r), Ok("q"));
+        assert_eq!(key(&default_resolver(), &r).as_deref(), Ok("q"));
     }
 
     #[test]
@@ -416,7 +383,7 @@ mod tests {
         let res = resolver(vec![UidSource::Header(http::HeaderName::from_static(
             "x-id",
         ))]);
-        assert_eq!(res.resolve(&r), Err(UidError::Missing));
+        assert_eq!(key(&res, &r), Err(UidError::Missing));
         assert_eq!(res.describe_sources(), "header `x-id`");
     }
 
@@ -424,26 +391,56 @@ mod tests {
     fn too_long_and_control_characters_are_invalid() {
         let long = format!("/?uid={}", "a".repeat(257));
         assert_eq!(
-            default_resolver().resolve(&req(&long, &[])),
+            key(&default_resolver(), &req(&long, &[])),
             Err(UidError::Invalid("too long"))
         );
         let ok = format!("/?uid={}", "a".repeat(256));
-        assert!(default_resolver().resolve(&req(&ok, &[])).is_ok());
+        assert!(key(&default_resolver(), &req(&ok, &[])).is_ok());
         assert_eq!(
-            validate("a\u{1}b", 256),
+            Uid::from_raw("a\u{1}b", 256),
             Err(UidError::Invalid("contains control characters"))
         );
         assert_eq!(
-            validate("a\u{7f}", 256),
+            Uid::from_raw("a\u{7f}", 256),
             Err(UidError::Invalid("contains control characters"))
         );
         assert_eq!(
-            validate("%01x", 256),
+            Uid::from_raw("%01x", 256),
             Err(UidError::Invalid("contains control characters"))
         );
         assert_eq!(
-            validate("%ff", 256),
+            Uid::from_raw("%ff", 256),
             Err(UidError::Invalid("not UTF-8 once percent-decoded"))
+        );
+    }
+
+    #[test]
+    fn one_canonical_uid_decoded_as_the_backend_decodes_it() {
+        // The ring hashes the value as sent (nginx parity); everything else sees it decoded.
+        let res = default_resolver();
+        let u = found(&res, &req("/", &[("cookie", "uid=b%6Fb")]));
+        assert_eq!(u.as_str(), "bob");
+        assert_eq!(u.ring_key(), b"b%6Fb");
+        assert_eq!(u.source(), Some(0));
+        let u = found(&res, &req("/?uid=a+b%2Bc", &[]));
+        assert_eq!(
+            u.as_str(),
+            "a b+c",
+            "a query value is form-decoded, as URLSearchParams does"
+        );
+        assert_eq!(u.ring_key(), b"a+b%2Bc");
+        let u = found(&res, &req("/", &[("cookie", "uid=a+b")]));
+        assert_eq!(u.as_str(), "a+b", "a cookie value is not form-decoded");
+        let u = found(&res, &req("/?uid=%C3%A9", &[]));
+        assert_eq!(u.as_str(), "é");
+        let plain = found(&res, &req("/?uid=alice", &[]));
+        assert_eq!((plain.as_str(), plain.ring_key()), ("alice", &b"alice"[..]));
+        // Values from tokens, callbacks and hooks are never decoded.
+        let v = Uid::from_value("a%20b", 256).unwrap();
+        assert_eq!((v.as_str(), v.ring_key()), ("a%20b", &b"a%20b"[..]));
+        assert_eq!(
+            Uid::from_value("a\nb", 256),
+            Err(UidError::Invalid("contains control characters"))
         );
     }
 

@@ -21,6 +21,7 @@
 pub mod push;
 
 use crate::config::{AdminConfig, Config};
+use crate::decide::{self, Refusal};
 use crate::live::{unix_seconds, Live, Snapshot};
 use crate::routing::backend_addr;
 use async_trait::async_trait;
@@ -250,7 +251,7 @@ impl AdminApp {
         match path.as_str() {
             "/metrics" if get => self.metrics(&snap),
             "/api/status" if get => self.status(&snap),
-            "/api/route" if get => route(&snap, &query),
+            "/api/route" if get => route(&snap, self.live.sessions(), &query),
             "/api/reload" if post => self.reload().await,
             "/api/push" if post => match read_body(session, &snap.config).await {
                 Ok(body) => self.push(&snap, &body).await,
@@ -662,57 +663,73 @@ async fn read_body(session: &mut ServerSession, config: &Config) -> Result<Vec<u
     }
 }
 
-/// `GET /api/route?uid=U&product=P`. The uid is the hash key exactly as the client sends it
-/// (cookie or query value, not percent-decoded by the agent), so the query parameter here is
-/// percent-decoded once, as any URL parameter.
-fn route(snap: &Snapshot, query: &str) -> Reply {
+/// `GET /api/route?uid=U&product=P&sid=S`: where a request of uid `U` goes now, decided by the
+/// proxy's own [`decide::route`] (route hook, product, sid memory, health, drain). `U` is the
+/// uid as a client sends it (cookie or query value) and so percent-decoded once here, as any URL
+/// parameter; the answer's `uid` is the canonical (decoded) uid. `sid` asks about a live session.
+fn route(snap: &Snapshot, sessions: Option<&crate::affinity::Affinity>, query: &str) -> Reply {
     let param = |name: &str| {
-        crate::uid::query_value(query, name).map(|v| {
-            let plus_as_space = v.replace('+', " ");
-            percent_encoding::percent_decode_str(&plus_as_space)
-                .decode_utf8()
-                .map(|c| c.into_owned())
-        })
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     };
-    let uid = match param("uid") {
-        Some(Ok(u)) if !u.is_empty() => u,
-        Some(Err(_)) => {
-            return Reply::error(StatusCode::BAD_REQUEST, "uid: not UTF-8 once decoded")
+    let uid = match param("uid").filter(|u| !u.is_empty()) {
+        Some(u) => u,
+        None => return Reply::error(StatusCode::BAD_REQUEST, "uid: required (?uid=...)"),
+    };
+    let uid = match crate::uid::Uid::from_raw(&uid, snap.config.uid.max_len) {
+        Ok(uid) => uid,
+        Err(e) => {
+            let why = match e {
+                crate::uid::UidError::Invalid(why) => why,
+                _ => "required",
+            };
+            return Reply::error(StatusCode::BAD_REQUEST, format!("uid: {why}"));
         }
-        _ => return Reply::error(StatusCode::BAD_REQUEST, "uid: required (?uid=...)"),
     };
-    if let Err(crate::uid::UidError::Invalid(why)) =
-        crate::uid::validate(&uid, snap.config.uid.max_len)
-    {
-        return Reply::error(StatusCode::BAD_REQUEST, format!("uid: {why}"));
-    }
-    let product = match param(&snap.config.product_param) {
-        Some(Ok(p)) => Some(p),
-        Some(Err(_)) => {
-            return Reply::error(StatusCode::BAD_REQUEST, "product: not UTF-8 once decoded")
+    let product = param(&snap.config.product_param);
+    let sid = param("sid");
+    let decided = decide::probe_request(snap, product.as_deref(), sid.as_deref())
+        .and_then(|req| decide::route(snap, sessions, &req, None, &uid));
+    let decision = match decided {
+        Ok(d) => d,
+        Err(Refusal::UnknownProduct) => {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "product: no pool named `{}`",
+                    product.as_deref().unwrap_or_default()
+                ),
+            )
         }
-        None => None,
+        Err(why) => {
+            let (status, _, body) = why.response(snap);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            let text = String::from_utf8_lossy(&body).trim_end().to_string();
+            return Reply::json(status, &json!({ "uid": uid.as_str(), "error": text }));
+        }
     };
-    let Ok(pool) = snap.router.pool(product.as_deref()) else {
-        return Reply::error(
-            StatusCode::NOT_FOUND,
-            format!(
-                "product: no pool named `{}`",
-                product.as_deref().unwrap_or_default()
-            ),
+    let target = &decision.target;
+    let show = |b: Option<&pingora::lb::Backend>| b.and_then(backend_addr).map(|a| a.to_string());
+    let backend = show(Some(target.backend()));
+    let Some(pool) = target.pool().and_then(|i| snap.router.pool_at(i)) else {
+        // The route hook named a backend: no pool, no ring.
+        return Reply::json(
+            StatusCode::OK,
+            &json!({ "uid": uid.as_str(), "via": target.via(), "pool": null, "backend": backend,
+                     "failover": null, "ring": null, "ring_healthy": null, "ring_draining": null }),
         );
     };
-    let key = uid.as_bytes();
-    let show = |b: Option<&pingora::lb::Backend>| b.and_then(backend_addr).map(|a| a.to_string());
-    let now = pool.select(key);
+    let key = uid.ring_key();
     let ring = pool.select_ignoring_health(key);
-    let failover = now.as_ref().and_then(|b| pool.select_avoiding(key, b));
+    let failover = pool.select_avoiding(key, target.backend());
     Reply::json(
         StatusCode::OK,
         &json!({
-            "uid": uid,
+            "uid": uid.as_str(),
+            "via": target.via(),
             "pool": pool.name(),
-            "backend": show(now.as_ref()),
+            "backend": backend,
             "failover": show(failover.as_ref()),
             "ring": show(ring.as_ref()),
             "ring_healthy": ring.as_ref().map(|b| pool.is_ready(b)),

@@ -192,6 +192,12 @@ impl Config {
                 "set `header`, `query` or both: the backend must receive the uid".into(),
             ));
         }
+        if !self.affinity.path.starts_with('/') {
+            return Err((
+                "affinity.path".into(),
+                "must start with `/` (the Socket.IO path, `/socket.io/` by default)".into(),
+            ));
+        }
         if self.health_check.kind == HealthCheckKind::Http
             && !self.health_check.path.starts_with('/')
         {

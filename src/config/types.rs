@@ -491,6 +491,9 @@ pub struct AffinityConfig {
     /// How long a session is remembered after its handshake.
     #[serde(default = "default_affinity_ttl", with = "humantime_serde")]
     pub ttl: Duration,
+    /// The Socket.IO (Engine.IO) path: only polling handshakes under it teach the memory.
+    #[serde(default = "default_socketio_path")]
+    pub path: String,
 }
 
 impl Default for AffinityConfig {
@@ -499,6 +502,7 @@ impl Default for AffinityConfig {
             enabled: true,
             max_sessions: default_max_sessions(),
             ttl: default_affinity_ttl(),
+            path: default_socketio_path(),
         }
     }
 }
@@ -508,6 +512,9 @@ fn yes() -> bool {
 }
 fn default_max_sessions() -> usize {
     100_000
+}
+fn default_socketio_path() -> String {
+    "/socket.io/".into()
 }
 fn default_affinity_ttl() -> Duration {
     Duration::from_secs(24 * 3600)
