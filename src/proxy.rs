@@ -17,7 +17,7 @@ use crate::callback::Answer;
 use crate::handover::{self, HandOver};
 use crate::hooks::{HookKind, HookRequest, RouteDecision};
 use crate::limits::head_deadline::HeadDeadline;
-use crate::limits::{Exceeded, Limiter, Slots, TunnelSlot};
+use crate::limits::{Exceeded, Limiter, Slots};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics, RefusalKind};
 use crate::routing::backend_addr;
@@ -70,10 +70,8 @@ pub struct Ctx {
     learn_sid: bool,
     /// The #946 guard is in place for this upgrade request.
     upgrade_guard: bool,
-    /// Concurrency slots held until the request (or tunnel) ends.
+    /// Concurrency slots (and an upgrade's tunnel slot) held until the request (or tunnel) ends.
     slots: Slots,
-    /// Counts this request in the open tunnels while it is one.
-    tunnel: Option<TunnelSlot>,
     /// The chosen backend's metric children, while this request counts in its active requests
     /// (or, once upgraded, its open tunnels).
     stats: Option<Arc<BackendStats>>,
@@ -477,7 +475,6 @@ impl ProxyHttp for Agent {
             learn_sid: false,
             upgrade_guard: false,
             slots: Slots::default(),
-            tunnel: None,
             stats: None,
             tunnel_counted: false,
             close_at: None,
@@ -598,11 +595,12 @@ impl ProxyHttp for Agent {
         if ctx.upgrade_guard {
             upgrade::on_response(session, upstream_response.status.as_u16());
         }
+        ctx.slots
+            .upgrade_answered(upstream_response.status.as_u16());
         if self.handover.is_closing() {
             session.set_keepalive(None);
         }
         if upstream_response.status == http::StatusCode::SWITCHING_PROTOCOLS {
-            ctx.tunnel = Some(self.limiter.tunnel_opened());
             ctx.close_at = self.handover.tunnel_opened();
             if let Some(s) = ctx.backend_stats() {
                 // Counted now, not when the tunnel ends: a WebSocket can live for hours.
