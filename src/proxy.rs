@@ -583,6 +583,7 @@ impl ProxyHttp for Agent {
         if ctx.upgrade_guard {
             upgrade::guard_upstream_request(upstream_request)?;
         }
+        upgrade::close_upstream(upstream_request)?;
         Ok(())
     }
 

@@ -1,4 +1,5 @@
-//! Issue 11, item 3: `limits.max_tunnels` holds under a burst of upgrades.
+//! Issue 11, items 3 and 4: `limits.max_tunnels` holds under a burst of upgrades, and a backend
+//! connection that carried an upgrade request is never reused (whatever the answer).
 //!
 //! The backends are raw tokio listeners on loopback; every wait is bounded.
 
@@ -8,7 +9,7 @@ use common::{agent_config, Agent, HttpConn, Response, TempDir};
 use std::collections::BTreeMap;
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -232,4 +233,164 @@ async fn max_tunnels_holds_under_a_burst_of_upgrades() {
         "no tunnel slot came back after the tunnels closed"
     );
     drop(agent);
+}
+
+// ------------------------------------------------------------------------------------------------
+// Item 4: no reuse of a backend connection after a refused upgrade
+// ------------------------------------------------------------------------------------------------
+
+/// What the backend saw on one connection.
+#[derive(Default, Debug, Clone)]
+struct Seen {
+    /// Request lines with their `Cookie`, in arrival order.
+    requests: Vec<(String, String)>,
+    closed: bool,
+}
+
+/// Issue 11 item 4. The backend refuses an upgrade with a framed `403` (no `Connection: close`)
+/// and, like an upgrade handler that still owns the socket, never answers anything else on that
+/// connection. The next user's request must go to a new backend connection and be answered at
+/// once. Before the fix Pingora pooled the connection and wrote bob's request (with his cookie)
+/// into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_upgrade_connection_is_not_reused() {
+    let dir = TempDir::new("tunnel-reuse");
+    let seen: Arc<Mutex<BTreeMap<usize, Seen>>> = Arc::default();
+    let backend = {
+        let seen = seen.clone();
+        RawBackend::start(move |mut stream, id| {
+            let seen = seen.clone();
+            async move {
+                let mut buf = Vec::new();
+                let mut owned_by_upgrade = false;
+                for _ in 0..10_000 {
+                    let Some(head) = read_head(&mut stream, &mut buf).await else {
+                        break;
+                    };
+                    let line = head.lines().next().unwrap_or("").to_string();
+                    let cookie = head_value(&head, "cookie").unwrap_or("").to_string();
+                    if let Ok(mut s) = seen.lock() {
+                        s.entry(id).or_default().requests.push((line, cookie));
+                    }
+                    if owned_by_upgrade {
+                        continue; // swallowed by the "upgrade handler"
+                    }
+                    let answer: &[u8] = if head_value(&head, "upgrade").is_some() {
+                        owned_by_upgrade = true;
+                        b"HTTP/1.1 403 Forbidden\r\nContent-Length: 3\r\n\r\nno\n"
+                    } else {
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n"
+                    };
+                    if stream.write_all(answer).await.is_err() {
+                        break;
+                    }
+                }
+                if let Ok(mut s) = seen.lock() {
+                    s.entry(id).or_default().closed = true;
+                }
+            }
+        })
+        .await
+    };
+    let agent = start_agent(&dir, backend.port, "");
+    // As a browser sends it: the #946 guard is in place, and the agent closes the client's
+    // connection after the refusal; bob comes on a new one.
+    let plain = upgrade_request("/ws-0", "uid=alice");
+    refused_then_next(&agent, &seen, 0, &plain).await;
+    // Framed by the client (`Content-Length: 0`): no guard, the request is complete at once and
+    // the client's connection stays open, as one a front proxy shares between users does; bob's
+    // request follows on it (HTTP/1.1 orders it after the agent is done with the upgrade).
+    let framed =
+        upgrade_request("/ws-1", "uid=alice").replace("\r\n\r\n", "\r\nContent-Length: 0\r\n\r\n");
+    refused_then_next(&agent, &seen, 1, &framed).await;
+    drop(agent);
+}
+
+/// alice's upgrade `/ws-N` is refused; then bob's `GET /next-N` (on the same client connection
+/// if the agent keeps it open, else a new one) must reach the backend on a new connection and be
+/// answered at once; the refused upgrade's backend connection is closed.
+async fn refused_then_next(
+    agent: &Agent,
+    seen: &Mutex<BTreeMap<usize, Seen>>,
+    n: usize,
+    upgrade: &str,
+) {
+    let mut alice = HttpConn::connect(agent.port).await.expect("connect");
+    let r = tokio::time::timeout(Duration::from_secs(10), alice.send_raw(upgrade, false))
+        .await
+        .expect("no answer to the upgrade within 10 s")
+        .expect("upgrade");
+    assert_eq!((r.status, r.text().as_str()), (403, "no\n"), "round {n}");
+    let mut bob = if r.closes() {
+        // Pingora releases (or closes) the backend connection before it closes the client's.
+        alice
+            .wait_closed(Duration::from_secs(5))
+            .await
+            .expect("the refused upgrade's connection closes");
+        HttpConn::connect(agent.port).await.expect("connect")
+    } else {
+        alice
+    };
+
+    // bob's ordinary request.
+    let t = Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(5),
+        bob.get(&format!("/next-{n}"), &[("Cookie", "uid=bob")]),
+    )
+    .await;
+    let seen_now = seen.lock().map(|s| s.clone()).unwrap_or_default();
+    let r = r
+        .unwrap_or_else(|_| {
+            panic!("round {n}: bob got no answer within 5 s; backend saw {seen_now:?}")
+        })
+        .expect("bob's request");
+    let took = t.elapsed();
+    println!(
+        "round {n}: bob: {} after {took:?}; backend saw {seen_now:?}",
+        r.status
+    );
+    assert_eq!((r.status, r.text().as_str()), (200, "ok\n"), "round {n}");
+    assert!(
+        took < Duration::from_secs(2),
+        "round {n}: bob waited {took:?}"
+    );
+
+    let on = |path: &str| -> Vec<usize> {
+        seen_now
+            .iter()
+            .filter(|(_, s)| s.requests.iter().any(|(line, _)| line.contains(path)))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    let (upgrade_conn, get_conn) = (on(&format!("/ws-{n}")), on(&format!("/next-{n}")));
+    assert_eq!(upgrade_conn.len(), 1, "round {n}: {seen_now:?}");
+    assert_eq!(get_conn.len(), 1, "round {n}: {seen_now:?}");
+    assert_ne!(
+        upgrade_conn, get_conn,
+        "round {n}: bob's request was written into the refused upgrade's connection: {seen_now:?}"
+    );
+    // (The upgrade may ride a pooled connection; nothing may follow it there.)
+    let last = seen_now[&upgrade_conn[0]].requests.last();
+    assert!(
+        last.is_some_and(|(line, _)| line.contains(&format!("/ws-{n}"))),
+        "round {n}: a request followed the upgrade on its connection: {seen_now:?}"
+    );
+
+    // The agent closed that backend connection instead of pooling it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for _ in 0..500 {
+        let closed = seen
+            .lock()
+            .map(|s| s.get(&upgrade_conn[0]).is_some_and(|c| c.closed))
+            .unwrap_or(false);
+        if closed {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round {n}: the refused upgrade's backend connection is still open"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
