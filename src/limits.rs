@@ -95,11 +95,31 @@ impl Default for Limiter {
     }
 }
 
-/// Held for the life of a request (or tunnel): releases its concurrency slots when dropped.
+/// Held for the life of a request (or tunnel): releases its concurrency slots, and an upgrade's
+/// tunnel slot, when dropped.
 #[derive(Default)]
 pub struct Slots {
     _ip: Option<Guard>,
     _uid: Option<Guard>,
+    /// An upgrade's place under `limits.max_tunnels`, taken at admission: first a reservation
+    /// while the backend is asked, then the open tunnel itself after the 101.
+    tunnel: Option<TunnelSlot>,
+}
+
+impl Slots {
+    /// The backend answered an upgrade with `status`: a final answer other than 101 refuses the
+    /// upgrade, so its tunnel slot is released at once (informational answers decide nothing).
+    /// Without a tunnel slot (not an upgrade), nothing happens.
+    pub fn upgrade_answered(&mut self, status: u16) {
+        if status != 101 && status >= 200 {
+            self.tunnel = None;
+        }
+    }
+
+    /// Holds a tunnel slot (an upgrade admitted and not refused).
+    pub fn holds_tunnel(&self) -> bool {
+        self.tunnel.is_some()
+    }
 }
 
 impl Limiter {
@@ -126,17 +146,26 @@ impl Limiter {
         Ok(())
     }
 
-    /// Checks the per-uid limits, and the tunnel cap for an upgrade; counts this request.
+    /// Checks the per-uid limits; counts this request. For an upgrade, also takes a tunnel slot
+    /// under `limits.max_tunnels` (compare-and-increment, so the cap holds however many upgrades
+    /// arrive at once) and keeps it in `slots`: it stays taken while the backend is asked and,
+    /// after a 101, for the life of the tunnel; it is released when `slots` is dropped (connect
+    /// failure, client gone, request over) or the upgrade is refused
+    /// ([`Slots::upgrade_answered`]).
     pub fn admit_uid(
-        &self,
+        self: &Arc<Self>,
         cfg: &LimitsConfig,
         uid: &str,
         upgrade: bool,
         slots: &mut Slots,
     ) -> Result<(), Exceeded> {
-        if upgrade && self.tunnels.load(Ordering::Relaxed) >= cfg.max_tunnels {
-            return Err(Exceeded::Tunnels);
-        }
+        // Taken first (a refused upgrade does not count against the uid); released on drop if
+        // the uid limits refuse the request.
+        let tunnel = if upgrade {
+            Some(self.reserve_tunnel(cfg.max_tunnels)?)
+        } else {
+            None
+        };
         slots._uid = check(&self.uid_rate, &self.uid_open, &cfg.per_uid, uid).map_err(|rate| {
             if rate {
                 Exceeded::UidRate
@@ -144,22 +173,30 @@ impl Limiter {
                 Exceeded::UidConcurrency
             }
         })?;
+        if tunnel.is_some() {
+            slots.tunnel = tunnel;
+        }
         Ok(())
     }
 
-    /// A tunnel opened (the 101 was relayed); it counts until the returned slot is dropped.
-    pub fn tunnel_opened(self: &Arc<Self>) -> TunnelSlot {
-        self.tunnels.fetch_add(1, Ordering::Relaxed);
-        TunnelSlot(self.clone())
+    fn reserve_tunnel(self: &Arc<Self>, max: usize) -> Result<TunnelSlot, Exceeded> {
+        self.tunnels
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .map_err(|_| Exceeded::Tunnels)?;
+        Ok(TunnelSlot(self.clone()))
     }
 
-    /// Open tunnels now.
-    pub fn open_tunnels(&self) -> usize {
+    /// Tunnel slots taken now: upgrades admitted and waiting for the backend's answer, plus open
+    /// tunnels. This is what `limits.max_tunnels` caps. (Tunnels that are open exactly, after
+    /// their 101, are the per-backend `gopush_open_tunnels` gauge.)
+    pub fn tunnel_slots(&self) -> usize {
         self.tunnels.load(Ordering::Relaxed)
     }
 }
 
-/// One open tunnel in [`Limiter::open_tunnels`] while it lives.
+/// One place in [`Limiter::tunnel_slots`] while it lives.
 pub struct TunnelSlot(Arc<Limiter>);
 
 impl Drop for TunnelSlot {
@@ -218,7 +255,7 @@ mod tests {
 
     #[test]
     fn uid_rate_refuses_past_the_limit_and_others_are_unaffected() {
-        let l = Limiter::default();
+        let l = Arc::new(Limiter::default());
         let c = cfg(RateLimit {
             requests_per_second: 5,
             max_concurrent: 0,
@@ -239,7 +276,7 @@ mod tests {
 
     #[test]
     fn concurrency_slots_are_released_on_drop() {
-        let l = Limiter::default();
+        let l = Arc::new(Limiter::default());
         let c = cfg(RateLimit {
             requests_per_second: 0,
             max_concurrent: 2,
@@ -263,14 +300,108 @@ mod tests {
             max_tunnels: 1,
             ..LimitsConfig::default()
         };
-        let slot = l.tunnel_opened();
+        let mut tunnel = Slots::default();
+        l.admit_uid(&c, "u", true, &mut tunnel).unwrap();
+        assert!(tunnel.holds_tunnel());
+        tunnel.upgrade_answered(101);
+        assert!(
+            tunnel.holds_tunnel(),
+            "the reservation is the open tunnel's slot"
+        );
         assert_eq!(
             l.admit_uid(&c, "u", true, &mut Slots::default()),
             Err(Exceeded::Tunnels)
         );
         assert!(l.admit_uid(&c, "u", false, &mut Slots::default()).is_ok());
-        drop(slot);
+        drop(tunnel);
         assert!(l.admit_uid(&c, "u", true, &mut Slots::default()).is_ok());
-        assert_eq!(l.open_tunnels(), 0);
+        assert_eq!(l.tunnel_slots(), 0);
+    }
+
+    #[test]
+    fn refused_upgrade_releases_its_tunnel_slot() {
+        let l = Arc::new(Limiter::default());
+        let c = LimitsConfig {
+            max_tunnels: 1,
+            ..LimitsConfig::default()
+        };
+        let mut a = Slots::default();
+        l.admit_uid(&c, "u", true, &mut a).unwrap();
+        a.upgrade_answered(100); // informational: still waiting
+        assert_eq!(l.tunnel_slots(), 1);
+        a.upgrade_answered(403);
+        assert!(!a.holds_tunnel());
+        assert_eq!(l.tunnel_slots(), 0);
+        let mut b = Slots::default();
+        assert!(l.admit_uid(&c, "u", true, &mut b).is_ok());
+        assert_eq!(l.tunnel_slots(), 1);
+    }
+
+    #[test]
+    fn refused_by_uid_limits_releases_the_reservation() {
+        let l = Arc::new(Limiter::default());
+        let c = LimitsConfig {
+            max_tunnels: 1,
+            per_uid: RateLimit {
+                requests_per_second: 0,
+                max_concurrent: 1,
+            },
+            ..LimitsConfig::default()
+        };
+        let mut held = Slots::default();
+        l.admit_uid(&c, "busy", false, &mut held).unwrap();
+        assert_eq!(
+            l.admit_uid(&c, "busy", true, &mut Slots::default()),
+            Err(Exceeded::UidConcurrency)
+        );
+        assert_eq!(l.tunnel_slots(), 0);
+    }
+
+    /// Issue 11 item 3: the cap was checked at admission but counted only at the 101, so a burst
+    /// of upgrades admitted before any 101 went through. Many threads admit upgrades at once and
+    /// hold what they got: exactly `max_tunnels` are admitted.
+    #[test]
+    fn tunnel_cap_holds_under_concurrent_admissions() {
+        const THREADS: usize = 16;
+        const PER_THREAD: usize = 50;
+        let l = Arc::new(Limiter::default());
+        let c = Arc::new(LimitsConfig {
+            max_tunnels: 2,
+            ..LimitsConfig::default()
+        });
+        let start = Arc::new(std::sync::Barrier::new(THREADS));
+        let done = Arc::new(std::sync::Barrier::new(THREADS + 1));
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let (l, c) = (l.clone(), c.clone());
+                let (start, done, admitted) = (start.clone(), done.clone(), admitted.clone());
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    start.wait();
+                    for i in 0..PER_THREAD {
+                        let mut slots = Slots::default();
+                        if l.admit_uid(&c, &format!("u{t}-{i}"), true, &mut slots)
+                            .is_ok()
+                        {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                            held.push(slots); // the tunnel stays open until the end
+                        }
+                    }
+                    done.wait();
+                    drop(held);
+                })
+            })
+            .collect();
+        done.wait();
+        let admitted_now = admitted.load(Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(
+            admitted_now, 2,
+            "{admitted_now} upgrades admitted against max_tunnels 2"
+        );
+        assert_eq!(l.tunnel_slots(), 0, "every slot released on drop");
     }
 }

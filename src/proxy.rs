@@ -5,7 +5,7 @@
 //!                          → decide::route → Route (gauge on the backend, #946 guard, see `upgrade`)
 //! upstream_peer            the decision's backend → HttpPeer
 //! fail_to_connect          a ring decision retries once on the next ring backend
-//! upstream_request_filter  forward::set_uid, forward::set_proxy_headers
+//! upstream_request_filter  forward::set_uid, forward::set_proxy_headers, upgrade: Connection close
 //! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted
 //! response_body_filter     sid memory: learn sid → (uid, backend) from a polling handshake;
 //!                          hand-over: close tunnels one by one
@@ -20,7 +20,7 @@ use crate::affinity;
 use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
 use crate::limits::head_deadline::HeadDeadline;
-use crate::limits::{Limiter, Slots, TunnelSlot};
+use crate::limits::{Limiter, Slots};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics};
 use crate::routing::backend_addr;
@@ -57,7 +57,8 @@ pub struct Ctx {
     start: Instant,
     /// The configuration this request is handled with, from start to end.
     snap: Arc<Snapshot>,
-    /// Concurrency slots held until the request (or tunnel) ends.
+    /// Concurrency slots (and an upgrade's tunnel slot, reserved at admission) held until the
+    /// request (or tunnel) ends.
     slots: Slots,
     /// The canonical uid, once resolved (a request refused after that is logged with it).
     uid: Option<Uid>,
@@ -78,10 +79,8 @@ struct Route {
     tunnel: Option<Tunnel>,
 }
 
-/// An open WebSocket tunnel.
+/// An open WebSocket tunnel (its `limits.max_tunnels` slot is in [`Ctx::slots`]).
 struct Tunnel {
-    /// Counts it in `limits.max_tunnels` while it lives.
-    _slot: TunnelSlot,
     /// Its moment to close during a hand-over (ms after the listeners stop accepting).
     close_at: Option<u32>,
     /// The agent sent the client a close frame: the tunnel ends at its next frame.
@@ -348,6 +347,8 @@ impl ProxyHttp for Agent {
         if ctx.route.as_ref().is_some_and(|r| r.upgrade_guard) {
             upgrade::guard_upstream_request(upstream_request)?;
         }
+        // Whatever the answer, a backend connection that carried an upgrade is never pooled.
+        upgrade::close_upstream(upstream_request)?;
         Ok(())
     }
 
@@ -367,9 +368,10 @@ impl ProxyHttp for Agent {
         if route.upgrade_guard {
             upgrade::on_response(session, status.as_u16());
         }
+        // A refused upgrade gives its reserved tunnel slot back now.
+        ctx.slots.upgrade_answered(status.as_u16());
         if status == http::StatusCode::SWITCHING_PROTOCOLS {
             route.tunnel = Some(Tunnel {
-                _slot: self.limiter.tunnel_opened(),
                 close_at: self.handover.tunnel_opened(),
                 going_away: false,
             });

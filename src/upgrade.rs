@@ -20,6 +20,17 @@
 //!    Pingora's 60 s default; socket.io pings every 25 s but raw WebSocket users may not). On a
 //!    refused upgrade (any other status) the client will send no body, so the reader that waits
 //!    for one is given a short timeout and the connection is closed after the response.
+//!
+//! Apart from the guard, one rule for every upgrade request, guarded or not ([`close_upstream`]):
+//! the backend connection that carried it is never reused. A backend that refuses an upgrade
+//! with a framed answer (say `403` with `Content-Length`, no `Connection: close`) may still have
+//! the socket in its upgrade handler; reused, that connection would carry another user's next
+//! request (cookies included) into it. Pingora 0.9.1 decides reuse in `release_http_session`
+//! (`respect_keepalive`) from the headers as they crossed the wire, the *request written* first:
+//! a `close` token there turns keep-alive off whatever the backend answers, and the connection is
+//! shut down instead of pooled. So the upstream request says `Connection: Upgrade, close`
+//! (the `upgrade` token kept: the 101 still happens; Node's `http` server, `ws` and Socket.IO
+//! accept it). Changing the *response* header in a filter would not do: Pingora filters a copy.
 
 use pingora::http::RequestHeader;
 use pingora::proxy::Session;
@@ -62,6 +73,29 @@ pub fn guard_upstream_request(req: &mut RequestHeader) -> pingora::Result<()> {
     Ok(())
 }
 
+/// For every upstream request carrying `Upgrade` (guarded or not): add a `close` token to its
+/// `Connection` header, so its backend connection is closed after the exchange, never pooled.
+/// A `keep-alive` token is dropped (it would contradict); the other tokens are kept.
+pub fn close_upstream(req: &mut RequestHeader) -> pingora::Result<()> {
+    if !req.headers.contains_key(http::header::UPGRADE) {
+        return Ok(());
+    }
+    let mut tokens: Vec<String> = Vec::new();
+    for value in req.headers.get_all(http::header::CONNECTION) {
+        let Ok(value) = value.to_str() else {
+            continue; // not a list of tokens; the close below still applies
+        };
+        for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close") {
+                tokens.push(token.to_string());
+            }
+        }
+    }
+    tokens.push("close".to_string());
+    req.insert_header(http::header::CONNECTION, tokens.join(", "))?;
+    Ok(())
+}
+
 /// Step 3.
 pub fn on_response(session: &mut Session, status: u16) {
     if status == 101 {
@@ -69,5 +103,48 @@ pub fn on_response(session: &mut Session, status: u16) {
     } else {
         session.set_keepalive(None);
         session.set_read_timeout(Some(REFUSED_UPGRADE_LINGER));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upstream(connection: &[&str], upgrade: bool) -> RequestHeader {
+        let mut req = RequestHeader::build("GET", b"/ws", None).unwrap();
+        for c in connection {
+            req.append_header("connection", *c).unwrap();
+        }
+        if upgrade {
+            req.insert_header("upgrade", "websocket").unwrap();
+        }
+        req
+    }
+
+    fn connection(req: &RequestHeader) -> Vec<&str> {
+        req.headers
+            .get_all("connection")
+            .iter()
+            .map(|v| v.to_str().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn an_upgrade_request_closes_its_backend_connection() {
+        let mut req = upstream(&["Upgrade"], true);
+        close_upstream(&mut req).unwrap();
+        assert_eq!(connection(&req), ["Upgrade, close"]);
+
+        // Firefox sends `keep-alive, Upgrade`; repeated headers are merged.
+        let mut req = upstream(&["keep-alive, Upgrade", "close"], true);
+        close_upstream(&mut req).unwrap();
+        assert_eq!(connection(&req), ["Upgrade, close"]);
+    }
+
+    #[test]
+    fn other_requests_are_left_alone() {
+        let mut req = upstream(&["keep-alive"], false);
+        close_upstream(&mut req).unwrap();
+        assert_eq!(connection(&req), ["keep-alive"]);
     }
 }

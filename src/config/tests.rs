@@ -95,10 +95,14 @@ fn unknown_key_names_file_line_and_key() {
 fn affinity_path_defaults_to_socket_io_and_must_be_absolute() {
     let c = parse("pools: {default: {backends: [\"127.0.0.1:4000\"]}}\n").unwrap();
     assert_eq!(c.affinity.path, "/socket.io/");
-    let c = parse("pools: {default: {backends: [\"127.0.0.1:4000\"]}}\naffinity: {path: /app/}\n").unwrap();
+    let c = parse("pools: {default: {backends: [\"127.0.0.1:4000\"]}}\naffinity: {path: /app/}\n")
+        .unwrap();
     assert_eq!(c.affinity.path, "/app/");
     let e = err("pools: {default: {backends: [\"127.0.0.1:4000\"]}}\naffinity: {path: app}\n");
-    assert!(e.contains("affinity.path") && e.contains("must start with `/`"), "{e}");
+    assert!(
+        e.contains("affinity.path") && e.contains("must start with `/`"),
+        "{e}"
+    );
 }
 
 #[test]
