@@ -365,13 +365,19 @@ fn resolve_uid(uri: &hyper::Uri, headers: &hyper::HeaderMap) -> Option<String> {
         .or_else(|| header_uid(headers))
 }
 
-/// The non-empty `x-gopush-uid` header, if valid UTF-8.
+/// The non-empty `x-gopush-uid` header, percent-decoded (the agent percent-encodes non-ASCII,
+/// space, controls and `%`: [`crate::forward::header_value`]), if valid UTF-8.
 fn header_uid(headers: &hyper::HeaderMap) -> Option<String> {
     headers
         .get(UID_HEADER)
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
-        .map(str::to_owned)
+        .and_then(|v| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8()
+                .ok()
+                .map(|s| s.into_owned())
+        })
 }
 
 /// First non-empty value of `name` in an `application/x-www-form-urlencoded` query string.
@@ -519,6 +525,13 @@ mod tests {
         assert_eq!(res.status(), StatusCode::OK);
         let body: Value = serde_json::from_str(res.body()).expect("json");
         assert_eq!(body, json!({"port": 4000, "uid": "alice"}));
+        let req = Request::builder()
+            .uri("/whoami")
+            .header(UID_HEADER, "zo%C3%A9%2050%25")
+            .body(())
+            .expect("request");
+        let body: Value = serde_json::from_str(routes.route(&req).body()).expect("json");
+        assert_eq!(body, json!({"port": 4000, "uid": "zoé 50%"}));
         let req = Request::builder().uri("/nope").body(()).expect("request");
         assert_eq!(routes.route(&req).status(), StatusCode::NOT_FOUND);
     }
