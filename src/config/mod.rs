@@ -18,6 +18,13 @@ use std::path::{Path, PathBuf};
 /// buffer per connection is almost certainly a typo (it is held by every open connection).
 pub const MAX_READ_BUFFER_BYTES: usize = 1 << 20;
 
+/// Upper bound of `hooks.timeout`. A hook runs on the worker thread that serves the request, and
+/// nothing else runs on that thread meanwhile: a hook that is slow on attacker-chosen input (a
+/// catastrophic regular expression) holds the thread for its whole budget. The default (50 ms)
+/// is far below; 1 s still lets a legitimate slow hook finish while bounding how long a handful
+/// of hostile requests can stall everything else on the agent.
+pub const MAX_HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the configuration came from and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -245,10 +252,14 @@ impl Config {
                 ));
             }
         }
-        if self.hooks.timeout.is_zero() || self.hooks.timeout > std::time::Duration::from_secs(10) {
+        if self.hooks.timeout.is_zero() || self.hooks.timeout > MAX_HOOK_TIMEOUT {
             return Err((
                 "hooks.timeout".into(),
-                "must be more than 0 and at most 10s (a hook blocks its worker thread)".into(),
+                format!(
+                    "{} is not allowed: must be more than 0 and at most {} (a hook holds its worker thread for up to this long, so a hook that is slow on a client's input lets a few such requests stall every other request on that thread)",
+                    humantime::format_duration(self.hooks.timeout),
+                    humantime::format_duration(MAX_HOOK_TIMEOUT),
+                ),
             ));
         }
         if self.hooks.memory_limit < (1 << 20) {

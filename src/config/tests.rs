@@ -514,3 +514,23 @@ fn substitution_errors_name_the_key_path_and_keys_are_not_substituted() {
         .to_string();
     assert!(e.contains("${K}"), "a key is a name, not a value: {e}");
 }
+
+#[test]
+fn hook_timeout_is_capped_at_one_second() {
+    // Issue 11: a hook slow on attacker input holds its worker thread for the whole budget;
+    // 10 s used to be accepted.
+    for bad in ["1001ms", "2s", "10s"] {
+        let e = err(&format!("{MIN}hooks: {{timeout: {bad}}}\n"));
+        assert!(
+            e.starts_with("conf/x.yaml: hooks.timeout: ") && e.contains("at most 1s"),
+            "{bad}: {e}"
+        );
+    }
+    let c = parse(&format!("{MIN}hooks: {{timeout: 1s}}\n")).unwrap();
+    assert_eq!(c.hooks.timeout, MAX_HOOK_TIMEOUT);
+    assert_eq!(
+        parse(MIN).unwrap().hooks.timeout,
+        std::time::Duration::from_millis(50),
+        "the default stays well below the cap"
+    );
+}
