@@ -343,7 +343,9 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
     };
     assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("alice"));
     assert_eq!(hooks.route(&req, "alice").unwrap(), RouteDecision::Default);
-    assert_eq!(hooks.admin(&req), Ok(Some(true)));
+    // The shipped admin hook admits nobody until its SECRET is set, whatever the address
+    // (127.0.0.1 is also what a DNS-rebound browser on the operator's machine sends).
+    assert_eq!(hooks.admin(&req), Ok(Some(false)));
     req.product = Some("test");
     assert_eq!(
         hooks.route(&req, "alice").unwrap(),
@@ -354,6 +356,52 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
     let bare = pingora::http::RequestHeader::build("GET", b"/?uid=bob", None).unwrap();
     req.header = &bare;
     assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("bob"));
+}
+
+#[test]
+fn shipped_admin_hook_admits_its_secret_not_an_address() {
+    use crate::hooks::{HookRequest, Hooks};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("hooks/admin.js")).unwrap();
+    assert!(shipped.contains("const SECRET = '';"), "{shipped}");
+    let secret = "0123456789abcdef-operator";
+    let dir = scratch(
+        "admin-hook-secret",
+        &[
+            (
+                "hooks/admin.js",
+                &shipped.replace("const SECRET = '';", &format!("const SECRET = '{secret}';")),
+            ),
+            (
+                "conf/x.yaml",
+                &format!("{MIN}hooks: {{admin: ../hooks/admin.js}}\n"),
+            ),
+        ],
+    );
+    let c = Config::load(&dir.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let hooks = Hooks::new(c.hooks.program.clone().unwrap());
+    let ask = |auth: Option<&str>, ip: &str| {
+        let mut head = pingora::http::RequestHeader::build("GET", b"/api/status", None).unwrap();
+        if let Some(a) = auth {
+            head.append_header("authorization", a).unwrap();
+        }
+        let req = HookRequest {
+            header: &head,
+            ip: Some(ip.parse().unwrap()),
+            product: None,
+        };
+        hooks.admin(&req)
+    };
+    let right = format!("Bearer {secret}");
+    assert_eq!(
+        ask(None, "127.0.0.1"),
+        Ok(Some(false)),
+        "an address is not a secret"
+    );
+    assert_eq!(ask(Some("Bearer nope"), "127.0.0.1"), Ok(Some(false)));
+    assert_eq!(ask(Some(&right[..right.len() - 1]), "::1"), Ok(Some(false)));
+    assert_eq!(ask(Some(&right), "192.0.2.1"), Ok(Some(true)));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
