@@ -327,7 +327,7 @@ impl CallbackClient {
     fn interpret(
         &self,
         status: u16,
-        uid_header: Option<http::HeaderValue>,
+        uid_header: Result<Option<http::HeaderValue>, String>,
         body: Option<&[u8]>,
     ) -> Result<Answer, String> {
         match status {
@@ -335,7 +335,7 @@ impl CallbackClient {
             401 | 403 => return Ok(Answer::Rejected),
             other => return Err(format!("the app answered {other}")),
         }
-        if let Some(v) = uid_header {
+        if let Some(v) = uid_header? {
             let s = std::str::from_utf8(v.as_bytes())
                 .map_err(|_| format!("`{}` is not UTF-8", self.source.uid_header))?
                 .trim();
@@ -360,13 +360,61 @@ impl CallbackClient {
     }
 }
 
+/// The uid header of an answer, or why it cannot be trusted: sent on several lines (which is
+/// the uid?) or folded over several lines with obs-fold (`x-uid: alice` + `\r\n victim`, which
+/// Pingora's parser would join into `alice victim`). Answers are read from the raw head because
+/// the parsed one no longer shows the fold.
+fn uid_header_of(
+    head: &pingora::http::ResponseHeader,
+    raw_head: &[u8],
+    name: &http::HeaderName,
+) -> Result<Option<http::HeaderValue>, String> {
+    let mut values = head.headers.get_all(name).iter();
+    let first = values.next().cloned();
+    if values.next().is_some() {
+        return Err(format!(
+            "several `{name}` header lines in the answer: refused (send one)"
+        ));
+    }
+    if first.is_some() {
+        // Skip the status line; a line starting with SP or HTAB continues the previous header.
+        let mut current_is_uid = false;
+        for line in raw_head.split(|&b| b == b'\n').skip(1) {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                break;
+            }
+            if line[0] == b' ' || line[0] == b'\t' {
+                if current_is_uid {
+                    return Err(format!(
+                        "`{name}` is folded over several lines (obs-fold) in the answer: refused"
+                    ));
+                }
+                continue;
+            }
+            let field = line.split(|&b| b == b':').next().unwrap_or_default();
+            current_is_uid = field
+                .trim_ascii()
+                .eq_ignore_ascii_case(name.as_str().as_bytes());
+        }
+    }
+    Ok(first)
+}
+
+/// The status, the uid header (see [`uid_header_of`]) and the body (`None` if it was too large).
+type Exchanged = (
+    u16,
+    Result<Option<http::HeaderValue>, String>,
+    Option<Bytes>,
+);
+
 /// Sends `req` and reads status, the uid header and the body (`None` if it was too large, in
 /// which case the connection must not be reused).
 async fn exchange(
     http: &mut pingora::protocols::http::v1::client::HttpSession,
     req: RequestHeader,
     uid_header: &http::HeaderName,
-) -> Result<(u16, Option<http::HeaderValue>, Option<Bytes>), String> {
+) -> Result<Exchanged, String> {
     http.write_request_header(Box::new(req))
         .await
         .map_err(|e| format!("sending the request: {e}"))?;
@@ -375,7 +423,8 @@ async fn exchange(
         .map_err(|e| format!("reading the answer: {e}"))?;
     let header = http.resp_header().ok_or("no answer header")?;
     let status = header.status.as_u16();
-    let uid = header.headers.get(uid_header).cloned();
+    // `read_response` succeeded, so the raw head is there.
+    let uid = uid_header_of(header, &http.get_headers_raw_bytes(), uid_header);
     let mut body = BytesMut::new();
     while let Some(chunk) = http
         .read_body_bytes()

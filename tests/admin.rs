@@ -34,9 +34,13 @@ fn http(
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        "{method} {path} HTTP/1.1\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
     );
+    // `Host: ADDR` unless the caller names another (a DNS-rebinding page's own name).
+    if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host")) {
+        req.push_str(&format!("Host: {addr}\r\n"));
+    }
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -568,5 +572,95 @@ fn the_admin_hook_decides_with_the_token() {
         "{text}"
     );
     drop(agent);
+    backends.shutdown().unwrap();
+}
+
+/// Starts the binary on `conf_text` (written to `dir`) and waits for both listeners.
+fn spawn_agent(dir: TempDir, conf_text: &str, proxy: SocketAddr, admin: SocketAddr) -> Agent {
+    let conf = dir.0.join("gopush.yaml");
+    std::fs::write(&conf, conf_text).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_gopush"))
+        .args(["run", "-c"])
+        .arg(&conf)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start gopush");
+    let agent = Agent {
+        child,
+        proxy,
+        admin,
+        conf,
+        log: Arc::new(Mutex::new(Vec::new())),
+        _dir: dir,
+    };
+    wait_for(15, "the admin listener", || {
+        TcpStream::connect_timeout(&agent.admin, Duration::from_millis(200)).ok()?;
+        TcpStream::connect_timeout(&agent.proxy, Duration::from_millis(200)).ok()
+    });
+    agent
+}
+
+/// Issue 11, item 2: with an `admin(req)` hook that admits 127.0.0.1 (what the example hook used
+/// to teach), a DNS-rebinding page (its own name resolved to 127.0.0.1, so `Host` and `Origin`
+/// are that name) got 200 on status, reload and drain. The `Host` check now holds unless a
+/// token is configured; with a token, the name does not matter but the token does.
+#[test]
+fn dns_rebinding_is_refused_with_an_admin_hook_and_needs_the_token_otherwise() {
+    let backends =
+        gopush::demo::spawn_backends(&["127.0.0.1:0".parse().unwrap()]).expect("demo backend");
+    let backend = backends.addrs()[0];
+    let by_ip =
+        "module.exports = function (req) { return req.ip === '127.0.0.1' || req.ip === '::1'; };\n";
+    for with_token in [false, true] {
+        let dir = temp_dir(if with_token {
+            "rebind-token"
+        } else {
+            "rebind-hook"
+        });
+        std::fs::write(dir.0.join("admin.js"), by_ip).unwrap();
+        let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let extra = format!(
+            "hooks: {{admin: \"{}\"}}\n",
+            dir.0.join("admin.js").display()
+        );
+        let mut text = config(proxy, admin, &[backend], &dir, &extra);
+        if !with_token {
+            text = text.replace(&format!(", token: \"{TOKEN}\""), "");
+            assert!(!text.contains(TOKEN), "{text}");
+        }
+        let agent = spawn_agent(dir, &text, proxy, admin);
+        let evil_host = format!("evil.example:{}", admin.port());
+        let evil_origin = format!("http://{evil_host}");
+        let auth = bearer();
+        let calls = [
+            ("GET", "/api/status".to_string()),
+            ("POST", "/api/reload".to_string()),
+            ("POST", format!("/api/backends/{backend}/drain")),
+            ("POST", format!("/api/backends/{backend}/undrain")),
+        ];
+        for (method, path) in &calls {
+            let mut rebound = vec![("host", evil_host.as_str())];
+            if *method == "POST" {
+                rebound.push(("origin", evil_origin.as_str()));
+            }
+            let (status, body) = http(agent.admin, method, path, &rebound, "");
+            if with_token {
+                assert_eq!(status, 401, "token set, none sent: {method} {path}: {body}");
+                let mut with = rebound.clone();
+                with.push(("authorization", auth.as_str()));
+                let (status, body) = http(agent.admin, method, path, &with, "");
+                assert_eq!(status, 200, "token sent: {method} {path}: {body}");
+            } else {
+                assert_eq!(status, 403, "rebound {method} {path}: {body}");
+                assert!(body.contains("DNS rebinding"), "{body}");
+                // The operator, by address, is still let in by the hook.
+                let (status, body) = http(agent.admin, method, path, &[], "");
+                assert_eq!(status, 200, "by IP: {method} {path}: {body}");
+            }
+        }
+        drop(agent);
+    }
     backends.shutdown().unwrap();
 }

@@ -82,19 +82,28 @@ fn token_ok(req: &RequestHeader, admin: &AdminConfig) -> bool {
     given.as_bytes().ct_eq(token.as_bytes()).into()
 }
 
-/// Refuses what only a hostile web page in an operator's browser would send: a state-changing
-/// request from another origin (cross-site request forgery: a browser adds `Origin`, curl and
-/// scripts do not), and, when no token protects the API, a `Host` that is not a loopback name
-/// (a DNS-rebinding page reaches 127.0.0.1 under its own name).
-fn browser_guard(req: &RequestHeader, method: &Method, authenticated: bool) -> Option<String> {
+/// Refuses what only a hostile web page in an operator's browser would send.
+///
+/// - A state-changing request whose `Origin` is not this listener (cross-site request forgery:
+///   browsers send `Origin` on every `POST`, curl and scripts do not; a request without one is
+///   not from a page of another site).
+/// - Unless a **token** is configured (`has_token`), a `Host` that is a name other than
+///   `localhost`: a DNS-rebinding page reaches the listener under its own name (its
+///   `evil.example` now resolves to 127.0.0.1), so the browser sends `Host: evil.example:PORT`
+///   and treats the answers as its own. A literal IP address or `localhost` in `Host` cannot
+///   come from such a page. An `admin(req)` hook does not lift this check: everything it can
+///   look at (`req.ip` is 127.0.0.1 for a rebound browser on the same machine, headers,
+///   cookies of the rebound name) is what the attacker's page sends; a token is a secret it
+///   does not have (the admin page keeps it in its own origin's `sessionStorage`, no cookie).
+fn browser_guard(req: &RequestHeader, method: &Method, has_token: bool) -> Option<String> {
     let host = req
         .headers
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .unwrap_or("");
-    if !authenticated && !is_loopback_host(host) {
+    if !has_token && !is_address_host(host) {
         return Some(format!(
-            "Host `{host}` is not a loopback address (without admin.token or an admin hook only 127.0.0.1, [::1] and localhost are served)"
+            "Host `{host}` is not an IP address or localhost (DNS rebinding): without admin.token only those are served; set admin.token to reach the admin listener by name"
         ));
     }
     if method != Method::GET && method != Method::HEAD {
@@ -102,7 +111,10 @@ fn browser_guard(req: &RequestHeader, method: &Method, authenticated: bool) -> O
             let same = origin
                 .to_str()
                 .ok()
-                .and_then(|o| o.strip_prefix("http://"))
+                .and_then(|o| {
+                    o.strip_prefix("http://")
+                        .or_else(|| o.strip_prefix("https://"))
+                })
                 .is_some_and(|o| o.eq_ignore_ascii_case(host));
             if !same {
                 return Some("cross-origin request refused (Origin does not match Host)".into());
@@ -112,16 +124,19 @@ fn browser_guard(req: &RequestHeader, method: &Method, authenticated: bool) -> O
     None
 }
 
-/// `127.0.0.1:6004`, `[::1]:6004`, `localhost:6004` (port optional).
-fn is_loopback_host(host: &str) -> bool {
+/// `127.0.0.1:6004`, `[::1]:6004`, `10.0.0.5:6004`, `localhost:6004` (port optional): a `Host`
+/// that is a literal address or `localhost`, never a name that DNS (an attacker's) resolves.
+fn is_address_host(host: &str) -> bool {
     let name = match host.strip_prefix('[') {
-        Some(rest) => rest.split(']').next().unwrap_or(""),
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, tail)) if tail.is_empty() || tail.starts_with(':') => ip,
+            _ => return false,
+        },
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     name.eq_ignore_ascii_case("localhost")
-        || name
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
+        || (host.starts_with('[') && name.parse::<std::net::Ipv6Addr>().is_ok())
+        || (!host.starts_with('[') && name.parse::<std::net::Ipv4Addr>().is_ok())
 }
 
 /// The token of an `Authorization: Bearer TOKEN` header.
@@ -226,7 +241,7 @@ impl AdminApp {
                 _ => method_not_allowed(),
             };
         }
-        if let Some(why) = browser_guard(req, &method, snap.config.admin_authenticated()) {
+        if let Some(why) = browser_guard(req, &method, snap.config.admin.has_authentication()) {
             return Reply::error(StatusCode::FORBIDDEN, why);
         }
         let peer = session
@@ -807,8 +822,8 @@ mod tests {
             }
             r
         };
-        let open = false;
-        let locked = true;
+        let open = false; // no token (an admin hook or nothing)
+        let locked = true; // admin.token
         let post = Method::POST;
         // Same origin (the page) and no Origin (curl) pass.
         let page = build("POST", "127.0.0.1:6004", Some("http://127.0.0.1:6004"));
@@ -819,10 +834,48 @@ mod tests {
         let csrf = build("POST", "127.0.0.1:6004", Some("http://evil.example"));
         assert!(browser_guard(&csrf, &post, open).is_some());
         assert!(browser_guard(&csrf, &post, locked).is_some());
-        // DNS rebinding without a token; with a token the name does not matter.
+        // DNS rebinding without a token (with or without an admin hook); with a token the
+        // name does not matter.
         let rebound = build("GET", "evil.example:6004", None);
         assert!(browser_guard(&rebound, &Method::GET, open).is_some());
         assert!(browser_guard(&rebound, &Method::GET, locked).is_none());
+        let rebound_post = build(
+            "POST",
+            "evil.example:6004",
+            Some("http://evil.example:6004"),
+        );
+        assert!(browser_guard(&rebound_post, &post, open).is_some());
+        assert!(browser_guard(&rebound_post, &post, locked).is_none());
+        // Names that only look like addresses are names.
+        for host in [
+            "127.0.0.1.evil.example",
+            "[::1].evil.example",
+            "0x7f.1",
+            "",
+            "[::1",
+        ] {
+            assert!(
+                browser_guard(&build("GET", host, None), &Method::GET, open).is_some(),
+                "{host:?}"
+            );
+        }
+        // Literal addresses (a non-loopback listener reached by IP) and localhost pass.
+        for host in [
+            "10.0.0.5:6004",
+            "[fd00::5]:6004",
+            "127.0.0.1",
+            "LOCALHOST:6004",
+        ] {
+            assert!(
+                browser_guard(&build("GET", host, None), &Method::GET, open).is_none(),
+                "{host:?}"
+            );
+        }
+        // The page behind a TLS-terminating proxy is same-origin too.
+        let tls = build("POST", "admin.example", Some("https://admin.example"));
+        assert!(browser_guard(&tls, &post, locked).is_none());
+        let other = build("POST", "admin.example", Some("https://admin.example.evil"));
+        assert!(browser_guard(&other, &post, locked).is_some());
     }
 
     #[test]

@@ -43,6 +43,12 @@ async fn app() -> App {
                         "session=a" => "HTTP/1.1 200 OK\r\nx-uid: alice\r\ncontent-length: 0\r\n\r\n".to_string(),
                         "session=j" => "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 10\r\n\r\n{\"uid\": 7}".to_string(),
                         "session=bad" => "HTTP/1.1 401 Unauthorized\r\ncontent-length: 2\r\n\r\nno".to_string(),
+                        // The app's answer carries a user-controlled value unsanitised: a
+                        // folded header or a second header line.
+                        "session=fold" => "HTTP/1.1 200 OK\r\nx-uid: alice\r\n victim\r\ncontent-length: 0\r\n\r\n".to_string(),
+                        "session=foldtab" => "HTTP/1.1 200 OK\r\nX-Uid : alice\r\n\tvictim\r\ncontent-length: 0\r\n\r\n".to_string(),
+                        "session=twice" => "HTTP/1.1 200 OK\r\nx-uid: alice\r\nx-uid: victim\r\ncontent-length: 0\r\n\r\n".to_string(),
+                        "session=otherfold" => "HTTP/1.1 200 OK\r\nx-uid: alice, bob\r\nx-note: a\r\n b\r\ncontent-length: 0\r\n\r\n".to_string(),
                         "session=empty" => "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}".to_string(),
                         "session=slow" => {
                             tokio::time::sleep(Duration::from_secs(30)).await;
@@ -228,4 +234,23 @@ async fn a_silent_or_absent_app_fails_within_the_timeout() {
     let c = CallbackClient::new(&source(port, ", timeout: 300ms"));
     let a = c.credentials(&req(&[("cookie", "session=a")])).unwrap();
     assert_eq!(c.ask(&a).await, Answer::Failed);
+}
+
+#[tokio::test]
+async fn folded_or_repeated_uid_headers_are_refused() {
+    // Issue 11: `x-uid: alice` + `\r\n victim` (obs-fold) was accepted as `alice victim`, and
+    // of two `x-uid` lines the first silently won.
+    let app = app().await;
+    let c = CallbackClient::new(&source(app.addr, ""));
+    for session in ["session=fold", "session=foldtab", "session=twice"] {
+        let creds = c.credentials(&req(&[("cookie", session)])).unwrap();
+        assert_eq!(c.ask(&creds).await, Answer::Failed, "{session}");
+        assert_eq!(c.cached(&creds), None, "{session}: a failure is not cached");
+    }
+    // One line is validated as before (a comma is part of the uid); a fold in another header
+    // does not matter.
+    let ok = c
+        .credentials(&req(&[("cookie", "session=otherfold")]))
+        .unwrap();
+    assert_eq!(c.ask(&ok).await, Answer::Uid("alice, bob".into()));
 }

@@ -18,6 +18,13 @@ use std::path::{Path, PathBuf};
 /// buffer per connection is almost certainly a typo (it is held by every open connection).
 pub const MAX_READ_BUFFER_BYTES: usize = 1 << 20;
 
+/// Upper bound of `hooks.timeout`. A hook runs on the worker thread that serves the request, and
+/// nothing else runs on that thread meanwhile: a hook that is slow on attacker-chosen input (a
+/// catastrophic regular expression) holds the thread for its whole budget. The default (50 ms)
+/// is far below; 1 s still lets a legitimate slow hook finish while bounding how long a handful
+/// of hostile requests can stall everything else on the agent.
+pub const MAX_HOOK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Where the configuration came from and what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -29,17 +36,8 @@ pub enum ConfigError {
         /// The I/O error.
         source: std::io::Error,
     },
-    /// A `${VAR}` reference could not be substituted.
-    #[error("{file}:{line}: {message}")]
-    Env {
-        /// The file.
-        file: PathBuf,
-        /// 1-based line of the reference.
-        line: usize,
-        /// What is wrong.
-        message: String,
-    },
-    /// YAML syntax, an unknown key, a wrong type or a value that failed its own check.
+    /// YAML syntax, an unknown key, a wrong type, a value that failed its own check, or a
+    /// `${VAR}` reference that could not be substituted.
     #[error("{file}:{location}{key}: {message}")]
     Parse {
         /// The file.
@@ -70,7 +68,7 @@ impl Config {
         self.admin.has_authentication() || self.hooks.admin.is_some()
     }
 
-    /// Reads, substitutes `${VAR}` references, parses and validates `path`.
+    /// Reads, parses (substituting `${VAR}` references in values) and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             file: path.to_path_buf(),
@@ -79,28 +77,29 @@ impl Config {
         Self::from_str_named(&text, path)
     }
 
-    /// Parses a configuration held in memory; `name` is used in error messages.
+    /// Parses a configuration held in memory; `name` is used in error messages. `${VAR}` is
+    /// looked up in the process environment.
     pub fn from_str_named(text: &str, name: &Path) -> Result<Config, ConfigError> {
-        let text =
-            env::substitute(text, |var| std::env::var(var).ok()).map_err(|e| ConfigError::Env {
-                file: name.to_path_buf(),
-                line: e.line,
-                message: e.message,
-            })?;
-        let de = serde_yaml::Deserializer::from_str(&text);
+        Self::from_str_with_env(text, name, &|var| std::env::var(var).ok())
+    }
+
+    /// [`Config::from_str_named`] with `${VAR}` looked up by `lookup`. Substitution happens in
+    /// the parsed scalars, never in the text (see the `env` module): a variable cannot add YAML.
+    fn from_str_with_env(
+        text: &str,
+        name: &Path,
+        lookup: &env::Lookup,
+    ) -> Result<Config, ConfigError> {
+        // Syntax first, on its own: the typed pass below reads the document lazily and could
+        // stop at a confusing value (`$` of an unquoted `${VAR}` in a flow collection) before
+        // the parser reports the error that explains it.
+        serde_yaml::from_str::<serde::de::IgnoredAny>(text)
+            .map_err(|e| parse_error(name, text, String::new(), e))?;
+        let de = env::Expand::new(serde_yaml::Deserializer::from_str(text), lookup);
         let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
-            let inner = e.into_inner();
-            let location = inner
-                .location()
-                .map(|l| format!("{}:{}: ", l.line(), l.column()))
-                .unwrap_or_default();
-            ConfigError::Parse {
-                file: name.to_path_buf(),
-                location,
-                key: if key == "." { String::new() } else { key },
-                message: strip_serde_yaml_decorations(&inner.to_string()),
-            }
+            let key = if key == "." { String::new() } else { key };
+            parse_error(name, text, key, e.into_inner())
         })?;
         let mut config = config;
         let base = name.parent().unwrap_or(Path::new(""));
@@ -259,10 +258,14 @@ impl Config {
                 ));
             }
         }
-        if self.hooks.timeout.is_zero() || self.hooks.timeout > std::time::Duration::from_secs(10) {
+        if self.hooks.timeout.is_zero() || self.hooks.timeout > MAX_HOOK_TIMEOUT {
             return Err((
                 "hooks.timeout".into(),
-                "must be more than 0 and at most 10s (a hook blocks its worker thread)".into(),
+                format!(
+                    "{} is not allowed: must be more than 0 and at most {} (a hook holds its worker thread for up to this long, so a hook that is slow on a client's input lets a few such requests stall every other request on that thread)",
+                    humantime::format_duration(self.hooks.timeout),
+                    humantime::format_duration(MAX_HOOK_TIMEOUT),
+                ),
             ));
         }
         if self.hooks.memory_limit < (1 << 20) {
@@ -292,6 +295,28 @@ fn normalize(path: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// A [`ConfigError::Parse`] from a serde_yaml error at `key` (may be empty).
+fn parse_error(name: &Path, text: &str, key: String, e: serde_yaml::Error) -> ConfigError {
+    let mut message = strip_serde_yaml_decorations(&e.to_string());
+    let location = match e.location() {
+        Some(l) => {
+            let line = text.lines().nth(l.line().saturating_sub(1)).unwrap_or("");
+            if key.is_empty() && line.contains("${") {
+                message
+                    .push_str(" (a `${VAR}` inside `[...]` or `{...}` must be quoted: \"${VAR}\")");
+            }
+            format!("{}:{}: ", l.line(), l.column())
+        }
+        None => String::new(),
+    };
+    ConfigError::Parse {
+        file: name.to_path_buf(),
+        location,
+        key,
+        message,
+    }
 }
 
 /// serde_yaml repeats the path and location we already print; keep only the message.

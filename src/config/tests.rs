@@ -357,7 +357,9 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
     };
     assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("alice"));
     assert_eq!(hooks.route(&req, "alice").unwrap(), RouteDecision::Default);
-    assert_eq!(hooks.admin(&req), Ok(Some(true)));
+    // The shipped admin hook admits nobody until its SECRET is set, whatever the address
+    // (127.0.0.1 is also what a DNS-rebound browser on the operator's machine sends).
+    assert_eq!(hooks.admin(&req), Ok(Some(false)));
     req.product = Some("test");
     assert_eq!(
         hooks.route(&req, "alice").unwrap(),
@@ -368,6 +370,52 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
     let bare = pingora::http::RequestHeader::build("GET", b"/?uid=bob", None).unwrap();
     req.header = &bare;
     assert_eq!(hooks.uid(&req).unwrap().as_deref(), Some("bob"));
+}
+
+#[test]
+fn shipped_admin_hook_admits_its_secret_not_an_address() {
+    use crate::hooks::{HookRequest, Hooks};
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let shipped = std::fs::read_to_string(root.join("hooks/admin.js")).unwrap();
+    assert!(shipped.contains("const SECRET = '';"), "{shipped}");
+    let secret = "0123456789abcdef-operator";
+    let dir = scratch(
+        "admin-hook-secret",
+        &[
+            (
+                "hooks/admin.js",
+                &shipped.replace("const SECRET = '';", &format!("const SECRET = '{secret}';")),
+            ),
+            (
+                "conf/x.yaml",
+                &format!("{MIN}hooks: {{admin: ../hooks/admin.js}}\n"),
+            ),
+        ],
+    );
+    let c = Config::load(&dir.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let hooks = Hooks::new(c.hooks.program.clone().unwrap());
+    let ask = |auth: Option<&str>, ip: &str| {
+        let mut head = pingora::http::RequestHeader::build("GET", b"/api/status", None).unwrap();
+        if let Some(a) = auth {
+            head.append_header("authorization", a).unwrap();
+        }
+        let req = HookRequest {
+            header: &head,
+            ip: Some(ip.parse().unwrap()),
+            product: None,
+        };
+        hooks.admin(&req)
+    };
+    let right = format!("Bearer {secret}");
+    assert_eq!(
+        ask(None, "127.0.0.1"),
+        Ok(Some(false)),
+        "an address is not a secret"
+    );
+    assert_eq!(ask(Some("Bearer nope"), "127.0.0.1"), Ok(Some(false)));
+    assert_eq!(ask(Some(&right[..right.len() - 1]), "::1"), Ok(Some(false)));
+    assert_eq!(ask(Some(&right), "192.0.2.1"), Ok(Some(true)));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -416,4 +464,135 @@ fn read_buffer_defaults_to_unbuffered_and_is_bounded() {
     let e = err(&format!("{base}server: {{read_buffer_bytes: 2000000}}\n"));
     assert!(e.contains("server.read_buffer_bytes"), "{e}");
     assert!(e.contains("at most 1048576"), "{e}");
+}
+
+/// `${VAR}` looked up in `vars` only (the tests do not touch the process environment).
+fn parse_env(yaml: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    let vars: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let lookup = move |name: &str| vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    Config::from_str_with_env(yaml, Path::new("conf/x.yaml"), &lookup)
+}
+
+#[test]
+fn a_variable_cannot_close_its_quotes_and_add_keys() {
+    // Issue 11, item 8: `x", listen: "0.0.0.0:7118` moved the admin listener.
+    let evil = "x\", listen: \"0.0.0.0:7118";
+    let c = parse_env(
+        &format!("{MIN}admin: {{token: \"${{GOPUSH_ADMIN_TOKEN}}\", enabled: true}}\n"),
+        &[("GOPUSH_ADMIN_TOKEN", evil)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
+    assert_eq!(c.admin.token(), Some(evil), "the value is the one scalar");
+    // Unquoted, in block style, the same.
+    let c = parse_env(
+        &format!("{MIN}admin:\n  token: ${{GOPUSH_ADMIN_TOKEN}}\n"),
+        &[("GOPUSH_ADMIN_TOKEN", evil)],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
+    assert_eq!(c.admin.token(), Some(evil));
+}
+
+#[test]
+fn a_variable_with_a_newline_cannot_add_a_line() {
+    // Issue 11, item 8: a newline in a value added `trusted_proxies: ["0.0.0.0/0"]`.
+    let evil = "app\ntrusted_proxies: [\"0.0.0.0/0\"]";
+    for yaml in [
+        format!("{MIN}product_param: ${{P}}\n"),
+        format!("{MIN}product_param: \"${{P}}\"\n"),
+    ] {
+        let c = parse_env(&yaml, &[("P", evil)]).unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.trusted_proxies.is_empty(), "{yaml}");
+        assert_eq!(c.product_param, evil, "{yaml}");
+    }
+}
+
+#[test]
+fn comments_are_not_expanded() {
+    // Issue 11, item 8: `${X}` in a comment failed the load when X was unset.
+    let c = parse_env(
+        &format!(
+            "# token: ${{GOPUSH_SURELY_UNSET}}\n{MIN}product_param: app # or ${{ALSO_UNSET}}\n"
+        ),
+        &[],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.product_param, "app");
+}
+
+#[test]
+fn substituted_numbers_and_booleans_resolve_like_plain_scalars() {
+    let c = parse_env(
+        &format!("{MIN}server:\n  threads: ${{N}}\nhealth_check: {{fall: \"${{F:-5}}\"}}\naffinity:\n  enabled: ${{A}}\nhooks: {{memory_limit: \"${{M}}\"}}\naccess_log:\n  format: ${{FMT}}\n"),
+        &[("N", "3"), ("A", "false"), ("M", "8MiB"), ("FMT", "json")],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(c.server.threads, 3);
+    assert_eq!(c.health_check.fall, 5);
+    assert!(!c.affinity.enabled);
+    assert_eq!(c.hooks.memory_limit, 8 << 20);
+    assert_eq!(c.access_log.format, LogFormat::Json);
+    // A number field given something else names the key path and the line.
+    let e = parse_env(
+        &format!("{MIN}server:\n  threads: ${{N}}\n"),
+        &[("N", "3\nx: 1")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("conf/x.yaml:5:") && e.contains("server.threads"),
+        "{e}"
+    );
+    // Unquoted inside a flow collection, `{` ends the plain scalar: a syntax error that says so.
+    let e = parse_env(
+        &format!("{MIN}server: {{threads: ${{N}}}}\n"),
+        &[("N", "3")],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("conf/x.yaml:4:") && e.contains("must be quoted"),
+        "{e}"
+    );
+    // Without a variable, a quoted number is still a string, as before.
+    assert!(err(&format!("{MIN}server: {{threads: \"3\"}}\n")).contains("server.threads"));
+}
+
+#[test]
+fn substitution_errors_name_the_key_path_and_keys_are_not_substituted() {
+    let e = parse_env(&format!("{MIN}uid:\n  max_len: ${{UNSET_LEN}}\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("conf/x.yaml:5:") && e.contains("uid.max_len") && e.contains("UNSET_LEN"),
+        "{e}"
+    );
+    let e = parse_env(&format!("{MIN}${{K}}: 1\n"), &[("K", "product_param")])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("${K}"), "a key is a name, not a value: {e}");
+}
+
+#[test]
+fn hook_timeout_is_capped_at_one_second() {
+    // Issue 11: a hook slow on attacker input holds its worker thread for the whole budget;
+    // 10 s used to be accepted.
+    for bad in ["1001ms", "2s", "10s"] {
+        let e = err(&format!("{MIN}hooks: {{timeout: {bad}}}\n"));
+        assert!(
+            e.starts_with("conf/x.yaml: hooks.timeout: ") && e.contains("at most 1s"),
+            "{bad}: {e}"
+        );
+    }
+    let c = parse(&format!("{MIN}hooks: {{timeout: 1s}}\n")).unwrap();
+    assert_eq!(c.hooks.timeout, MAX_HOOK_TIMEOUT);
+    assert_eq!(
+        parse(MIN).unwrap().hooks.timeout,
+        std::time::Duration::from_millis(50),
+        "the default stays well below the cap"
+    );
 }
