@@ -290,7 +290,10 @@ async function modeHttp(o) {
   const w = await runWrk(spec);
   const c1 = pids.length ? cpuSeconds(pids) : null;
   const seconds = w.duration_us / 1e6;
-  const errors = w.err_connect + w.err_read + w.err_write + w.err_status + w.err_timeout;
+  // A run that completed no request measured nothing (wrk counts connect failures per socket,
+  // so a target that accepts and never answers shows no error): that is an error, not 0 rps.
+  const none = w.requests > 0 ? 0 : 1;
+  const errors = w.err_connect + w.err_read + w.err_write + w.err_status + w.err_timeout + none;
   const cpu = c0 === null ? null : c1 - c0;
   return {
     requests: w.requests,
@@ -302,7 +305,7 @@ async function modeHttp(o) {
     cpu_per_10k: cpu === null || !w.requests ? null : round3((cpu / w.requests) * 1e4),
     errors,
     error_detail: errors ? { connect: w.err_connect, read: w.err_read, write: w.err_write,
-      status: w.err_status, timeout: w.err_timeout } : undefined,
+      status: w.err_status, timeout: w.err_timeout, ...(none ? { no_request_completed: true } : {}) } : undefined,
   };
 }
 

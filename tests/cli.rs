@@ -333,6 +333,11 @@ fn run_refuses_to_start_with_a_bad_config() {
         &format!("listen: \"127.0.0.1:{port}\"\npools:\n  default:\n    backends: [\"localhost:4000\"]\n"),
     );
     let log = dir.join("run.log");
+    // "It never listened": the port is held here while the agent runs, so an attempt to bind it
+    // would fail loudly in its log ("Address in use"), and the agent's last line before it binds
+    // ("gopush agent starting") must be absent. (Connecting afterwards would prove nothing: the
+    // process has exited by then either way.)
+    let held = std::net::TcpListener::bind(("127.0.0.1", port)).expect("hold the listen port");
     let started = Instant::now();
     let mut child = spawn_gopush(&["run", "-c", &file.to_string_lossy()], &log, &[]);
     let status = child.wait_exit(Duration::from_secs(10));
@@ -350,6 +355,14 @@ fn run_refuses_to_start_with_a_bad_config() {
     );
     assert!(text.contains("pools.default.backends[0]"), "log:\n{text}");
     assert!(text.contains(&*file.to_string_lossy()), "log:\n{text}");
-    // It never listened.
-    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+    // It never got to binding its listeners.
+    assert!(
+        !text.contains("gopush agent starting"),
+        "it got as far as starting the server; log:\n{text}"
+    );
+    assert!(
+        !text.to_lowercase().contains("in use"),
+        "it tried to bind the listen port; log:\n{text}"
+    );
+    drop(held);
 }

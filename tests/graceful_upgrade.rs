@@ -142,6 +142,40 @@ async fn fresh_worker(
     }
 }
 
+/// Watches a growing log file for `needle` (reading only what was appended since the last look,
+/// every 10 ms) and returns `t0.elapsed()` at the first look that found it; `None` after `limit`.
+async fn first_seen(
+    path: std::path::PathBuf,
+    needle: &'static str,
+    t0: Instant,
+    limit: Duration,
+) -> Option<Duration> {
+    use std::io::{Read, Seek, SeekFrom};
+    let deadline = Instant::now() + limit;
+    let mut offset = 0u64;
+    let mut carry = String::new();
+    while Instant::now() < deadline {
+        if let Ok(mut f) = std::fs::File::open(&path) {
+            let mut buf = Vec::new();
+            if f.seek(SeekFrom::Start(offset)).is_ok() && f.read_to_end(&mut buf).is_ok() {
+                offset += buf.len() as u64;
+                carry.push_str(&String::from_utf8_lossy(&buf));
+                if carry.contains(needle) {
+                    return Some(t0.elapsed());
+                }
+                // Keep a needle's length, in case it is split between two reads.
+                let keep = carry.len().saturating_sub(needle.len());
+                let keep = (keep..=carry.len())
+                    .find(|i| carry.is_char_boundary(*i))
+                    .unwrap_or(carry.len());
+                carry.drain(..keep);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
 /// Polls `cond` every 20 ms until it holds; panics with `what` after `limit`.
 async fn poll_until(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
@@ -225,6 +259,14 @@ async fn graceful_upgrade_loses_no_request() {
         b.log_text()
     );
     phase.store(UPGRADING, Ordering::Relaxed);
+    // Pingora logs this in A when, 5 s after handing the listening sockets over, it tells its
+    // services to stop: the one instant the accept/shutdown race can drop a new connection.
+    let broadcast = tokio::spawn(first_seen(
+        dir.join("a.log"),
+        "Broadcasting graceful shutdown",
+        t0,
+        Duration::from_secs(40),
+    ));
     let quit_at = t0.elapsed();
     a.signal("QUIT");
 
@@ -236,6 +278,7 @@ async fn graceful_upgrade_loses_no_request() {
     .await;
     let a_exit_at = t0.elapsed();
     phase.store(B_ONLY, Ordering::Relaxed);
+    let broadcast_at = broadcast.await.expect("log watcher");
     // One more second of B-only traffic (and at least 100 requests).
     let b_only_from = Instant::now();
     poll_until(Duration::from_secs(20), "B-only traffic", || {
@@ -255,7 +298,7 @@ async fn graceful_upgrade_loses_no_request() {
     let dropped_unread = tally.dropped_unread.lock().unwrap().clone();
     let counts: Vec<u64> = (0..3).map(|p| tally.ok_in(p)).collect();
     println!(
-        "SIGQUIT at {quit_at:?}, A exited at {a_exit_at:?} ({a_status:?}); served: \
+        "SIGQUIT at {quit_at:?}, shutdown broadcast seen at {broadcast_at:?}, A exited at {a_exit_at:?} ({a_status:?}); served: \
          A only {}, during the upgrade {}, B only {}; failures: {}",
         counts[A_ONLY],
         counts[UPGRADING],
@@ -296,6 +339,20 @@ async fn graceful_upgrade_loses_no_request() {
         "{} new connections dropped unread, not at one instant: more than the accept/shutdown race explains",
         dropped_unread.len()
     );
+    // ... and that instant is the shutdown broadcast, nowhere else: a reset in any other phase
+    // (or long before or after it) is a failure. (Both times are taken by this process, a little
+    // late under load: 1 s either side.)
+    for (at, what) in &dropped_unread {
+        let bc = broadcast_at.unwrap_or_else(|| {
+            panic!(
+                "a new connection was dropped ({what}), but A never logged its shutdown broadcast"
+            )
+        });
+        assert!(
+            at.abs_diff(bc) <= Duration::from_secs(1),
+            "a new connection dropped unread at {at:?}, not at A's shutdown broadcast ({bc:?}): {what}"
+        );
+    }
     assert!(
         counts.iter().all(|c| *c > 0),
         "a phase served nothing: {counts:?}"

@@ -43,6 +43,14 @@ describe('admin API', { timeout: 180_000 }, () => {
   const backendStatus = (st, addr, pool = 'default') => st.pools.find((p) => p.name === pool)
     .backends.find((b) => b.addr === addr);
   const connectAs = (uid, opts = {}) => env.connect(agent.url, { query: { uid }, ...opts });
+  /** gopush_config_reloads_total{result} from /metrics (0 before the first one). */
+  const reloads = async (result) => {
+    const m = await api('GET', '/metrics');
+    assert.equal(m.status, 200, m.text);
+    const v = new RegExp(`^gopush_config_reloads_total\\{result="${result}"\\} (\\d+)$`, 'm').exec(m.text);
+    return v ? Number(v[1]) : 0;
+  };
+  let spawnedAt;
 
   before(async () => {
     env = new h.TestEnv('admin');
@@ -59,6 +67,7 @@ describe('admin API', { timeout: 180_000 }, () => {
         push: { redis: env.redis.url, uid_room: 'uid:{uid}', max_payload: 2048, timeout: '1s' },
       },
     });
+    spawnedAt = performance.now();
     agent = await env.startAgent(cfg);
     const picked = await h.pickUids(agent.configFile, [A.addr, B.addr], 6, CANDIDATES);
     onA = picked.get(A.addr);
@@ -90,7 +99,16 @@ describe('admin API', { timeout: 180_000 }, () => {
     const st = await status();
     assert.match(st.version, /^\d+\.\d+\.\d+/);
     assert.equal(st.config.file, fs.realpathSync(agent.configFile));
-    assert.ok(st.uptime_seconds >= 0);
+    // Whole seconds since the process started: never more than the time since we spawned it,
+    // and it moves with the clock (a constant, e.g. always 0, fails the poll).
+    const maxUptime = () => Math.ceil((performance.now() - spawnedAt) / 1000);
+    assert.ok(Number.isInteger(st.uptime_seconds) && st.uptime_seconds <= maxUptime(),
+      `uptime_seconds ${st.uptime_seconds}, but the agent was spawned ${maxUptime()} s ago`);
+    const later = await h.poll(async () => {
+      const s = await status();
+      return s.uptime_seconds >= st.uptime_seconds + 1 ? s : false;
+    }, { attempts: 30, delayMs: 100, maxDelayMs: 200, what: 'uptime_seconds to grow by one' });
+    assert.ok(later.uptime_seconds <= maxUptime(), `uptime_seconds ${later.uptime_seconds} > ${maxUptime()} s since spawn`);
     for (const b of [A, B]) {
       const s = backendStatus(st, b.addr);
       assert.ok(s, `backend ${b.addr} listed`);
@@ -169,11 +187,12 @@ describe('admin API', { timeout: 180_000 }, () => {
       assert.equal(backendStatus(st, A.addr).draining, true);
       // A reload (SIGHUP, and the API) keeps the drain state.
       const loaded0 = st.config.loaded_at_unix;
+      const ok0 = await reloads('ok');
       process.kill(agent.proc.pid, 'SIGHUP');
-      await h.poll(async () => (await agent.proc.out.includes('configuration reloaded')),
-        { attempts: 40, what: 'the SIGHUP reload' });
+      await h.poll(async () => (await reloads('ok')) === ok0 + 1, { attempts: 40, what: 'the SIGHUP reload to be counted' });
       const rl = await api('POST', '/api/reload');
       assert.equal(rl.status, 200, rl.text);
+      assert.equal(await reloads('ok'), ok0 + 2, 'the API reload was counted: both reloads happened');
       assert.ok(rl.json.loaded_at_unix >= loaded0);
       assert.equal(backendStatus(await status(), A.addr).draining, true, 'drain survives reloads');
       // The session ends: A's counts fall to zero.
@@ -327,6 +346,13 @@ describe('admin API', { timeout: 180_000 }, () => {
   });
 
   it('bad input gets a 400 that names the field, and nothing is published', async () => {
+    // Everything published on the adapters' channels while the bad requests are made; a valid
+    // push at the end is the marker: Redis delivers in publish order, so once it is seen,
+    // anything the bad requests had published would have been seen before it.
+    const sub = createClient({ url: env.redis.url });
+    await sub.connect();
+    const seen = [];
+    await sub.pSubscribe(['socket.io#*', 'socket.io-request#*'], (msg, channel) => seen.push(channel.toString()), true);
     const cases = [
       [{ raw: '{"uid": "a", "event": ' }, /invalid JSON/],
       [{ body: { uid: 'a', event: 'e', colour: 'red' } }, /unknown field `colour`/],
@@ -348,10 +374,19 @@ describe('admin API', { timeout: 180_000 }, () => {
     assert.match(d.json.error, /all/);
     assert.equal((await api('GET', '/api/push')).status, 405);
     assert.equal((await api('GET', '/api/nope')).status, 404);
+    try {
+      const marker = await api('POST', '/api/push', { body: { uid: 'bad-input-marker', event: 'm' } });
+      assert.equal(marker.status, 200, marker.text);
+      await h.poll(() => seen.length >= 1, { attempts: 40, what: 'the marker push on redis' });
+      assert.deepEqual(seen, ['socket.io#/#uid:bad-input-marker#'], 'the bad requests published something');
+    } finally {
+      await sub.quit().catch(() => {});
+    }
   });
 
   it('reload: 400 with the config error keeps the running config; 200 with the new load time', async () => {
     const st0 = await status();
+    const [ok0, err0] = [await reloads('ok'), await reloads('error')];
     const good = fs.readFileSync(agent.configFile, 'utf8');
     fs.writeFileSync(agent.configFile, `${good}\nbogus_key: 1\n`);
     try {
@@ -359,12 +394,15 @@ describe('admin API', { timeout: 180_000 }, () => {
       assert.equal(bad.status, 400, bad.text);
       assert.match(bad.json.error, /bogus_key/);
       assert.equal((await status()).config.loaded_at_unix, st0.config.loaded_at_unix);
+      assert.deepEqual([await reloads('ok'), await reloads('error')], [ok0, err0 + 1], 'counted as a failed reload');
     } finally {
       fs.writeFileSync(agent.configFile, good);
     }
     const ok = await api('POST', '/api/reload');
     assert.equal(ok.status, 200, ok.text);
     assert.ok(ok.json.loaded_at_unix >= st0.config.loaded_at_unix);
+    assert.equal(await reloads('ok'), ok0 + 1, 'the good reload happened (and was counted)');
+    assert.equal((await status()).config.loaded_at_unix, ok.json.loaded_at_unix, 'status shows the new load time');
     const c = await connectAs(onB[0]);
     c.socket.close();
     assert.equal(c.hello.port, B.port, 'still routing after reloads');

@@ -21,11 +21,18 @@ const path = require('node:path');
 const { createClient } = require('redis');
 const h = require('../lib/harness');
 
-/** p99 of the probe latencies must stay under this while a fault runs (ms). */
-const LATENCY_BOUND_MS = 500;
+/**
+ * p99 of the probe latencies must stay under this while a fault runs (ms). The measured p99s were
+ * 4-91 ms (docs/RELIABILITY.md); the bound is far above that because another test file runs
+ * alongside on the same 2 cores. It still catches an agent that stalls (a blocked event loop, a
+ * probe queued behind the fault), and a probe that fails or takes its 5 s timeout fails anyway.
+ */
+const LATENCY_BOUND_MS = 2000;
+/** Probes each scenario must have run (the doc promises "at least 50 per scenario"). */
+const MIN_PROBES = 50;
 /** Pacing of the HTTP probe loop (ms between the end of one probe and the next). */
 const PROBE_EVERY_MS = 20;
-/** Idle connections held open at once (scaled down, with a logged reason, if fd limits are low). */
+/** Idle connections held open at once (the test fails, saying why, if fd limits are too low). */
 const IDLE_CONNECTIONS = 10_000;
 /** Slowloris connections. */
 const SLOW_CONNECTIONS = 500;
@@ -67,20 +74,23 @@ function startProbe(url, uids, { max = 20_000 } = {}) {
   return {
     latencies,
     failures,
-    /** Stops the loop once at least `atLeast` probes ran (bounded wait). */
-    async stop({ atLeast = 50 } = {}) {
-      await h.poll(() => latencies.length >= atLeast, {
-        attempts: 100, delayMs: 50, maxDelayMs: 200, what: `${atLeast} probes`,
-      }).catch(() => {});
-      stopped = true;
-      await loop;
+    /** Stops the loop once at least `atLeast` probes ran (bounded wait; fails if they did not). */
+    async stop({ atLeast = MIN_PROBES } = {}) {
+      try {
+        await h.poll(() => latencies.length >= atLeast, {
+          attempts: 150, delayMs: 50, maxDelayMs: 200, what: `${atLeast} probes`,
+        });
+      } finally {
+        stopped = true;
+        await loop;
+      }
       return { ...summary(latencies), failures };
     },
   };
 }
 
 function assertWithinBound(name, probe) {
-  assert.ok(probe.n >= 10, `${name}: only ${probe.n} probes ran`);
+  assert.ok(probe.n >= MIN_PROBES, `${name}: only ${probe.n} probes ran`);
   assert.deepEqual(probe.failures.slice(0, 5), [], `${name}: ${probe.failures.length} of ${probe.n} probes failed`);
   assert.ok(probe.p99 < LATENCY_BOUND_MS, `${name}: probe p99 ${probe.p99} ms >= ${LATENCY_BOUND_MS} ms (${JSON.stringify(probe)})`);
 }
@@ -323,8 +333,9 @@ describe('fault: Redis stopped', { timeout: 90_000 }, () => {
     // --- Redis stops (SIGTERM: a clean shutdown, as `systemctl stop redis` does)
     const probe = startProbe(agent.url, ['r-p1', 'r-p2', 'r-p3']);
     await h.poll(() => probe.latencies.length >= 10, { attempts: 100, what: 'probes running' });
+    // Proc.kill falls back to SIGKILL after 5 s: a clean stop is exit code 0, not a signal.
     const exit = await env.redis.proc.kill('SIGTERM');
-    assert.ok(exit, 'redis stopped');
+    assert.deepEqual(exit, { code: 0, signal: null }, 'redis stopped on SIGTERM');
     const refusals = [];
     for (let i = 1; i <= 3; i++) {
       const t0 = performance.now();
@@ -359,7 +370,7 @@ describe('fault: Redis stopped', { timeout: 90_000 }, () => {
     await h.poll(() => news.some((x) => x.n === 100), { attempts: 60, what: 'the push after the restart delivered' });
     // Redis restarts again with no push in between: the agent's connection is now a dead one,
     // and the next push must not fail on it.
-    await env.redis.proc.kill('SIGTERM');
+    assert.deepEqual(await env.redis.proc.kill('SIGTERM'), { code: 0, signal: null }, 'redis stopped on SIGTERM again');
     await restartRedis();
     await h.poll(async () => {
       // wait for the backends' adapters (not the agent) to resubscribe, by asking Redis
@@ -481,10 +492,10 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
     const head = (target, extra = '') => `GET ${target} HTTP/1.1\r\nHost: x\r\nCookie: uid=big\r\n${extra}\r\n`;
     const big = (n) => 'a'.repeat(n);
     const cases = [
-      { name: '2 MB header', data: head('/whoami', `X-Big: ${big(2 * 1024 * 1024)}\r\n`), want: [400, 431] },
-      { name: '2 MB of 1 KB headers', data: head('/whoami', Array.from({ length: 2048 }, (_, i) => `X-H${i}: ${big(1000)}\r\n`).join('')), want: [400, 431] },
+      { name: '2 MB header', mayClose: true, data: head('/whoami', `X-Big: ${big(2 * 1024 * 1024)}\r\n`), want: [400, 431] },
+      { name: '2 MB of 1 KB headers', mayClose: true, data: head('/whoami', Array.from({ length: 2048 }, (_, i) => `X-H${i}: ${big(1000)}\r\n`).join('')), want: [400, 431] },
       { name: '100 KB header', data: head('/whoami', `X-Big: ${big(100 * 1024)}\r\n`), want: [431] },
-      { name: '2 MB URL', data: head(`/whoami?x=${big(2 * 1024 * 1024)}`), want: [400, 431] },
+      { name: '2 MB URL', mayClose: true, data: head(`/whoami?x=${big(2 * 1024 * 1024)}`), want: [400, 431] },
       // The http crate refuses a URI over 64 KiB (Pingora answers 400); under it, gopush's limit.
       { name: '100 KB URL', data: head(`/whoami?x=${big(100 * 1024)}`), want: [400] },
       { name: '32 KB URL', data: head(`/whoami?x=${big(32 * 1024)}`), want: [431] },
@@ -497,6 +508,10 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
       const status = statusOf(r.response);
       outcomes.push(`${c.name}: ${status || 'closed'}${r.error ? ` (${r.error})` : ''} in ${Math.round(r.ms)} ms`);
       assert.ok(r.closed || status !== null, `${c.name}: no answer and not closed in 15 s`);
+      // A head over Pingora's own buffer (the 2 MB ones) may be cut before an answer can be
+      // read (the client is still writing when the agent closes); a head Pingora reads whole
+      // gets gopush's answer, so for those a closed connection is a failure.
+      if (!c.mayClose) assert.ok(status !== null, `${c.name}: closed without an answer${r.error ? ` (${r.error})` : ''}`);
       assert.ok(status === null || c.want.includes(status), `${c.name}: answered ${JSON.stringify(r.response.slice(0, 120))}`);
       if (status === 431) assert.match(r.response, /limits\.max_header_bytes/);
     }
@@ -521,12 +536,10 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
     // Both ends of every connection are on this machine: the test process holds N sockets, the
     // agent N more; each needs its own fd budget.
     const headroom = 1000;
-    const n = Math.min(IDLE_CONNECTIONS, nofile() - headroom, nofile(pid) - headroom);
-    if (n < IDLE_CONNECTIONS) {
-      report(`idle: scaled down to ${n} connections: RLIMIT_NOFILE is ${nofile()} here and ${nofile(pid)} for the agent `
-        + `(raise it with \`ulimit -n\`; the npm script raises the soft limit to the hard one)`);
-    }
-    assert.ok(n >= 1000, `fd limits allow only ${n} idle connections`);
+    const n = IDLE_CONNECTIONS;
+    assert.ok(Math.min(nofile(), nofile(pid)) >= n + headroom,
+      `${n} idle connections need RLIMIT_NOFILE >= ${n + headroom}, but it is ${nofile()} here and ${nofile(pid)} for the agent `
+      + '(raise it: `ulimit -n`; .ci/run raises the hard limit as root, the npm script the soft one to the hard one)');
     await h.request(`${idleAgent.url}/whoami`, { agent: false, headers: { cookie: 'uid=warm' } });
     const baseline = fdCount(pid);
     const socks = [];
@@ -577,11 +590,17 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
     const pid = slowAgent.proc.pid;
     await h.request(`${slowAgent.url}/whoami`, { agent: false, headers: { cookie: 'uid=warm' } });
     const baseline = fdCount(pid);
-    const n = Math.min(SLOW_CONNECTIONS, nofile() - 1000);
+    const n = SLOW_CONNECTIONS;
+    assert.ok(nofile() >= n + 1000, `${n} slowloris connections need RLIMIT_NOFILE >= ${n + 1000}, it is ${nofile()}`);
     const conns = [];
     const open = (i, keepAlive) => new Promise((resolve, reject) => {
+      // `notBefore`: a moment no later than the start of the agent's deadline for the dribbled
+      // head (taken before the connect, or before the first request of a kept-alive connection,
+      // whose deadline starts after that request), so `closedAt - notBefore` can only overstate
+      // how long the agent held the head, however late this busy event loop sees the events.
+      const notBefore = performance.now();
       const s = net.connect(slowAgent.port, '127.0.0.1');
-      const c = { s, i, keepAlive, startedAt: null, closedAt: null, bytes: 0, got: '' };
+      const c = { s, i, keepAlive, notBefore, startedAt: null, closedAt: null, bytes: 0, got: '' };
       s.once('error', (e) => { if (c.startedAt === null) reject(e); });
       s.on('error', () => {});
       s.on('data', (d) => { c.got += d.toString('latin1'); });
@@ -589,6 +608,7 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
       s.once('connect', async () => {
         if (keepAlive) {
           // A normal request first; the dribbling starts with the next one on the same connection.
+          c.notBefore = performance.now();
           s.write(`GET /whoami HTTP/1.1\r\nHost: x\r\nCookie: uid=ka-${i}\r\n\r\n`);
           try {
             await h.poll(() => /\r\n\r\n\{[\s\S]*\}$/.test(c.got), { attempts: 50, what: `keep-alive response ${i}` });
@@ -616,6 +636,7 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
     });
     const p = await probe.stop();
     const held = conns.map((c) => c.closedAt - c.startedAt).sort((a, b) => a - b);
+    const heldAtLeast = conns.map((c) => c.closedAt - c.notBefore).sort((a, b) => a - b);
     const afterFds = await h.poll(() => { const f = fdCount(pid); return f <= baseline + 10 ? f : false; },
       { attempts: 100, delayMs: 50, maxDelayMs: 200, what: `the agent's fds back near ${baseline}` });
     for (const c of conns) {
@@ -624,9 +645,13 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
       assert.equal(answers, c.keepAlive ? 1 : 0, `connection ${c.i}: ${JSON.stringify(c.got.slice(0, 200))}`);
     }
     const bytes = Math.max(...conns.map((c) => c.bytes));
-    // (startedAt is taken when this busy event loop gets to the 'connect' event, a little after
-    // the agent's accept: allow for that lag.)
-    assert.ok(held[0] >= SLOW_HEADER_TIMEOUT_MS - 250, `a connection was closed after ${held[0]} ms, before the deadline`);
+    // Not before the deadline: measured from `notBefore` (see open()), lag only adds to it, so
+    // no allowance is needed beyond timer rounding (a few ms).
+    assert.ok(heldAtLeast[0] >= SLOW_HEADER_TIMEOUT_MS - 20,
+      `a connection was closed ${Math.round(heldAtLeast[0])} ms after its connect, before the ${SLOW_HEADER_TIMEOUT_MS} ms deadline`);
+    // Not held long past it: measured from when this loop saw the head begin (later than the
+    // agent's start, so lag can only shorten it), with a wide allowance for the close to reach
+    // this loop while it feeds 500 sockets (an agent without the deadline fails the poll above).
     assert.ok(held[held.length - 1] <= SLOW_HEADER_TIMEOUT_MS + 3000, `a connection was held ${held[held.length - 1]} ms`);
     await stillServing(slowAgent, 'after slowloris');
     assertWithinBound('slowloris', p);
@@ -637,6 +662,7 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
     assert.doesNotMatch(slowAgent.proc.out, /header_timeout|while reading request headers/, 'cut connections were logged');
     report(`slowloris: ${n} connections (10 after a first request on keep-alive) sending a header byte per second, `
       + `up to ${bytes} bytes each: all closed ${Math.round(held[0])}-${Math.round(held[held.length - 1])} ms after their head began `
+      + `(>= ${Math.round(heldAtLeast[0])} ms after the connect) `
       + `(header_timeout ${SLOW_HEADER_TIMEOUT_MS} ms), gopush_header_timeouts_total ${counted}; agent fds back to ${afterFds} (baseline ${baseline}); ${fmtProbe(p)}`);
     await slowAgent.proc.kill('SIGKILL');
   });
@@ -659,17 +685,25 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
       const t = fs.existsSync(cfg.server.pid_file) ? fs.readFileSync(cfg.server.pid_file, 'utf8').trim() : '';
       return /^\d+$/.test(t) ? Number(t) : null;
     };
-    // The daemon leaves our process group: whatever happens, it is stopped by its pid.
+    // The daemon leaves our process group: whatever happens, it is stopped by its pid. Resolves
+    // how it stopped: 'SIGTERM' (it exited within the bound), 'SIGKILL' (it had to be killed),
+    // or null (it was not running).
     const stopDaemon = async () => {
       const pid = readPid();
-      if (!pid || !alive(pid)) return;
+      if (!pid || !alive(pid)) return null;
       process.kill(pid, 'SIGTERM');
-      await h.poll(() => !alive(pid), { attempts: 60, delayMs: 100, maxDelayMs: 200, what: 'the daemon to stop on SIGTERM' })
-        .catch(() => { if (alive(pid)) process.kill(pid, 'SIGKILL'); });
+      try {
+        await h.poll(() => !alive(pid), { attempts: 60, delayMs: 100, maxDelayMs: 200, what: 'the daemon to stop on SIGTERM' });
+        return 'SIGTERM';
+      } catch (_) {
+        if (alive(pid)) process.kill(pid, 'SIGKILL');
+        return 'SIGKILL';
+      }
     };
     const starter = new h.Proc('gopush:daemon-starter', h.GOPUSH_BIN, ['run', '-d', '-c', file], { env: { RUST_LOG: 'info' } });
     env.procs.push(starter);
     let pid;
+    let stoppedBy;
     try {
       // daemon_wait_for_ready: `run -d` returns once the daemon is up (systemd's Type=forking)
       const t0 = performance.now();
@@ -697,8 +731,12 @@ describe('fault: misbehaving clients', { timeout: 150_000 }, () => {
       assert.ok(alive(pid), 'the daemon is still running');
       report(`daemon: \`run -d\` returned after ${readyMs} ms (daemon_wait_for_ready); SIGUSR1: after the rename, lines went to ${path.basename(rotated)} until SIGUSR1, then to a new ${path.basename(logFile)} `
         + `(${fs.readFileSync(logFile, 'utf8').split('\n').filter(Boolean).length} lines so far); the daemon kept serving`);
+      stoppedBy = await stopDaemon();
     } finally {
       await stopDaemon();
     }
+    // (Checked here, not in the `finally`, so that it cannot hide the failure that got us there.)
+    assert.equal(stoppedBy, 'SIGTERM', 'the daemon did not stop on SIGTERM within ~10 s: it had to be SIGKILLed');
+    assert.ok(!alive(pid), 'the daemon is gone');
   });
 });
