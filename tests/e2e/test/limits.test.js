@@ -89,6 +89,40 @@ describe('limits: documented status, body naming the limit, only the offender re
       'another uid was refused');
   });
 
+  it('limits.per_uid.max_concurrent counts the canonical uid: bob, bob, b%6Fb is three of one user', async () => {
+    const agent = await agentWith({ per_uid: { requests_per_second: 0, max_concurrent: 2 } });
+    const wsUrl = `${agent.url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`;
+    // A tunnel holds its concurrency slot while it is open.
+    const open = (cookieUid) => new Promise((resolve, reject) => {
+      const ws = new WebSocket(wsUrl, { headers: { cookie: `uid=${cookieUid}` }, perMessageDeflate: false });
+      const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${cookieUid}: no answer to the upgrade`)); }, 5000);
+      ws.on('open', () => { clearTimeout(timer); resolve({ ws }); });
+      ws.on('unexpected-response', (req, res) => {
+        const chunks = [];
+        res.on('data', (c) => chunks.push(c));
+        res.on('end', () => { clearTimeout(timer); resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }); });
+      });
+      ws.on('error', (err) => { clearTimeout(timer); reject(err); });
+    });
+    const held = [];
+    try {
+      for (const spelling of ['bob', 'bob']) {
+        const t = await open(spelling);
+        assert.ok(t.ws, `${spelling} refused: ${t.status} ${t.body}`);
+        held.push(t.ws);
+      }
+      const third = await open('b%6Fb');
+      if (third.ws) held.push(third.ws);
+      assert.equal(third.status, 429, `b%6Fb is bob's third connection: ${third.ws ? 'admitted' : third.body}`);
+      assert.match(third.body, /limits\.per_uid\.max_concurrent/);
+      const other = await open('alice');
+      if (other.ws) held.push(other.ws);
+      assert.ok(other.ws, `another uid was refused: ${other.status} ${other.body}`);
+    } finally {
+      for (const ws of held) ws.terminate();
+    }
+  });
+
   it('limits.max_tunnels: one WebSocket more gets 503 naming it; plain requests are unaffected', async () => {
     const MAX = 3;
     const agent = await agentWith({ max_tunnels: MAX });
