@@ -63,22 +63,22 @@ enum Command {
         #[arg(short, long)]
         conf: Option<PathBuf>,
     },
-    /// Print the backend a request of this uid goes to. Asks the running agent (its admin API,
-    /// the same decision the proxy makes: hooks, sid memory, health, drain); with --offline, or
-    /// when no agent answers, decides from the configuration alone (hooks run, every backend
-    /// taken as healthy, no sid memory).
+    /// Print the backend a request of this uid goes to, decided as the proxy decides. From the
+    /// configuration file (hooks run, every backend taken as healthy, no sid memory), or with
+    /// --agent (implied by --sid) by asking the running agent's admin API (health, drain and the
+    /// sid memory included).
     Route {
         /// The uid, exactly as the client sends it.
         uid: String,
         /// The product (pool); default pool when absent.
         #[arg(short, long)]
         product: Option<String>,
-        /// The sid of a live Engine.IO session (needs the running agent, which holds the memory).
+        /// The sid of a live Engine.IO session (asks the running agent, which holds the memory).
         #[arg(long)]
         sid: Option<String>,
-        /// Decide from the configuration, without asking the running agent.
+        /// Ask the running agent (the configuration's admin.listen, with its token).
         #[arg(long)]
-        offline: bool,
+        agent: bool,
         /// Configuration file [default: conf/${GOPUSH_ENV:-local}.yaml]
         #[arg(short, long)]
         conf: Option<PathBuf>,
@@ -128,7 +128,7 @@ pub fn main() -> ExitCode {
             uid,
             product,
             sid,
-            offline,
+            agent,
             conf,
         } => {
             let config = match load(conf) {
@@ -140,7 +140,7 @@ pub fn main() -> ExitCode {
                 product: product.as_deref(),
                 sid: sid.as_deref(),
             };
-            route(config, ask, offline)
+            route(config, ask, agent)
         }
         Command::Init { dir } => report(init(&dir)),
         Command::Demo => demo(),
@@ -217,29 +217,28 @@ struct RouteAnswer {
     failover: Option<String>,
 }
 
-fn route(config: Config, ask: RouteQuestion<'_>, offline: bool) -> ExitCode {
-    if !offline && config.admin.enabled {
-        match ask_agent(&config, &ask) {
+fn route(config: Config, ask: RouteQuestion<'_>, agent: bool) -> ExitCode {
+    if agent || ask.sid.is_some() {
+        if !config.admin.enabled {
+            eprintln!("gopush: asking the running agent needs its admin API (admin.enabled)");
+            return ExitCode::FAILURE;
+        }
+        return match ask_agent(&config, &ask) {
             Ok(answer) => {
                 print_route(&answer);
                 say!("decided by: the running agent at {}", config.admin.listen);
-                return ExitCode::SUCCESS;
+                ExitCode::SUCCESS
             }
-            Err(AgentError::Answered(message)) => {
+            Err(message) => {
                 eprintln!("gopush: {message}");
-                return ExitCode::FAILURE;
+                ExitCode::FAILURE
             }
-            Err(AgentError::Unreachable(why)) if ask.sid.is_some() => {
-                eprintln!("gopush: --sid needs the running agent (it holds the sid memory): {why}");
-                return ExitCode::FAILURE;
-            }
-            Err(AgentError::Unreachable(_)) => {}
-        }
+        };
     }
     match route_offline(config, &ask) {
         Ok(answer) => {
             print_route(&answer);
-            say!("decided by: the configuration (offline: every backend taken as healthy, no sid memory)");
+            say!("decided by: the configuration (every backend taken as healthy, no sid memory)");
             ExitCode::SUCCESS
         }
         Err(message) => {
@@ -311,15 +310,8 @@ fn route_offline(config: Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer,
     })
 }
 
-enum AgentError {
-    /// No agent to ask (not running, not reachable): decide offline instead.
-    Unreachable(String),
-    /// The agent answered, with an error.
-    Answered(String),
-}
-
 /// Asks the running agent's `/api/route` (loopback HTTP/1.1, one request, short timeouts).
-fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, AgentError> {
+fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, String> {
     use std::io::{Read, Write};
     let mut addr = config.admin.listen;
     if addr.ip().is_unspecified() {
@@ -329,7 +321,7 @@ fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, Ag
             std::net::Ipv6Addr::LOCALHOST.into()
         });
     }
-    let unreachable = |e: std::io::Error| AgentError::Unreachable(format!("{addr}: {e}"));
+    let unreachable = |e: std::io::Error| format!("no answer from the agent at {addr}: {e}");
     let timeout = std::time::Duration::from_secs(2);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(unreachable)?;
     stream
@@ -358,19 +350,17 @@ fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, Ag
     let text = String::from_utf8_lossy(&response);
     let (head, body) = text
         .split_once("\r\n\r\n")
-        .ok_or_else(|| AgentError::Unreachable(format!("{addr}: not an HTTP answer")))?;
+        .ok_or_else(|| format!("the agent at {addr}: not an HTTP answer"))?;
     let status = head.split(' ').nth(1).unwrap_or("");
     if status != "200" {
         let detail = serde_json::from_str::<serde_json::Value>(body)
             .ok()
             .and_then(|v| v.get("error").and_then(|e| e.as_str()).map(str::to_string))
             .unwrap_or_else(|| body.trim().to_string());
-        return Err(AgentError::Answered(format!(
-            "the agent at {addr} answered {status}: {detail}"
-        )));
+        return Err(format!("the agent at {addr} answered {status}: {detail}"));
     }
     serde_json::from_str(body)
-        .map_err(|e| AgentError::Answered(format!("the agent at {addr}: unreadable answer: {e}")))
+        .map_err(|e| format!("the agent at {addr}: unreadable answer: {e}"))
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {
