@@ -359,8 +359,7 @@ fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, St
             .unwrap_or_else(|| body.trim().to_string());
         return Err(format!("the agent at {addr} answered {status}: {detail}"));
     }
-    serde_json::from_str(body)
-        .map_err(|e| format!("the agent at {addr}: unreadable answer: {e}"))
+    serde_json::from_str(body).map_err(|e| format!("the agent at {addr}: unreadable answer: {e}"))
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {
