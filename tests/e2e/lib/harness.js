@@ -14,6 +14,7 @@ const net = require('node:net');
 const os = require('node:os');
 const path = require('node:path');
 const { io: ioClient } = require('socket.io-client');
+const WebSocket = require('ws');
 
 const E2E_DIR = path.resolve(__dirname, '..');
 const BACKEND_JS = path.join(__dirname, 'backend.js');
@@ -704,7 +705,31 @@ async function startStandard(name, { healthCheck, pools = {}, backend = {} } = {
   }
 }
 
+/** An Engine.IO 4 WebSocket session (cookie `uid`) that answers pings and records how it was
+ * closed (`closeCode`, `closedAt` as `Date.now()`). */
+function rawEngineIo(url, uid) {
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(`${url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`,
+      { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
+    const c = { uid, ws, open: false, closeCode: null, closedAt: null };
+    const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no Engine.IO open packet`)); }, 10000);
+    ws.on('message', (data) => {
+      const text = data.toString();
+      if (text.startsWith('0') && !c.open) {
+        c.open = true;
+        clearTimeout(timer);
+        resolve(c);
+      } else if (text === '2') {
+        ws.send('3');
+      }
+    });
+    ws.on('close', (code) => { c.closeCode = code; c.closedAt = Date.now(); });
+    ws.on('error', (err) => { clearTimeout(timer); if (!c.open) reject(err); });
+  });
+}
+
 module.exports = {
+  rawEngineIo,
   startStandard,
   GOPUSH_BIN,
   BACKEND_JS,

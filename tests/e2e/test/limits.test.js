@@ -32,6 +32,23 @@ function get(url, { uid, localAddress = '127.0.0.1' }) {
   });
 }
 
+/** Opens an Engine.IO WebSocket through `agentUrl` as cookie uid `uid`: resolves {ws} once open,
+ * or {status, body} if the upgrade was refused. */
+function openTunnel(agentUrl, uid) {
+  const wsUrl = `${agentUrl.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`;
+  return new Promise((resolve, reject) => {
+    const ws = new WebSocket(wsUrl, { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
+    const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no answer to the upgrade`)); }, 5000);
+    ws.on('open', () => { clearTimeout(timer); resolve({ ws }); });
+    ws.on('unexpected-response', (req, res) => {
+      const chunks = [];
+      res.on('data', (c) => chunks.push(c));
+      res.on('end', () => { clearTimeout(timer); resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }); });
+    });
+    ws.on('error', (err) => { clearTimeout(timer); reject(err); });
+  });
+}
+
 /** Tallies statuses; every refusal must be `status` with a body naming `key`. */
 function tally(results, status, key) {
   const by = {};
@@ -91,19 +108,8 @@ describe('limits: documented status, body naming the limit, only the offender re
 
   it('limits.per_uid.max_concurrent counts the canonical uid: bob, bob, b%6Fb is three of one user', async () => {
     const agent = await agentWith({ per_uid: { requests_per_second: 0, max_concurrent: 2 } });
-    const wsUrl = `${agent.url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`;
     // A tunnel holds its concurrency slot while it is open.
-    const open = (cookieUid) => new Promise((resolve, reject) => {
-      const ws = new WebSocket(wsUrl, { headers: { cookie: `uid=${cookieUid}` }, perMessageDeflate: false });
-      const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${cookieUid}: no answer to the upgrade`)); }, 5000);
-      ws.on('open', () => { clearTimeout(timer); resolve({ ws }); });
-      ws.on('unexpected-response', (req, res) => {
-        const chunks = [];
-        res.on('data', (c) => chunks.push(c));
-        res.on('end', () => { clearTimeout(timer); resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }); });
-      });
-      ws.on('error', (err) => { clearTimeout(timer); reject(err); });
-    });
+    const open = (uid) => openTunnel(agent.url, uid);
     const held = [];
     try {
       for (const spelling of ['bob', 'bob']) {
@@ -126,19 +132,7 @@ describe('limits: documented status, body naming the limit, only the offender re
   it('limits.max_tunnels: one WebSocket more gets 503 naming it; plain requests are unaffected', async () => {
     const MAX = 3;
     const agent = await agentWith({ max_tunnels: MAX });
-    const wsUrl = `${agent.url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`;
-    /** Opens an Engine.IO WebSocket: resolves {ws} once open, or {status, body} if refused. */
-    const open = (uid) => new Promise((resolve, reject) => {
-      const ws = new WebSocket(wsUrl, { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
-      const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no answer to the upgrade`)); }, 5000);
-      ws.on('open', () => { clearTimeout(timer); resolve({ ws }); });
-      ws.on('unexpected-response', (req, res) => {
-        const chunks = [];
-        res.on('data', (c) => chunks.push(c));
-        res.on('end', () => { clearTimeout(timer); resolve({ status: res.statusCode, body: Buffer.concat(chunks).toString('utf8') }); });
-      });
-      ws.on('error', (err) => { clearTimeout(timer); reject(err); });
-    });
+    const open = (uid) => openTunnel(agent.url, uid);
     const tunnels = [];
     try {
       for (let i = 0; i < MAX; i++) {

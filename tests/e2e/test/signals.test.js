@@ -7,32 +7,9 @@
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
-const WebSocket = require('ws');
 const h = require('../lib/harness');
 
 const PING_INTERVAL_MS = 2000;
-
-/** An Engine.IO 4 WebSocket session that answers pings and records how it was closed. */
-function rawEngineIo(url, uid) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`,
-      { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
-    const c = { uid, ws, open: false, closeCode: null, closedAt: null };
-    const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no Engine.IO open packet`)); }, 10000);
-    ws.on('message', (data) => {
-      const text = data.toString();
-      if (text.startsWith('0') && !c.open) {
-        c.open = true;
-        clearTimeout(timer);
-        resolve(c);
-      } else if (text === '2') {
-        ws.send('3');
-      }
-    });
-    ws.on('close', (code) => { c.closeCode = code; c.closedAt = performance.now(); });
-    ws.on('error', (err) => { clearTimeout(timer); if (!c.open) reject(err); });
-  });
-}
 
 describe('stop signals', { timeout: 90_000 }, () => {
   let env;
@@ -68,8 +45,9 @@ describe('stop signals', { timeout: 90_000 }, () => {
     const GRACE_S = 4;
     const agent = await agentWithGrace(GRACE_S);
     const poll = await heldPoll(agent, 'term-poll');
-    const raws = await Promise.all([0, 1, 2].map((i) => rawEngineIo(agent.url, `term-ws-${i}`)));
+    const raws = await Promise.all([0, 1, 2].map((i) => h.rawEngineIo(agent.url, `term-ws-${i}`)));
     const termAt = performance.now();
+    const termWall = Date.now();
     process.kill(agent.proc.pid, 'SIGTERM');
     // The listening socket is closed at once: new connections are refused.
     await h.poll(async () => !(await h.tcpProbe(agent.port)), { attempts: 20, delayMs: 50, maxDelayMs: 100,
@@ -85,7 +63,7 @@ describe('stop signals', { timeout: 90_000 }, () => {
       assert.equal(r.closeCode, 1001, `${r.uid}: closed with ${r.closeCode}, not 1001 (going away)`);
     }
     process.stdout.write(`# signals: SIGTERM: held poll answered ${Math.round(pinged[0] - termAt)} ms after the signal, `
-      + `tunnels closed 1001 at ${raws.map((r) => Math.round(r.closedAt - termAt)).join('/')} ms, exit 0 after ${exitMs} ms (grace ${GRACE_S} s)\n`);
+      + `tunnels closed 1001 at ${raws.map((r) => Math.round(r.closedAt - termWall)).join('/')} ms, exit 0 after ${exitMs} ms (grace ${GRACE_S} s)\n`);
   });
 
   it('SIGINT: stops at once; the held long-poll is cut', async () => {

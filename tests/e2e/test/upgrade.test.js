@@ -14,34 +14,11 @@ const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
 const http = require('node:http');
-const WebSocket = require('ws');
 const h = require('../lib/harness');
 
 const POLLING = 100;
 const WEBSOCKET = 100;
 const RAW = 10; // bare Engine.IO WebSocket clients: they see the close frame's status code
-
-/** An Engine.IO 4 WebSocket session that answers pings and records how it was closed. */
-function rawEngineIo(url, uid) {
-  return new Promise((resolve, reject) => {
-    const ws = new WebSocket(`${url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket`,
-      { headers: { cookie: `uid=${uid}` }, perMessageDeflate: false });
-    const c = { uid, ws, open: false, closeCode: null, closedAt: null };
-    const timer = setTimeout(() => { ws.terminate(); reject(new Error(`${uid}: no Engine.IO open packet`)); }, 10000);
-    ws.on('message', (data) => {
-      const text = data.toString();
-      if (text.startsWith('0') && !c.open) {
-        c.open = true;
-        clearTimeout(timer);
-        resolve(c);
-      } else if (text === '2') {
-        ws.send('3');
-      }
-    });
-    ws.on('close', (code) => { c.closeCode = code; c.closedAt = Date.now(); });
-    ws.on('error', (err) => { clearTimeout(timer); if (!c.open) reject(err); });
-  });
-}
 
 describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
   let env;
@@ -89,7 +66,7 @@ describe('graceful binary upgrade under load', { timeout: 150_000 }, () => {
       await h.delay(100);
       await open(i, ['websocket']);
     });
-    const raws = await h.mapLimit(Array.from({ length: RAW }, (_, i) => i), 10, (i) => rawEngineIo(agent.url, `raw-${i}`));
+    const raws = await h.mapLimit(Array.from({ length: RAW }, (_, i) => i), 10, (i) => h.rawEngineIo(agent.url, `raw-${i}`));
 
     // --- HTTP loop: keep-alive connections, as a browser or an outer proxy would use them
     const keepAlive = new http.Agent({ keepAlive: true, maxSockets: 4 });
