@@ -434,7 +434,7 @@ impl AdminApp {
         if let Some(d) = req.data {
             data.push(d);
         }
-        let message = match push::encode_event(&cfg.key, &req.namespace, room.as_deref(), &data) {
+        let message = match push::event(cfg, &req.namespace, room.as_deref(), &data) {
             Ok(m) => m,
             Err(e) => {
                 metrics.push(kind, "bad_request");
@@ -499,7 +499,7 @@ impl AdminApp {
             metrics.push("disconnect", "bad_request");
             return reply;
         }
-        let message = match push::encode_disconnect(&cfg.key, &req.namespace, &room, req.close) {
+        let message = match push::disconnect(cfg, &req.namespace, &room, req.close) {
             Ok(m) => m,
             Err(e) => return Reply::error(StatusCode::BAD_REQUEST, format!("room: {e}")),
         };

@@ -9,10 +9,18 @@
 //! * a disconnect: JSON `{"type": 4, "opts": {"rooms": [room], "except": []}, "close": bool}`
 //!   on `socket.io-request#<nsp>#` (REMOTE_DISCONNECT; each node disconnects its matching sockets).
 //!
+//! With `push.adapter: sharded` the backends use `createShardedAdapter` (Redis 7 sharded pub/sub),
+//! which speaks socket.io-adapter's cluster protocol instead: JSON `{uid, nsp, type, data}`
+//! published with `SPUBLISH` on `socket.io#<nsp>#`, or, for a push to one room under the
+//! adapter's `dynamic` subscription modes, on that room's own channel `socket.io#<nsp>#<room>#`
+//! (only the nodes that have the room subscribe to it). A BROADCAST (type 3) carries the packet
+//! and `{rooms, except, flags}`; DISCONNECT_SOCKETS (type 6) the same options and `close`. The
+//! `uid` is the sender's, [`EMITTER_ID`]: no node has it, so every node acts on the message.
+//!
 //! The encoders are pure functions (unit-tested, and compared byte for byte with the Node
 //! emitter in the end-to-end suite); [`Publisher`] owns the Redis connection.
 
-use crate::config::PushConfig;
+use crate::config::{PushAdapter, PushConfig, SubscriptionMode};
 use redis::aio::MultiplexedConnection;
 use serde::Serialize;
 
@@ -53,6 +61,142 @@ pub struct Message {
     pub channel: String,
     /// The payload.
     pub payload: Vec<u8>,
+    /// Sharded pub/sub (`SPUBLISH`) rather than classic (`PUBLISH`).
+    pub sharded: bool,
+}
+
+/// The event push for the configured adapter.
+pub fn event(
+    cfg: &PushConfig,
+    nsp: &str,
+    room: Option<&str>,
+    data: &[serde_json::Value],
+) -> Result<Message, String> {
+    match cfg.adapter {
+        PushAdapter::Classic => encode_event(&cfg.key, nsp, room, data).map_err(|e| e.to_string()),
+        PushAdapter::Sharded => sharded_event(&cfg.key, cfg.subscription_mode, nsp, room, data)
+            .map_err(|e| e.to_string()),
+    }
+}
+
+/// The disconnect request for the configured adapter.
+pub fn disconnect(cfg: &PushConfig, nsp: &str, room: &str, close: bool) -> Result<Message, String> {
+    match cfg.adapter {
+        PushAdapter::Classic => {
+            encode_disconnect(&cfg.key, nsp, room, close).map_err(|e| e.to_string())
+        }
+        PushAdapter::Sharded => {
+            sharded_disconnect(&cfg.key, nsp, room, close).map_err(|e| e.to_string())
+        }
+    }
+}
+
+/// socket.io-adapter's cluster message types used here.
+const CLUSTER_BROADCAST: u8 = 3;
+const CLUSTER_DISCONNECT_SOCKETS: u8 = 6;
+
+#[derive(Serialize)]
+struct ClusterMessage<'a, D> {
+    uid: &'a str,
+    nsp: &'a str,
+    #[serde(rename = "type")]
+    kind: u8,
+    data: D,
+}
+
+#[derive(Serialize)]
+struct ClusterOpts<'a> {
+    rooms: &'a [&'a str],
+    except: [&'a str; 0],
+    flags: Flags,
+}
+
+#[derive(Serialize)]
+struct ClusterBroadcast<'a> {
+    opts: ClusterOpts<'a>,
+    packet: Packet<'a>,
+}
+
+#[derive(Serialize)]
+struct ClusterDisconnect<'a> {
+    opts: ClusterOpts<'a>,
+    close: bool,
+}
+
+/// The channel the sharded adapter reads a one-room broadcast from (its `computeChannel`): the
+/// room's own under the dynamic modes (`dynamic` only for public rooms: a 20-character name looks
+/// like a socket id, which it keeps on the namespace channel), else the namespace's.
+fn sharded_channel(key: &str, mode: SubscriptionMode, nsp: &str, room: Option<&str>) -> String {
+    let own = match (mode, room) {
+        (SubscriptionMode::Dynamic, Some(r)) => r.chars().count() != 20,
+        (SubscriptionMode::DynamicPrivate, Some(_)) => true,
+        _ => false,
+    };
+    match room.filter(|_| own) {
+        Some(room) => format!("{key}#{nsp}#{room}#"),
+        None => format!("{key}#{nsp}#"),
+    }
+}
+
+/// Encodes an event for nodes on `createShardedAdapter`.
+pub fn sharded_event(
+    key: &str,
+    mode: SubscriptionMode,
+    nsp: &str,
+    room: Option<&str>,
+    data: &[serde_json::Value],
+) -> Result<Message, serde_json::Error> {
+    let rooms: Vec<&str> = room.into_iter().collect();
+    let payload = serde_json::to_vec(&ClusterMessage {
+        uid: EMITTER_ID,
+        nsp,
+        kind: CLUSTER_BROADCAST,
+        data: ClusterBroadcast {
+            opts: ClusterOpts {
+                rooms: &rooms,
+                except: [],
+                flags: Flags {},
+            },
+            packet: Packet {
+                kind: PACKET_EVENT,
+                data,
+                nsp,
+            },
+        },
+    })?;
+    Ok(Message {
+        channel: sharded_channel(key, mode, nsp, room),
+        payload,
+        sharded: true,
+    })
+}
+
+/// Encodes a disconnect of every socket in `room` for nodes on `createShardedAdapter` (on the
+/// namespace channel, which every node subscribes to).
+pub fn sharded_disconnect(
+    key: &str,
+    nsp: &str,
+    room: &str,
+    close: bool,
+) -> Result<Message, serde_json::Error> {
+    let payload = serde_json::to_vec(&ClusterMessage {
+        uid: EMITTER_ID,
+        nsp,
+        kind: CLUSTER_DISCONNECT_SOCKETS,
+        data: ClusterDisconnect {
+            opts: ClusterOpts {
+                rooms: &[room],
+                except: [],
+                flags: Flags {},
+            },
+            close,
+        },
+    })?;
+    Ok(Message {
+        channel: format!("{key}#{nsp}#"),
+        payload,
+        sharded: true,
+    })
 }
 
 /// Encodes `event` with its arguments `data` (the event name first, as Socket.IO packs it) for
@@ -82,7 +226,11 @@ pub fn encode_event(
         Some(room) => format!("{key}#{nsp}#{room}#"),
         None => format!("{key}#{nsp}#"),
     };
-    Ok(Message { channel, payload })
+    Ok(Message {
+        channel,
+        payload,
+        sharded: false,
+    })
 }
 
 #[derive(Serialize)]
@@ -119,6 +267,7 @@ pub fn encode_disconnect(
     Ok(Message {
         channel: format!("{key}-request#{nsp}#"),
         payload,
+        sharded: false,
     })
 }
 
@@ -161,7 +310,11 @@ impl Publisher {
         mut conn: MultiplexedConnection,
         message: &Message,
     ) -> Result<i64, Failure> {
-        let mut cmd = redis::cmd("PUBLISH");
+        let mut cmd = redis::cmd(if message.sharded {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
         cmd.arg(&message.channel).arg(&message.payload);
         let publish = cmd.query_async::<i64>(&mut conn);
         match tokio::time::timeout(cfg.timeout, publish).await {
@@ -279,6 +432,56 @@ mod tests {
         want.extend_from_slice(b"except");
         want.push(0x90);
         assert_eq!(m.payload, want);
+    }
+
+    #[test]
+    fn sharded_messages_are_cluster_adapter_json_on_the_adapters_channels() {
+        let data = [json!("news"), json!({"a": 1})];
+        let m = sharded_event(
+            "socket.io",
+            SubscriptionMode::Dynamic,
+            "/",
+            Some("uid:alice"),
+            &data,
+        )
+        .unwrap();
+        assert!(m.sharded);
+        assert_eq!(m.channel, "socket.io#/#uid:alice#");
+        let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            v,
+            json!({"uid": "emitter", "nsp": "/", "type": 3, "data": {
+                "opts": {"rooms": ["uid:alice"], "except": [], "flags": {}},
+                "packet": {"type": 2, "data": ["news", {"a": 1}], "nsp": "/"}}})
+        );
+        // The adapter reads JSON when the first byte is `{`.
+        assert_eq!(m.payload[0], b'{');
+        // Everyone, a socket-id-like room under `dynamic`, and `static`: the namespace channel.
+        let all =
+            sharded_event("socket.io", SubscriptionMode::Dynamic, "/chat", None, &data).unwrap();
+        assert_eq!(all.channel, "socket.io#/chat#");
+        let sid_like = "a".repeat(20);
+        let m = sharded_event("k", SubscriptionMode::Dynamic, "/", Some(&sid_like), &data).unwrap();
+        assert_eq!(m.channel, "k#/#");
+        let m = sharded_event(
+            "k",
+            SubscriptionMode::DynamicPrivate,
+            "/",
+            Some(&sid_like),
+            &data,
+        )
+        .unwrap();
+        assert_eq!(m.channel, format!("k#/#{sid_like}#"));
+        let m = sharded_event("k", SubscriptionMode::Static, "/", Some("lobby"), &data).unwrap();
+        assert_eq!(m.channel, "k#/#");
+        let d = sharded_disconnect("socket.io", "/", "uid:bob", true).unwrap();
+        assert_eq!(d.channel, "socket.io#/#");
+        let v: serde_json::Value = serde_json::from_slice(&d.payload).unwrap();
+        assert_eq!(
+            v,
+            json!({"uid": "emitter", "nsp": "/", "type": 6, "data": {
+                "opts": {"rooms": ["uid:bob"], "except": [], "flags": {}}, "close": true}})
+        );
     }
 
     #[test]

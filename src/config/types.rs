@@ -643,6 +643,37 @@ pub struct PushConfig {
     /// Connect and publish timeout; past it the API answers 503.
     #[serde(default = "default_push_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Which Node adapter the backends use: `createAdapter` (classic pub/sub) or
+    /// `createShardedAdapter` (Redis 7 sharded pub/sub).
+    #[serde(default)]
+    pub adapter: PushAdapter,
+    /// The sharded adapter's `subscriptionMode` (decides which channel a one-room push takes).
+    #[serde(default)]
+    pub subscription_mode: SubscriptionMode,
+}
+
+/// `push.adapter`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PushAdapter {
+    /// `@socket.io/redis-adapter`'s `createAdapter`: emitter format, `PUBLISH`.
+    #[default]
+    Classic,
+    /// `createShardedAdapter`: cluster-adapter messages, `SPUBLISH`.
+    Sharded,
+}
+
+/// `push.subscription_mode`, as the sharded adapter's option of the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SubscriptionMode {
+    /// One channel per namespace.
+    Static,
+    /// Plus one channel per public room (the adapter's default).
+    #[default]
+    Dynamic,
+    /// Plus one channel per room, private ones (socket ids) included.
+    DynamicPrivate,
 }
 
 impl Default for PushConfig {
@@ -653,6 +684,8 @@ impl Default for PushConfig {
             max_payload: default_max_payload(),
             key: default_push_key(),
             timeout: default_push_timeout(),
+            adapter: PushAdapter::default(),
+            subscription_mode: SubscriptionMode::default(),
         }
     }
 }

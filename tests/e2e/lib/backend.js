@@ -2,7 +2,7 @@
 'use strict';
 // A real Socket.IO v4 backend for the gopush end-to-end tests.
 //
-//   node lib/backend.js --port P --redis redis://127.0.0.1:RP [--ping-interval MS] [--ping-timeout MS]
+//   node lib/backend.js --port P --redis redis://127.0.0.1:RP [--adapter sharded] [--ping-interval MS] [--ping-timeout MS]
 //
 // It prints `listening <port>` on stdout once the HTTP server accepts connections and the
 // Redis adapter is connected; the test harness waits for that line.
@@ -23,7 +23,7 @@ const http = require('node:http');
 const { URL } = require('node:url');
 const { Server } = require('socket.io');
 const { createClient } = require('redis');
-const { createAdapter } = require('@socket.io/redis-adapter');
+const { createAdapter, createShardedAdapter } = require('@socket.io/redis-adapter');
 
 function parseArgs(argv) {
   const out = {};
@@ -84,7 +84,8 @@ async function main() {
       c.on('error', (err) => console.error(`backend ${port}: redis error: ${err.message}`));
     }
     await Promise.all([pub.connect(), sub.connect()]);
-    io.adapter(createAdapter(pub, sub));
+    // --adapter sharded: Redis 7 sharded pub/sub (SPUBLISH/SSUBSCRIBE), as `push.adapter: sharded`.
+    io.adapter(args.adapter === 'sharded' ? createShardedAdapter(pub, sub) : createAdapter(pub, sub));
     // Make sure our own subscriptions are active before announcing readiness, so that a room
     // broadcast published right after start-up is not missed (bounded: ~2 s).
     let ok = false;

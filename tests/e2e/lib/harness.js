@@ -509,7 +509,7 @@ class TestEnv {
   }
 
   /** Starts a backend on `port` (a free one if omitted). */
-  async startBackend({ port, host, pingInterval, pingTimeout, redisUrl } = {}) {
+  async startBackend({ port, host, pingInterval, pingTimeout, redisUrl, adapter } = {}) {
     port = port || await freePort();
     const args = [BACKEND_JS, '--port', String(port)];
     if (host) args.push('--host', host);
@@ -517,6 +517,7 @@ class TestEnv {
     if (r) args.push('--redis', r);
     if (pingInterval) args.push('--ping-interval', String(pingInterval));
     if (pingTimeout) args.push('--ping-timeout', String(pingTimeout));
+    if (adapter) args.push('--adapter', adapter);
     const p = new Proc(`backend:${port}`, process.execPath, args,
       { logFile: path.join(this.dir, `backend-${port}.log`) });
     this.procs.push(p);
