@@ -51,11 +51,11 @@ describe('DNS discovery', { timeout: 90_000 }, () => {
     return `${JSON.parse(r.body).host}:${JSON.parse(r.body).port}`;
   };
 
-  /** The ring's answer for UIDS over a static list, per the route CLI. */
+  /** The ring's answer for UIDS over a static list, per the route CLI (offline: not the agent's file). */
   const expected = async (backends, file) => {
     const cfg = structuredClone(agent.cfg);
     cfg.pools.default = { backends };
-    return h.routeMap(env.writeConfig(cfg, file), UIDS);
+    return h.routeMap(env.writeConfig(cfg, file), UIDS, undefined, { offline: true });
   };
 
   const setRecords = (ips) => {

@@ -32,12 +32,15 @@ describe('hot reload', { timeout: 120_000 }, () => {
     return `127.0.0.1:${JSON.parse(r.body).port}`;
   };
 
-  /** Writes `backends` as pool default into a scratch file; returns the route map for UIDS. */
+  /**
+   * Writes `backends` as pool default into a scratch file; returns the route map for UIDS, decided
+   * offline (the running agent, which the CLI would otherwise ask, does not run this file yet).
+   */
   const expectedWith = async (backends, file) => {
     const cfg = structuredClone(s.cfg);
     cfg.pools.default.backends = backends;
     const f = s.env.writeConfig(cfg, file);
-    return { cfg, map: await h.routeMap(f, UIDS) };
+    return { cfg, map: await h.routeMap(f, UIDS, undefined, { offline: true }) };
   };
 
   /** Replaces the agent's config file and sends SIGHUP; waits for the reload log line. */
