@@ -18,6 +18,8 @@
 //   `ticks`      -> ({count, every}, ack?) emits `tick` {n, port} `count` times every `every` ms
 // Plain HTTP:
 //   GET /whoami  -> JSON {port, uid_query, uid_header, headers, url}
+//   GET /open-packet?echo=S -> a body shaped like an Engine.IO open packet naming sid S (a page
+//                   that echoes client input: what an attacker could make a backend answer)
 
 const http = require('node:http');
 const { URL } = require('node:url');
@@ -62,6 +64,14 @@ async function main() {
         'content-type': 'application/json',
         'content-length': Buffer.byteLength(body),
       });
+      res.end(body);
+      return;
+    }
+    if (req.method === 'GET' && url.pathname === '/open-packet') {
+      const body = `0${JSON.stringify({
+        sid: url.searchParams.get('echo') || '', upgrades: ['websocket'], pingInterval: 25000, pingTimeout: 20000,
+      })}`;
+      res.writeHead(200, { 'content-type': 'text/plain; charset=UTF-8', 'content-length': Buffer.byteLength(body) });
       res.end(body);
       return;
     }

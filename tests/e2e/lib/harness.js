@@ -329,12 +329,15 @@ function execGopush(args, { timeoutMs = 10000 } = {}) {
 }
 
 /**
- * `gopush route UID [--product P] -c FILE` -> "IP:port": the first address on stdout (the chosen
- * backend; later lines may name the fallback, e.g. "if it is down: IP:port").
+ * `gopush route UID [--product P] [--offline] -c FILE` -> "IP:port": the first address on stdout
+ * (the chosen backend; later lines may name the fallback, e.g. "if it is down: IP:port").
+ * Without `offline` the CLI asks the agent at the file's `admin.listen` when one answers: pass
+ * `offline: true` for a scratch file that describes a configuration the agent does not run (yet).
  */
-async function gopushRoute(configFile, uid, product) {
+async function gopushRoute(configFile, uid, product, { offline = false } = {}) {
   const args = ['route', uid];
   if (product !== undefined) args.push('--product', product);
+  if (offline) args.push('--offline');
   args.push('-c', configFile);
   const r = await execGopush(args);
   if (r.code !== 0) {
@@ -346,8 +349,8 @@ async function gopushRoute(configFile, uid, product) {
 }
 
 /** uid -> "IP:port" per the route CLI, for many uids (bounded concurrency). */
-async function routeMap(configFile, uids, product) {
-  const addrs = await mapLimit(uids, 8, (uid) => gopushRoute(configFile, uid, product));
+async function routeMap(configFile, uids, product, opts) {
+  const addrs = await mapLimit(uids, 8, (uid) => gopushRoute(configFile, uid, product, opts));
   return new Map(uids.map((u, i) => [u, addrs[i]]));
 }
 
