@@ -74,7 +74,8 @@ enum Command {
         #[arg(short, long)]
         product: Option<String>,
         /// The sid of a live Engine.IO session (asks the running agent, which holds the memory).
-        #[arg(long)]
+        /// An Engine.IO sid may begin with `-`.
+        #[arg(long, allow_hyphen_values = true)]
         sid: Option<String>,
         /// Ask the running agent (the configuration's admin.listen, with its token).
         #[arg(long)]

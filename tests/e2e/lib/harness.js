@@ -329,15 +329,15 @@ function execGopush(args, { timeoutMs = 10000 } = {}) {
 }
 
 /**
- * `gopush route UID [--product P] [--offline] -c FILE` -> "IP:port": the first address on stdout
+ * `gopush route UID [--product P] [--agent] -c FILE` -> "IP:port": the first address on stdout
  * (the chosen backend; later lines may name the fallback, e.g. "if it is down: IP:port").
- * Without `offline` the CLI asks the agent at the file's `admin.listen` when one answers: pass
- * `offline: true` for a scratch file that describes a configuration the agent does not run (yet).
+ * By default the CLI decides from FILE alone; `agent: true` asks the running agent at the
+ * file's `admin.listen` instead (health, drain and the sid memory included).
  */
-async function gopushRoute(configFile, uid, product, { offline = false } = {}) {
+async function gopushRoute(configFile, uid, product, { agent = false } = {}) {
   const args = ['route', uid];
   if (product !== undefined) args.push('--product', product);
-  if (offline) args.push('--offline');
+  if (agent) args.push('--agent');
   args.push('-c', configFile);
   const r = await execGopush(args);
   if (r.code !== 0) {

@@ -51,11 +51,11 @@ describe('DNS discovery', { timeout: 90_000 }, () => {
     return `${JSON.parse(r.body).host}:${JSON.parse(r.body).port}`;
   };
 
-  /** The ring's answer for UIDS over a static list, per the route CLI (offline: not the agent's file). */
+  /** The ring's answer for UIDS over a static list, per the route CLI (decided from the file). */
   const expected = async (backends, file) => {
     const cfg = structuredClone(agent.cfg);
     cfg.pools.default = { backends };
-    return h.routeMap(env.writeConfig(cfg, file), UIDS, undefined, { offline: true });
+    return h.routeMap(env.writeConfig(cfg, file), UIDS);
   };
 
   const setRecords = (ips) => {
@@ -164,7 +164,7 @@ describe('file discovery keeps the last good list', { timeout: 60_000 }, () => {
   it('an invalid, empty, unreadable or missing file keeps the backends; a valid one is followed', async () => {
     const cfg = structuredClone(agent.cfg);
     cfg.pools.default = { backends: [A.addr, B.addr] };
-    const both = await h.routeMap(env.writeConfig(cfg, 'static.yaml'), UIDS, undefined, { offline: true });
+    const both = await h.routeMap(env.writeConfig(cfg, 'static.yaml'), UIDS);
     assert.ok(UIDS.some((u) => both.get(u) === B.addr) && UIDS.some((u) => both.get(u) === A.addr), 'uids on both backends');
     for (const uid of UIDS) assert.equal(await portOf(uid), both.get(uid), `${uid} with the file`);
 

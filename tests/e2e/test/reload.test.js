@@ -34,13 +34,13 @@ describe('hot reload', { timeout: 120_000 }, () => {
 
   /**
    * Writes `backends` as pool default into a scratch file; returns the route map for UIDS, decided
-   * offline (the running agent, which the CLI would otherwise ask, does not run this file yet).
+   * from the file (the running agent does not run this file yet).
    */
   const expectedWith = async (backends, file) => {
     const cfg = structuredClone(s.cfg);
     cfg.pools.default.backends = backends;
     const f = s.env.writeConfig(cfg, file);
-    return { cfg, map: await h.routeMap(f, UIDS, undefined, { offline: true }) };
+    return { cfg, map: await h.routeMap(f, UIDS) };
   };
 
   /** Replaces the agent's config file and sends SIGHUP; waits for the reload log line. */

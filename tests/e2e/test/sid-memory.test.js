@@ -108,11 +108,11 @@ describe('sid memory against a stolen sid', { timeout: 90_000 }, () => {
     return r.json;
   };
 
-  /** `gopush route UID --sid SID -c FILE` (asks the running agent): {backend, via, uid, decidedBy}. */
+  /** `gopush route UID --agent [--sid SID] -c FILE` (asks the running agent): {backend, via, uid, decidedBy}. */
   const cliRoute = async (uid, sid) => {
     // `--sid=S`, not `--sid S`: an Engine.IO sid may begin with '-', which the argument parser
     // would take for an option.
-    const args = ['route', uid, ...(sid ? [`--sid=${sid}`] : []), '-c', agent.configFile];
+    const args = ['route', uid, '--agent', ...(sid ? [`--sid=${sid}`] : []), '-c', agent.configFile];
     const r = await h.execGopush(args);
     assert.equal(r.code, 0, `gopush ${args.join(' ')}: ${r.stderr || r.stdout}`);
     const lines = r.stdout.split('\n');
