@@ -15,7 +15,7 @@
 //!
 //! The HTTP client is Pingora's own HTTP/1 connector (pooled keep-alive connections).
 
-use crate::counters::{bump, metrics};
+use crate::metrics::counters;
 use bytes::{Bytes, BytesMut};
 use pingora::connectors::http::v1::Connector;
 use pingora::http::RequestHeader;
@@ -254,12 +254,12 @@ impl CallbackClient {
 
     /// Asks the app (or the cache) about `creds`; never longer than the configured timeout.
     pub async fn ask(&self, creds: &Credentials) -> Answer {
-        let m = metrics();
+        let c = counters();
         if let Some(answer) = self.cached(creds) {
-            bump(&m.callback_cache_hits);
+            c.callback_cache_hits.inc();
             return answer;
         }
-        bump(&m.callback_requests);
+        c.callback_requests.inc();
         let answer = match tokio::time::timeout(self.source.timeout, self.request(creds)).await {
             Ok(Ok(a)) => a,
             Ok(Err(why)) => {
@@ -272,8 +272,8 @@ impl CallbackClient {
             }
         };
         match &answer {
-            Answer::Failed => bump(&m.callback_errors),
-            Answer::Rejected => bump(&m.callback_rejected),
+            Answer::Failed => c.callback_errors.inc(),
+            Answer::Rejected => c.callback_rejected.inc(),
             Answer::Uid(_) => {}
         }
         if let (Some(cache), Answer::Uid(_) | Answer::Rejected) = (&self.cache, &answer) {

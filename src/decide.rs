@@ -258,7 +258,7 @@ pub fn route(
                 Ok(i) => chosen = Some(i),
                 Err(_) => {
                     tracing::warn!(target: "gopush::hooks", "hook route: returned pool `{name}`, which is not configured");
-                    crate::counters::bump(&crate::counters::metrics().hook_errors);
+                    crate::metrics::counters().hook_errors.inc();
                     let e = HookError::BadReturn(name);
                     return Err(hook_failed(on_throw, &e, "the route hook failed"));
                 }

@@ -7,8 +7,8 @@
 //! [`config`] is the validated YAML model, [`server`] assembles the Pingora server, [`cli`] is the
 //! command line and [`demo`] the built-in demo backends. [`hooks`] runs the operator's
 //! JavaScript hooks; [`jwt`] and [`callback`] are the signed-token and auth-callback uid sources;
-//! [`counters`] counts their failures. [`admin`] is the admin listener (JSON API, push through the
-//! Socket.IO Redis adapter, the admin page) and [`metrics`] the Prometheus metrics it serves.
+//! [`admin`] is the admin listener (JSON API, push through the Socket.IO Redis adapter, the admin
+//! page) and [`metrics`] the one Prometheus registry it serves, bumped where each event happens.
 //! See docs/ARCHITECTURE.md.
 
 pub mod access_log;
@@ -18,7 +18,6 @@ pub mod callback;
 pub mod cli;
 pub mod client_ip;
 pub mod config;
-pub mod counters;
 pub mod decide;
 pub mod demo;
 pub mod forward;

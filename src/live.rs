@@ -11,7 +11,7 @@
 use crate::affinity::Affinity;
 use crate::config::{Config, ConfigError};
 use crate::hooks::{HookKind, HookRequest, Hooks};
-use crate::metrics::{Metrics, SnapshotStats};
+use crate::metrics::{ConfigStats, Metrics};
 use crate::routing::{health_registry, Drain, Router};
 use crate::uid::UidResolver;
 use arc_swap::ArcSwap;
@@ -41,7 +41,7 @@ pub struct Snapshot {
     /// The JavaScript hooks, if any are configured (`None` costs the request path nothing).
     pub hooks: Option<Hooks>,
     /// Metric label children for this configuration's pools, backends and uid sources.
-    pub stats: SnapshotStats,
+    pub stats: ConfigStats,
 }
 
 impl Snapshot {
@@ -76,7 +76,7 @@ impl Snapshot {
             }
         })?;
         // Dynamic pools are still empty here: their children are added as discovery fills them
-        // (`SnapshotStats::sync`).
+        // (`ConfigStats::sync`).
         let stats = shared.metrics.resolve(&router, &config.uid.sources);
         let loaded_at = SystemTime::now();
         shared.metrics.set_loaded_at(unix_seconds(loaded_at));

@@ -3,9 +3,13 @@
 //! The metric families live in one [`Metrics`] registry for the life of the process (counters
 //! count "since start", whatever reloads happen). The request path never formats a label: each
 //! configuration [`crate::live::Snapshot`] resolves the label children it needs once, when it is
-//! built ([`SnapshotStats`]), and a request only bumps atomics through them. Labels are pool,
+//! built ([`ConfigStats`]), and a request only bumps atomics through them. Labels are pool,
 //! backend, status class, uid source and fixed reasons: bounded by the configuration, never
 //! per uid.
+//!
+//! Events that happen where no [`Metrics`] handle reaches (hook calls, token and callback
+//! outcomes, slow request heads) are counted in the process-wide [`counters()`], which every
+//! [`Metrics`] registers: they are bumped where they happen and read as they are at a scrape.
 
 use crate::config::UidSource;
 use crate::routing::{backend_addr, Router};
@@ -15,7 +19,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 /// Status classes counted per backend; index = first digit - 1, and the last is "no response"
 /// (the client went away before one was written).
@@ -66,9 +70,85 @@ pub struct Metrics {
     pushes: IntCounterVec,
     reloads: IntCounterVec,
     config_loaded: IntGauge,
+}
+
+/// Counters of events in code that holds no [`Metrics`] (the hook engine, the uid sources, the
+/// connection wrapper). Process-wide and created once, so a count survives reloads and is the
+/// same whichever [`Metrics`] serves it (tests build several in one process); each [`Metrics`]
+/// registers the families, whose clones share their values.
+pub struct Counters {
+    /// JS hook calls (any hook).
+    pub hook_calls: IntCounter,
+    /// A hook threw, returned a value of the wrong shape, or could not be loaded on a thread.
+    pub hook_errors: IntCounter,
+    /// A hook ran past its time budget and was interrupted.
+    pub hook_timeouts: IntCounter,
+    /// A hook hit the memory or stack limit.
+    pub hook_memory: IntCounter,
+    /// A signed token was present but refused (bad signature, expired, wrong algorithm, ...).
+    pub jwt_rejected: IntCounter,
+    /// The auth callback answered 401/403.
+    pub callback_rejected: IntCounter,
+    /// The auth callback timed out, was unreachable or answered something unusable.
+    pub callback_errors: IntCounter,
+    /// Auth callback answers served from the cache.
+    pub callback_cache_hits: IntCounter,
+    /// Auth callback requests actually sent.
+    pub callback_requests: IntCounter,
+    /// Connections closed because their request head was not complete within
+    /// `limits.header_timeout`.
+    pub header_timeouts: IntCounter,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
-    header_timeouts: IntCounter,
+}
+
+impl Counters {
+    fn new() -> Self {
+        let hooks = IntCounterVec::new(
+            Opts::new(
+                "gopush_hooks_total",
+                "JavaScript hook calls (result=call) and their failures (error, timeout, memory).",
+            ),
+            &["result"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_hooks_total: {e}"));
+        let uid_auth = IntCounterVec::new(
+            Opts::new(
+                "gopush_uid_auth_total",
+                "Signed-token and auth-callback uid sources: rejections, callback errors, requests and cache hits.",
+            ),
+            &["event"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_uid_auth_total: {e}"));
+        // Every child is created here, so each is exported (at 0) before its first event.
+        let hook = |l: &str| hooks.with_label_values(&[l]);
+        let auth = |l: &str| uid_auth.with_label_values(&[l]);
+        Counters {
+            hook_calls: hook("call"),
+            hook_errors: hook("error"),
+            hook_timeouts: hook("timeout"),
+            hook_memory: hook("memory"),
+            jwt_rejected: auth("jwt_rejected"),
+            callback_rejected: auth("callback_rejected"),
+            callback_errors: auth("callback_error"),
+            callback_requests: auth("callback_request"),
+            callback_cache_hits: auth("callback_cache_hit"),
+            header_timeouts: IntCounter::new(
+                "gopush_header_timeouts_total",
+                "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_header_timeouts_total: {e}")),
+            hooks,
+            uid_auth,
+        }
+    }
+}
+
+static COUNTERS: LazyLock<Counters> = LazyLock::new(Counters::new);
+
+/// The process-wide event counters.
+pub fn counters() -> &'static Counters {
+    &COUNTERS
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, c: T) -> T {
@@ -197,23 +277,10 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
         );
-        let hooks = counter_vec(
-            &r,
-            "gopush_hooks_total",
-            "JavaScript hook calls (result=call) and their failures (error, timeout, memory).",
-            &["result"],
-        );
-        let uid_auth = counter_vec(
-            &r,
-            "gopush_uid_auth_total",
-            "Signed-token and auth-callback uid sources: rejections, callback errors, requests and cache hits.",
-            &["event"],
-        );
-        let header_timeouts = counter(
-            &r,
-            "gopush_header_timeouts_total",
-            "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
-        );
+        let c = counters();
+        register(&r, c.hooks.clone());
+        register(&r, c.uid_auth.clone());
+        register(&r, c.header_timeouts.clone());
         Metrics {
             registry: r,
             requests,
@@ -229,9 +296,6 @@ impl Metrics {
             pushes,
             reloads,
             config_loaded,
-            hooks,
-            uid_auth,
-            header_timeouts,
         }
     }
 
@@ -262,38 +326,15 @@ impl Metrics {
         self.config_loaded.set(unix_seconds);
     }
 
-    /// Copies the hook and uid-source failure atomics ([`crate::counters`]) into their
-    /// Prometheus counters; they only grow, so the difference is what happened since the last
-    /// scrape.
-    fn sync_counters(&self) {
-        let f = crate::counters::metrics().read();
-        let set = |vec: &IntCounterVec, label: &str, now: u64| {
-            let c = vec.with_label_values(&[label]);
-            c.inc_by(now.saturating_sub(c.get()));
-        };
-        set(&self.hooks, "call", f.hook_calls);
-        set(&self.hooks, "error", f.hook_errors);
-        set(&self.hooks, "timeout", f.hook_timeouts);
-        set(&self.hooks, "memory", f.hook_memory);
-        set(&self.uid_auth, "jwt_rejected", f.jwt_rejected);
-        set(&self.uid_auth, "callback_rejected", f.callback_rejected);
-        set(&self.uid_auth, "callback_error", f.callback_errors);
-        set(&self.uid_auth, "callback_request", f.callback_requests);
-        set(&self.uid_auth, "callback_cache_hit", f.callback_cache_hits);
-        self.header_timeouts
-            .inc_by(f.header_timeouts.saturating_sub(self.header_timeouts.get()));
-    }
-
     /// The Prometheus text exposition of every family.
     pub fn encode(&self) -> Result<Vec<u8>, prometheus::Error> {
-        self.sync_counters();
         let mut out = Vec::with_capacity(16 * 1024);
         TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
         Ok(out)
     }
 
     /// The label children one configuration needs (see the module docs).
-    pub fn resolve(self: &Arc<Self>, router: &Router, sources: &[UidSource]) -> SnapshotStats {
+    pub fn resolve(self: &Arc<Self>, router: &Router, sources: &[UidSource]) -> ConfigStats {
         let pools = router
             .pools()
             .map(|pool| {
@@ -324,7 +365,7 @@ impl Metrics {
             .iter()
             .map(|s| self.uid_lookups.with_label_values(&[&label(s), "miss"]))
             .collect();
-        SnapshotStats {
+        ConfigStats {
             pools,
             uid_hits,
             uid_misses,
@@ -434,15 +475,15 @@ impl PoolStats {
     }
 }
 
-/// Label children of one configuration snapshot.
-pub struct SnapshotStats {
+/// Label children of one configuration (one [`crate::live::Snapshot`]).
+pub struct ConfigStats {
     /// By pool index of the snapshot's router.
     pub pools: Vec<PoolStats>,
     uid_hits: Vec<IntCounter>,
     uid_misses: Vec<IntCounter>,
 }
 
-impl SnapshotStats {
+impl ConfigStats {
     /// The uid came from source `index`; the ones before it had nothing.
     pub fn uid_found(&self, index: usize) {
         if let Some(hit) = self.uid_hits.get(index) {
@@ -511,6 +552,41 @@ mod tests {
         let l1 = stats.pools[0].get_or_resolve(late);
         let l2 = stats.pools[0].get_or_resolve(late);
         assert!(Arc::ptr_eq(&l1, &l2));
+    }
+
+    #[test]
+    fn process_counters_are_exported_by_every_registry() {
+        let (m1, m2) = (Metrics::new(), Metrics::new());
+        let scrape = |m: &Metrics| String::from_utf8(m.encode().unwrap()).unwrap();
+        let text = scrape(&m1);
+        for line in [
+            r#"gopush_hooks_total{result="call"}"#,
+            r#"gopush_hooks_total{result="error"}"#,
+            r#"gopush_hooks_total{result="timeout"}"#,
+            r#"gopush_hooks_total{result="memory"}"#,
+            r#"gopush_uid_auth_total{event="jwt_rejected"}"#,
+            r#"gopush_uid_auth_total{event="callback_rejected"}"#,
+            r#"gopush_uid_auth_total{event="callback_error"}"#,
+            r#"gopush_uid_auth_total{event="callback_request"}"#,
+            r#"gopush_uid_auth_total{event="callback_cache_hit"}"#,
+            "gopush_header_timeouts_total ",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        // Bumped once, at the event; both registries read the same value (other tests of this
+        // process may bump it too, so only "at least").
+        counters().header_timeouts.inc();
+        let now = counters().header_timeouts.get();
+        assert!(now >= 1);
+        for m in [&m1, &m2] {
+            let text = scrape(m);
+            let value = text
+                .lines()
+                .find_map(|l| l.strip_prefix("gopush_header_timeouts_total "))
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap();
+            assert!(value >= now, "{value} < {now}");
+        }
     }
 
     #[test]

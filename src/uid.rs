@@ -12,7 +12,6 @@
 
 use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
-use crate::counters::{bump, metrics};
 use pingora::http::RequestHeader;
 use std::borrow::Cow;
 use std::sync::Arc;
@@ -179,7 +178,7 @@ impl UidResolver {
                         continue;
                     };
                     let uid = jwt.verify(&token).map_err(|why| {
-                        bump(&metrics().jwt_rejected);
+                        crate::metrics::counters().jwt_rejected.inc();
                         UidError::Rejected(why)
                     })?;
                     return Ok(Step::Found(

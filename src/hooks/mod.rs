@@ -17,14 +17,14 @@
 //! `require`; `console.log` writes to the agent's log. Every call has a time budget (an interrupt
 //! handler stops a runaway hook) and the runtime has a memory limit and a stack limit. A hook
 //! that throws, returns a value of the wrong shape or breaks a limit fails only its own request;
-//! the error, with file:line, is logged and counted in [`crate::counters`].
+//! the error, with file:line, is logged and counted in [`crate::metrics::counters`].
 
 mod engine;
 mod request;
 
 pub use request::{cookie_pairs, form_decode, query_pairs, HookRequest};
 
-use crate::counters::{bump, metrics};
+use crate::metrics::counters;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -270,14 +270,15 @@ impl Hooks {
     }
 
     fn observe<T>(&self, kind: HookKind, r: Result<T, HookError>) -> Result<T, HookError> {
-        let m = metrics();
-        bump(&m.hook_calls);
+        let c = counters();
+        c.hook_calls.inc();
         if let Err(e) = &r {
-            bump(match e {
-                HookError::Timeout(_) => &m.hook_timeouts,
-                HookError::Memory(_) => &m.hook_memory,
-                _ => &m.hook_errors,
-            });
+            match e {
+                HookError::Timeout(_) => &c.hook_timeouts,
+                HookError::Memory(_) => &c.hook_memory,
+                _ => &c.hook_errors,
+            }
+            .inc();
             tracing::warn!(target: "gopush::hooks", hook = kind.name(), "hook {}: {e}", kind.name());
         }
         r

@@ -19,7 +19,6 @@
 //! Costs: a timer and a `Notify` per connection, allocated at the accept; per request, two
 //! relaxed atomic stores and the timer reset — no allocation, no lock.
 
-use crate::counters::{bump, metrics};
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
 use pingora::protocols::http::ServerSession;
@@ -300,7 +299,7 @@ where
             reused = self.requests.process_new(stream, shutdown) => reused,
             () = expired.notified() => {
                 // Dropping the processing closes the connection; nothing was proxied.
-                bump(&metrics().header_timeouts);
+                crate::metrics::counters().header_timeouts.inc();
                 tracing::debug!("request head not complete within limits.header_timeout: connection closed");
                 None
             }
