@@ -33,6 +33,115 @@ fn minimal_config_gets_defaults() {
     assert_eq!(c.pools["default"].backends[0].weight, 1);
 }
 
+/// Every default, as the README's configuration table documents it: a section that is absent,
+/// empty or only partly given gets them (the structs default at container level).
+#[test]
+fn every_default_is_the_documented_one() {
+    use std::time::Duration;
+    let secs = Duration::from_secs;
+    let sections = [
+        "uid",
+        "health_check",
+        "upstream",
+        "affinity",
+        "access_log",
+        "limits",
+        "server",
+        "hooks",
+        "admin",
+        "push",
+    ];
+    let empty: String = sections.iter().map(|s| format!("{s}: {{}}\n")).collect();
+    for yaml in [MIN.to_string(), format!("{MIN}{empty}")] {
+        let c = parse(&yaml).unwrap();
+        assert_eq!(c.listen.0, vec!["0.0.0.0:6003".parse().unwrap()]);
+        assert_eq!(c.product_param, "product");
+        assert_eq!(
+            c.uid.sources,
+            vec![
+                UidSource::Cookie("uid".into()),
+                UidSource::Query("uid".into())
+            ]
+        );
+        assert_eq!(c.uid.forward.header.as_ref().unwrap(), "x-gopush-uid");
+        assert_eq!(c.uid.forward.query.as_deref(), Some("uid"));
+        assert_eq!(c.uid.max_len, 256);
+        let hc = &c.health_check;
+        assert_eq!(hc.kind, HealthCheckKind::Tcp);
+        assert_eq!((hc.interval, hc.timeout), (secs(1), secs(2)));
+        assert_eq!((hc.fall, hc.rise), (2, 1));
+        assert_eq!((hc.path.as_str(), hc.host.as_str()), ("/", "localhost"));
+        assert_eq!(c.upstream.connect_timeout, secs(2));
+        let a = &c.affinity;
+        assert!(a.enabled);
+        assert_eq!((a.max_sessions, a.ttl), (100_000, secs(24 * 3600)));
+        assert_eq!(a.path, "/socket.io/");
+        assert!(c.access_log.enabled);
+        assert_eq!(c.access_log.format, LogFormat::Text);
+        let l = &c.limits;
+        assert_eq!((l.max_header_bytes, l.max_tunnels), (16384, 100_000));
+        assert_eq!(l.header_timeout, secs(10));
+        assert_eq!(l.per_ip, RateLimit::default());
+        assert_eq!(l.per_uid, RateLimit::default());
+        assert_eq!(
+            (l.per_ip.requests_per_second, l.per_ip.max_concurrent),
+            (0, 0)
+        );
+        let s = &c.server;
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(s.threads, cpus);
+        assert!(s.work_stealing && !s.daemon && s.daemon_wait_for_ready && s.spread_tunnel_closes);
+        assert_eq!(s.pid_file, "/tmp/gopush.pid");
+        assert_eq!(s.upgrade_sock, "/tmp/gopush_upgrade.sock");
+        assert_eq!((&s.error_log, &s.user, &s.group), (&None, &None, &None));
+        assert_eq!(
+            (s.grace_period_seconds, s.graceful_shutdown_timeout_seconds),
+            (30, 5)
+        );
+        assert_eq!(
+            (s.upstream_keepalive_pool_size, s.read_buffer_bytes),
+            (128, 0)
+        );
+        let h = &c.hooks;
+        assert!(h.uid.is_none() && h.route.is_none() && h.admin.is_none());
+        assert!(h.program.is_none());
+        assert_eq!(
+            (h.timeout, h.memory_limit),
+            (Duration::from_millis(50), 16 << 20)
+        );
+        assert_eq!((h.on_throw.uid, h.on_throw.route), (430, 500));
+        assert!(c.trusted_proxies.is_empty());
+        assert!(c.admin.enabled);
+        assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
+        assert!(c.admin.token.is_none());
+        let p = &c.push;
+        assert_eq!(p.redis, "redis://127.0.0.1:6379");
+        assert_eq!(
+            (p.uid_room.as_str(), p.key.as_str()),
+            ("uid:{uid}", "socket.io")
+        );
+        assert_eq!((p.max_payload, p.timeout), (65536, secs(2)));
+    }
+    // One key given: the rest of its section keeps the defaults.
+    let c = parse(&format!(
+        "{MIN}health_check: {{kind: http}}\nserver: {{daemon: true}}\nhooks: {{on_throw: {{uid: 503}}}}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.health_check.kind, HealthCheckKind::Http);
+    assert_eq!((c.health_check.fall, c.health_check.rise), (2, 1));
+    assert!(c.server.daemon && c.server.work_stealing);
+    assert_eq!(c.server.grace_period_seconds, 30);
+    assert_eq!((c.hooks.on_throw.uid, c.hooks.on_throw.route), (503, 500));
+    // The discovery sections default their optional keys.
+    let c = parse(
+        "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n    dns: {name: svc.local, port: 4000}\n    file: {path: /tmp/backends}\n",
+    )
+    .unwrap();
+    let dns = c.pools["default"].dns.as_ref().unwrap();
+    assert_eq!((dns.weight, dns.interval, dns.resolver), (1, secs(5), None));
+    assert_eq!(c.pools["default"].file.as_ref().unwrap().interval, secs(5));
+}
+
 #[test]
 fn header_timeout_defaults_to_10s_and_can_be_turned_off() {
     let c = parse(MIN).unwrap();
