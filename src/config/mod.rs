@@ -240,7 +240,7 @@ impl Config {
                 ),
             ));
         }
-        if self.hooks.uid.is_some() && self.uid.sources != default_sources() {
+        if self.hooks.uid.is_some() && self.uid.sources != UidConfig::default().sources {
             return Err((
                 "uid.sources".into(),
                 "not used when `hooks.uid` is set (the hook decides the uid): remove one of them"

@@ -121,6 +121,8 @@ fn every_default_is_the_documented_one() {
             ("uid:{uid}", "socket.io")
         );
         assert_eq!((p.max_payload, p.timeout), (65536, secs(2)));
+        assert_eq!(p.adapter, PushAdapter::Classic);
+        assert_eq!(p.subscription_mode, SubscriptionMode::Dynamic);
     }
     // One key given: the rest of its section keeps the defaults.
     let c = parse(&format!(

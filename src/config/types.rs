@@ -21,7 +21,7 @@ pub const DEFAULT_POOL: &str = "default";
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Addresses the agent listens on.
-    #[serde(default = "default_listen")]
+    #[serde(default)]
     pub listen: Listen,
     /// Where the uid comes from and how it is handed to the backend.
     #[serde(default)]
@@ -64,10 +64,7 @@ pub struct Config {
     pub push: PushConfig,
 }
 
-fn default_listen() -> Listen {
-    Listen(vec![SocketAddr::from(([0, 0, 0, 0], 6003))])
-}
-
+// `Config` has a required key (`pools`), so its other keys default one by one.
 fn default_product_param() -> String {
     "product".into()
 }
@@ -75,6 +72,12 @@ fn default_product_param() -> String {
 /// One address or a list of addresses.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Listen(pub Vec<SocketAddr>);
+
+impl Default for Listen {
+    fn default() -> Self {
+        Listen(vec![SocketAddr::from(([0, 0, 0, 0], 6003))])
+    }
+}
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -106,39 +109,27 @@ fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 
 /// Where the uid is read from, and how it is forwarded.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UidConfig {
     /// Sources tried in order; the first that yields a non-empty value wins.
-    #[serde(default = "default_sources")]
     pub sources: Vec<UidSource>,
     /// How the backend receives the resolved uid.
-    #[serde(default)]
     pub forward: ForwardConfig,
     /// Longest accepted uid in bytes.
-    #[serde(default = "default_max_len")]
     pub max_len: usize,
 }
 
 impl Default for UidConfig {
     fn default() -> Self {
         UidConfig {
-            sources: default_sources(),
+            sources: vec![
+                UidSource::Cookie("uid".into()),
+                UidSource::Query("uid".into()),
+            ],
             forward: ForwardConfig::default(),
-            max_len: default_max_len(),
+            max_len: 256,
         }
     }
-}
-
-/// The sources used when `uid.sources` is not given.
-pub fn default_sources() -> Vec<UidSource> {
-    vec![
-        UidSource::Cookie("uid".into()),
-        UidSource::Query("uid".into()),
-    ]
-}
-
-fn default_max_len() -> usize {
-    256
 }
 
 /// One place a uid can come from.
@@ -211,34 +202,22 @@ fn parse_header_name(s: &str) -> Result<http::HeaderName, String> {
 
 /// How the backend receives the resolved uid. Client-sent copies of both are removed first.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ForwardConfig {
     /// Header carrying the uid (`null` to not send one).
-    #[serde(
-        default = "default_forward_header",
-        deserialize_with = "opt_header_name"
-    )]
+    #[serde(deserialize_with = "opt_header_name")]
     pub header: Option<http::HeaderName>,
     /// Query parameter carrying the uid (`null` to not send one).
-    #[serde(default = "default_forward_query")]
     pub query: Option<String>,
 }
 
 impl Default for ForwardConfig {
     fn default() -> Self {
         ForwardConfig {
-            header: default_forward_header(),
-            query: default_forward_query(),
+            header: Some(http::HeaderName::from_static("x-gopush-uid")),
+            query: Some("uid".into()),
         }
     }
-}
-
-fn default_forward_header() -> Option<http::HeaderName> {
-    Some(http::HeaderName::from_static("x-gopush-uid"))
-}
-
-fn default_forward_query() -> Option<String> {
-    Some("uid".into())
 }
 
 fn opt_header_name<'de, D: Deserializer<'de>>(d: D) -> Result<Option<http::HeaderName>, D::Error> {
@@ -299,6 +278,7 @@ pub struct FileDiscovery {
     pub interval: Duration,
 }
 
+// Field-level defaults where a section has required keys (no `Default` for the whole of it).
 fn one_u16() -> u16 {
     1
 }
@@ -393,106 +373,73 @@ pub enum HealthCheckKind {
 
 /// Active health checks.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HealthCheckConfig {
     /// Probe kind.
-    #[serde(default = "default_hc_kind")]
     pub kind: HealthCheckKind,
     /// Time between probes of one backend.
-    #[serde(default = "default_hc_interval", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub interval: Duration,
     /// Connect (and for HTTP, response) timeout of one probe.
-    #[serde(default = "default_hc_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Consecutive failed probes that make a healthy backend unhealthy (one slow accept under
     /// load must not move a backend's users).
-    #[serde(default = "default_fall")]
     pub fall: usize,
     /// Consecutive good probes that make an unhealthy backend healthy again.
-    #[serde(default = "default_rise")]
     pub rise: usize,
     /// Path for `kind: http`.
-    #[serde(default = "default_hc_path")]
     pub path: String,
     /// Host header for `kind: http`.
-    #[serde(default = "default_hc_host")]
     pub host: String,
 }
 
 impl Default for HealthCheckConfig {
     fn default() -> Self {
         HealthCheckConfig {
-            kind: default_hc_kind(),
-            interval: default_hc_interval(),
-            timeout: default_hc_timeout(),
-            fall: default_fall(),
-            rise: default_rise(),
-            path: default_hc_path(),
-            host: default_hc_host(),
+            kind: HealthCheckKind::Tcp,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(2),
+            fall: 2,
+            rise: 1,
+            path: "/".into(),
+            host: "localhost".into(),
         }
     }
 }
 
-fn default_hc_kind() -> HealthCheckKind {
-    HealthCheckKind::Tcp
-}
-fn default_hc_interval() -> Duration {
-    Duration::from_secs(1)
-}
-fn default_hc_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-fn default_fall() -> usize {
-    2
-}
-fn default_rise() -> usize {
-    1
-}
-fn default_hc_path() -> String {
-    "/".into()
-}
-fn default_hc_host() -> String {
-    "localhost".into()
-}
-
 /// Connections to backends.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// TCP connect timeout; a backend that does not accept within it counts as failed.
-    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
 }
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
         UpstreamConfig {
-            connect_timeout: default_connect_timeout(),
+            // Above Linux's 1 s initial SYN retransmission: a backend whose accept queue
+            // overflowed for a moment (a reconnect storm) still gets a second SYN before the
+            // agent gives up.
+            connect_timeout: Duration::from_secs(2),
         }
     }
 }
 
-fn default_connect_timeout() -> Duration {
-    // Above Linux's 1 s initial SYN retransmission: a backend whose accept queue overflowed
-    // for a moment (a reconnect storm) still gets a second SYN before the agent gives up.
-    Duration::from_secs(2)
-}
-
 /// Engine.IO session → backend memory (session continuity).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AffinityConfig {
     /// Remember sessions at all.
-    #[serde(default = "yes")]
     pub enabled: bool,
     /// Upper bound of remembered sessions (least useful are evicted first).
-    #[serde(default = "default_max_sessions")]
     pub max_sessions: usize,
     /// How long a session is remembered after its handshake.
-    #[serde(default = "default_affinity_ttl", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub ttl: Duration,
     /// The Socket.IO (Engine.IO) path: only polling handshakes under it teach the memory.
-    #[serde(default = "default_socketio_path")]
     pub path: String,
 }
 
@@ -500,36 +447,21 @@ impl Default for AffinityConfig {
     fn default() -> Self {
         AffinityConfig {
             enabled: true,
-            max_sessions: default_max_sessions(),
-            ttl: default_affinity_ttl(),
-            path: default_socketio_path(),
+            max_sessions: 100_000,
+            ttl: Duration::from_secs(24 * 3600),
+            path: "/socket.io/".into(),
         }
     }
 }
 
-fn yes() -> bool {
-    true
-}
-fn default_max_sessions() -> usize {
-    100_000
-}
-fn default_socketio_path() -> String {
-    "/socket.io/".into()
-}
-fn default_affinity_ttl() -> Duration {
-    Duration::from_secs(24 * 3600)
-}
-
 /// The access log: one line per request and per closed tunnel, written off the request path.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AccessLogConfig {
     /// Write it at all.
-    #[serde(default = "yes")]
     pub enabled: bool,
     /// `text` (key=value) or `json` (one JSON object per line). The whole log switches, since it
     /// is one stream; it is set at start (a reload keeps the running format).
-    #[serde(default)]
     pub format: LogFormat,
 }
 
@@ -573,17 +505,15 @@ impl fmt::Debug for Secret {
 
 /// The admin listener (see README, "Operating gopush").
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct AdminConfig {
     /// Serve the admin API at all.
-    #[serde(default = "yes")]
     pub enabled: bool,
     /// Its own address, apart from the proxy's; loopback by default.
-    #[serde(default = "default_admin_listen", deserialize_with = "socket_addr")]
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// Bearer token every API call must carry (`Authorization: Bearer TOKEN`). Empty means none,
     /// so that `${GOPUSH_ADMIN_TOKEN:-}` can leave it unset.
-    #[serde(default)]
     pub token: Option<Secret>,
 }
 
@@ -591,7 +521,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         AdminConfig {
             enabled: true,
-            listen: default_admin_listen(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 6004)),
             token: None,
         }
     }
@@ -613,10 +543,6 @@ impl AdminConfig {
     }
 }
 
-fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 6004))
-}
-
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;
     parse_socket_addr(&s).map_err(de::Error::custom)
@@ -625,30 +551,24 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
 /// Publishing into the Socket.IO cluster through Redis, in the Node `@socket.io/redis-adapter`
 /// wire format.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
     /// The Redis the Node backends' adapter uses.
-    #[serde(default = "default_push_redis")]
     pub redis: String,
     /// The room that addresses one user; `{uid}` is replaced by the uid. Backends join it with
     /// `socket.join("uid:" + uid)`.
-    #[serde(default = "default_uid_room")]
     pub uid_room: String,
     /// Largest encoded event (event name plus data) in bytes.
-    #[serde(default = "default_max_payload")]
     pub max_payload: usize,
     /// The adapter's channel prefix (its `key` option).
-    #[serde(default = "default_push_key")]
     pub key: String,
     /// Connect and publish timeout; past it the API answers 503.
-    #[serde(default = "default_push_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Which Node adapter the backends use: `createAdapter` (classic pub/sub) or
     /// `createShardedAdapter` (Redis 7 sharded pub/sub).
-    #[serde(default)]
     pub adapter: PushAdapter,
     /// The sharded adapter's `subscriptionMode` (decides which channel a one-room push takes).
-    #[serde(default)]
     pub subscription_mode: SubscriptionMode,
 }
 
@@ -679,113 +599,77 @@ pub enum SubscriptionMode {
 impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
-            redis: default_push_redis(),
-            uid_room: default_uid_room(),
-            max_payload: default_max_payload(),
-            key: default_push_key(),
-            timeout: default_push_timeout(),
+            redis: "redis://127.0.0.1:6379".into(),
+            uid_room: "uid:{uid}".into(),
+            max_payload: 65536,
+            key: "socket.io".into(),
+            timeout: Duration::from_secs(2),
             adapter: PushAdapter::default(),
             subscription_mode: SubscriptionMode::default(),
         }
     }
 }
 
-fn default_push_redis() -> String {
-    "redis://127.0.0.1:6379".into()
-}
-fn default_uid_room() -> String {
-    "uid:{uid}".into()
-}
-fn default_max_payload() -> usize {
-    65536
-}
-fn default_push_key() -> String {
-    "socket.io".into()
-}
-fn default_push_timeout() -> Duration {
-    Duration::from_secs(2)
-}
-
 /// Limits; excess requests are refused with 429 / 431 / 503 and the limit's name.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Largest request head (request line and headers) in bytes; Node rejects > 16 KiB anyway.
-    #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
     /// Most WebSocket tunnels open at once; upgrades past it get 503.
-    #[serde(default = "default_max_tunnels")]
     pub max_tunnels: usize,
     /// Per client IP (the peer address of the connection).
-    #[serde(default)]
     pub per_ip: RateLimit,
     /// Per uid.
-    #[serde(default)]
     pub per_uid: RateLimit,
     /// Time a client has to deliver a complete request head, counted from the accept of its
     /// connection (or, on a kept-alive connection, from the first byte of the next request);
     /// past it the connection is closed (slowloris). `0s` turns it off, leaving only Pingora's
     /// per-read timeout (60 s, renewed by every byte).
-    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub header_timeout: Duration,
 }
 
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
-            max_header_bytes: default_max_header_bytes(),
-            max_tunnels: default_max_tunnels(),
+            max_header_bytes: 16 * 1024,
+            max_tunnels: 100_000,
             per_ip: RateLimit::default(),
             per_uid: RateLimit::default(),
-            header_timeout: default_header_timeout(),
+            header_timeout: Duration::from_secs(10),
         }
     }
-}
-
-fn default_header_timeout() -> Duration {
-    Duration::from_secs(10)
-}
-fn default_max_header_bytes() -> usize {
-    16 * 1024
-}
-fn default_max_tunnels() -> usize {
-    100_000
 }
 
 /// A request rate and a concurrency cap; 0 turns either off (the default: clients behind one NAT
 /// share an IP, and one user may have many tabs).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct RateLimit {
     /// Requests per second (a one-second window).
-    #[serde(default)]
     pub requests_per_second: u32,
     /// Requests and tunnels open at once.
-    #[serde(default)]
     pub max_concurrent: u32,
 }
 
 /// JavaScript hooks: files, limits and what a failing hook answers.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct HooksConfig {
     /// `uid(req)`; replaces `uid.sources` when set.
-    #[serde(default)]
     pub uid: Option<PathBuf>,
     /// `route(req, uid)`.
-    #[serde(default)]
     pub route: Option<PathBuf>,
     /// `admin(req)` (the admin console).
-    #[serde(default)]
     pub admin: Option<PathBuf>,
     /// Time budget of one hook call; a hook running longer is interrupted (500).
-    #[serde(default = "default_hook_timeout", with = "humantime_serde")]
+    #[serde(with = "humantime_serde")]
     pub timeout: Duration,
     /// Memory limit of the JS engine of one worker thread (`16MiB`, `512KiB`, bytes).
-    #[serde(default = "default_hook_memory", deserialize_with = "byte_size")]
+    #[serde(deserialize_with = "byte_size")]
     pub memory_limit: usize,
     /// Status answered when a hook throws or returns a wrong value.
-    #[serde(default)]
     pub on_throw: OnThrow,
     /// The files, read and checked by [`Config::load`](crate::config::Config::load).
     #[serde(skip)]
@@ -798,8 +682,8 @@ impl Default for HooksConfig {
             uid: None,
             route: None,
             admin: None,
-            timeout: default_hook_timeout(),
-            memory_limit: default_hook_memory(),
+            timeout: Duration::from_millis(50),
+            memory_limit: 16 << 20,
             on_throw: OnThrow::default(),
             program: None,
         }
@@ -820,39 +704,23 @@ impl HooksConfig {
     }
 }
 
-fn default_hook_timeout() -> Duration {
-    Duration::from_millis(50)
-}
-fn default_hook_memory() -> usize {
-    16 << 20
-}
-
 /// Statuses for hooks that throw. Breaking a limit (time, memory) is always 500.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct OnThrow {
     /// The uid hook threw: by default the request has no usable uid (430).
-    #[serde(default = "default_uid_throw")]
     pub uid: u16,
     /// The route hook threw.
-    #[serde(default = "default_route_throw")]
     pub route: u16,
 }
 
 impl Default for OnThrow {
     fn default() -> Self {
         OnThrow {
-            uid: default_uid_throw(),
-            route: default_route_throw(),
+            uid: 430,
+            route: 500,
         }
     }
-}
-
-fn default_uid_throw() -> u16 {
-    430
-}
-fn default_route_throw() -> u16 {
-    500
 }
 
 /// `16MiB`, `512KiB`, `1GiB`, `4MB` or a number of bytes.
@@ -890,94 +758,62 @@ fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 
 /// Pingora's own server settings (see Pingora's `ServerConf`).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ServerSection {
     /// Worker threads of the proxy service.
-    #[serde(default = "default_threads")]
     pub threads: usize,
     /// Let idle worker threads take tasks from busy ones.
-    #[serde(default = "yes")]
     pub work_stealing: bool,
     /// Run in the background (`-d` also sets it).
-    #[serde(default)]
     pub daemon: bool,
     /// PID file (daemon mode).
-    #[serde(default = "default_pid_file")]
     pub pid_file: String,
     /// Unix socket over which listening sockets are handed to a new binary (`-u`).
-    #[serde(default = "default_upgrade_sock")]
     pub upgrade_sock: String,
     /// Error log file (daemon mode); stderr otherwise.
-    #[serde(default)]
     pub error_log: Option<String>,
     /// Drop privileges to this user (daemon mode).
-    #[serde(default)]
     pub user: Option<String>,
     /// Drop privileges to this group (daemon mode).
-    #[serde(default)]
     pub group: Option<String>,
     /// After a graceful stop/upgrade signal, how long existing connections may finish.
-    #[serde(default = "default_grace")]
     pub grace_period_seconds: u64,
     /// After the grace period, how long services get to shut down.
-    #[serde(default = "default_shutdown_timeout")]
     pub graceful_shutdown_timeout_seconds: u64,
     /// Idle upstream connections kept for reuse.
-    #[serde(default = "default_keepalive_pool")]
     pub upstream_keepalive_pool_size: usize,
     /// In daemon mode, the parent exits only once the services are ready.
-    #[serde(default = "yes")]
     pub daemon_wait_for_ready: bool,
     /// While handing over or stopping, close open WebSocket tunnels one by one over the first
     /// half of the grace period (see `crate::handover`) rather than all at its end.
-    #[serde(default = "yes")]
     pub spread_tunnel_closes: bool,
     /// Bytes of user-space read buffer in front of each client connection (Pingora's L4 read
     /// buffer). 0 reads straight from the socket: on a plaintext listener the buffer only adds a
     /// copy, and it is held for the life of every connection, WebSocket tunnels included.
-    #[serde(default)]
     pub read_buffer_bytes: usize,
 }
 
 impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
-            threads: default_threads(),
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             work_stealing: true,
             daemon: false,
-            pid_file: default_pid_file(),
-            upgrade_sock: default_upgrade_sock(),
+            pid_file: "/tmp/gopush.pid".into(),
+            upgrade_sock: "/tmp/gopush_upgrade.sock".into(),
             error_log: None,
             user: None,
             group: None,
-            grace_period_seconds: default_grace(),
-            graceful_shutdown_timeout_seconds: default_shutdown_timeout(),
-            upstream_keepalive_pool_size: default_keepalive_pool(),
+            // Long enough for a held long-poll (pingInterval 25 s) to complete on the old
+            // process.
+            grace_period_seconds: 30,
+            graceful_shutdown_timeout_seconds: 5,
+            upstream_keepalive_pool_size: 128,
             daemon_wait_for_ready: true,
             spread_tunnel_closes: true,
             read_buffer_bytes: 0,
         }
     }
-}
-
-fn default_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-fn default_pid_file() -> String {
-    "/tmp/gopush.pid".into()
-}
-fn default_upgrade_sock() -> String {
-    "/tmp/gopush_upgrade.sock".into()
-}
-fn default_grace() -> u64 {
-    // Long enough for a held long-poll (pingInterval 25 s) to complete on the old process.
-    30
-}
-fn default_shutdown_timeout() -> u64 {
-    5
-}
-fn default_keepalive_pool() -> usize {
-    128
 }
 
 impl ServerSection {
