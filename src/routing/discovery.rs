@@ -1,6 +1,6 @@
 //! Where a pool's backends come from: the static list, DNS and a watched file, merged.
 //!
-//! Pingora's `LoadBalancer::update` calls [`PoolDiscovery::discover`]; a failed lookup (DNS
+//! Pingora's `Backends::update` calls [`PoolDiscovery::discover`]; a failed lookup (DNS
 //! down, unreadable file) returns an error, so the pool keeps the membership it had rather than
 //! losing its backends. Discovered backends are literal addresses, so every agent that gets the
 //! same DNS answer builds the same ring.

@@ -1,23 +1,24 @@
 //! Routing: product → pool → Ketama ring → healthy backend.
 //!
-//! Second step of the request path. Each pool is a `pingora-load-balancing` [`LoadBalancer`]
-//! (membership, discovery, health) plus the same [`Continuum`] its [`KetamaHashing`] builds, a
-//! port of nginx's `hash ... consistent` (160 points per weight, CRC32): the same uid bytes and
-//! the same literal `IP:port` list give the same backend as nginx, in any number of agents. An
-//! unhealthy backend does not rebuild the ring; selection walks past it, so only its own uids
-//! move, and they come back when it recovers.
+//! Second step of the request path. Each pool is a `pingora-load-balancing` [`Backends`] view
+//! (membership, discovery, health from the shared [`HealthRegistry`]) plus a Ketama
+//! [`Continuum`] built over its membership, the ring Pingora's `KetamaHashing` builds, a port of
+//! nginx's `hash ... consistent` (160 points per weight, CRC32): the same uid bytes and the same
+//! literal `IP:port` list give the same backend as nginx, in any number of agents. An unhealthy
+//! backend does not rebuild the ring; selection walks past it, so only its own uids move, and
+//! they come back when it recovers.
 //!
-//! Selection walks the `Continuum` itself rather than calling `LoadBalancer::select_with`: that
-//! one allocates a `HashSet` and hashes every candidate two or three times with SipHash on each
-//! call (~400 ns per request here); the walk below allocates nothing and hashes once, for the
-//! readiness of the one candidate it accepts.
+//! There is no `LoadBalancer`: its selector would be a second ring, rebuilt on every membership
+//! change and never read. Selection walks the `Continuum` itself rather than calling
+//! `LoadBalancer::select_with`: that one allocates a `HashSet` and hashes every candidate two or
+//! three times with SipHash on each call (~400 ns per request here); the walk below allocates
+//! nothing and hashes once, for the readiness of the one candidate it accepts.
 
 use crate::config::{Config, HealthCheckConfig, HealthCheckKind, PoolConfig, DEFAULT_POOL};
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use futures::FutureExt;
-use pingora::lb::selection::consistent::KetamaHashing;
-use pingora::lb::{health_check, Backend, Backends, HealthRegistry, LoadBalancer};
+use pingora::lb::{health_check, Backend, Backends, HealthRegistry};
 use pingora_ketama::{Bucket, Continuum};
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -94,8 +95,8 @@ struct Ring {
 }
 
 impl Ring {
-    /// The ring of `backends`, built exactly as [`KetamaHashing`] builds its own (same buckets in
-    /// the same order), so both agree on every key.
+    /// The ring of `backends`, built exactly as Pingora's `KetamaHashing` builds its own (same
+    /// buckets in the same order), so both agree on every key.
     fn new(backends: &BTreeSet<Backend>) -> Self {
         let members: Vec<(SocketAddr, Backend)> = backends
             .iter()
@@ -121,8 +122,9 @@ impl Ring {
 /// One named pool of backends and its ring.
 pub struct Pool {
     name: Arc<str>,
-    lb: LoadBalancer<KetamaHashing>,
-    /// What selection walks; follows `lb`'s membership.
+    /// Membership (discovery) and readiness (health).
+    backends: Backends,
+    /// What selection walks; rebuilt when `backends`' membership changes.
     ring: ArcSwap<Ring>,
     /// The admin API's drain set (shared by every pool and snapshot).
     drain: Arc<Drain>,
@@ -147,16 +149,15 @@ impl Pool {
         // Views of one shared registry: a backend listed in several pools (or kept across a
         // reload) is probed once and keeps its health state.
         let backends = Backends::new_with_health_registry(Box::new(discovery), health.clone());
-        let lb = LoadBalancer::<KetamaHashing>::from_backends(backends);
-        // A static pool is known without I/O: fill its ring now. A dynamic one is filled by
-        // `refresh`, which the caller awaits before the pool takes traffic.
+        // A static pool is known without I/O: fill its membership now. A dynamic one is filled
+        // by `refresh`, which the caller awaits before the pool takes traffic.
         if !config.is_dynamic() {
-            let _ = lb.update().now_or_never();
+            let _ = backends.update(|_| {}).now_or_never();
         }
-        let ring = ArcSwap::from_pointee(Ring::new(&lb.backends().get_backend()));
+        let ring = ArcSwap::from_pointee(Ring::new(&backends.get_backend()));
         Ok(Pool {
             name: name.into(),
-            lb,
+            backends,
             ring,
             drain: drain.clone(),
             dynamic: config.is_dynamic(),
@@ -170,16 +171,24 @@ impl Pool {
         if !self.dynamic {
             return;
         }
-        let before = self.lb.backends().get_backend();
-        if let Err(e) = self.lb.update().await {
+        let before = self.backends.get_backend();
+        let mut changed = None;
+        // The callback runs only on a change, while readiness covers both the old and the new
+        // members, so a request walking either ring meanwhile finds its backend ready.
+        let updated = self
+            .backends
+            .update(|after| {
+                self.ring.store(Arc::new(Ring::new(&after)));
+                changed = Some(after);
+            })
+            .await;
+        if let Err(e) = updated {
             tracing::warn!(pool = %self.name, "discovery failed, keeping the current backends: {e}");
             return;
         }
-        let after = self.lb.backends().get_backend();
-        if before == after {
+        let Some(after) = changed else {
             return;
-        }
-        self.ring.store(Arc::new(Ring::new(&after)));
+        };
         let addrs = |set: &BTreeSet<Backend>| -> Vec<String> {
             set.iter()
                 .filter_map(backend_addr)
@@ -259,7 +268,7 @@ impl Pool {
             let Some(backend) = ring.backend(&addr) else {
                 continue;
             };
-            if accept(backend, &|| self.lb.backends().ready(backend)) {
+            if accept(backend, &|| self.backends.ready(backend)) {
                 return Some(backend.clone());
             }
             if n_refused < refused.len() {
@@ -297,12 +306,12 @@ impl Pool {
     /// live sessions stay on a draining backend (gopush never disables backends in the ring
     /// itself, so Pingora's readiness is health alone).
     pub fn is_ready(&self, backend: &Backend) -> bool {
-        self.lb.backends().ready(backend)
+        self.backends.ready(backend)
     }
 
     /// The pool's backends, in address order.
     pub fn backends(&self) -> Vec<Backend> {
-        self.lb.backends().get_backend().iter().cloned().collect()
+        self.backends.get_backend().iter().cloned().collect()
     }
 }
 
