@@ -306,7 +306,7 @@ pub fn route(
                 });
             }
         } else {
-            learn_sid = affinity::is_polling_handshake(req, &snap.config.affinity.path);
+            learn_sid = affinity::is_polling_handshake(req, &snap.startup.affinity.path);
         }
     }
     let backend = pool
@@ -329,7 +329,7 @@ pub fn probe_request(
     product: Option<&str>,
     sid: Option<&str>,
 ) -> Result<RequestHeader, Refusal> {
-    let mut target = format!("{}?EIO=4&transport=polling", snap.config.affinity.path);
+    let mut target = format!("{}?EIO=4&transport=polling", snap.startup.affinity.path);
     let enc = |v: &str| form_urlencoded::byte_serialize(v.as_bytes()).collect::<String>();
     if let Some(p) = product {
         target.push_str(&format!("&{}={}", enc(&snap.config.product_param), enc(p)));

@@ -9,7 +9,7 @@
 //! backends are down.
 
 use crate::affinity::Affinity;
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, Startup};
 use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::metrics::{ConfigStats, Metrics};
 use crate::routing::{health_registry, Drain, Router};
@@ -26,8 +26,11 @@ use std::time::SystemTime;
 
 /// Everything the request path derives from one configuration.
 pub struct Snapshot {
-    /// The validated configuration.
+    /// The validated configuration, as the file says. Its restart-only keys may name values
+    /// a reload could not apply: read those from [`Snapshot::startup`].
     pub config: Config,
+    /// The restart-only settings the process runs with: one value, shared by every snapshot.
+    pub startup: Arc<Startup>,
     /// When it was loaded.
     pub loaded_at: SystemTime,
     /// Uid sources.
@@ -89,6 +92,7 @@ impl Snapshot {
             stats,
             loaded_at,
             config,
+            startup: shared.startup.clone(),
         })
     }
 
@@ -121,10 +125,29 @@ pub fn unix_seconds(t: SystemTime) -> i64 {
 
 /// What outlives every snapshot.
 struct Shared {
+    /// Taken from the first configuration only (see [`Startup`]).
+    startup: Arc<Startup>,
     metrics: Arc<Metrics>,
     drain: Arc<Drain>,
     /// Session memory: a reload must not move live sessions (`None`: `affinity.enabled: false`).
     sessions: Option<Affinity>,
+}
+
+impl Shared {
+    /// Fixes the restart-only settings of the first configuration for the process's life.
+    fn new(config: &Config) -> Self {
+        let startup = Arc::new(Startup::of(config));
+        let affinity = &startup.affinity;
+        let sessions = affinity
+            .enabled
+            .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
+        Shared {
+            startup,
+            metrics: Arc::new(Metrics::new()),
+            drain: Arc::new(Drain::default()),
+            sessions,
+        }
+    }
 }
 
 /// The current snapshot and where to reload it from.
@@ -140,15 +163,7 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
-        let sessions = config
-            .affinity
-            .enabled
-            .then(|| Affinity::new(config.affinity.max_sessions, config.affinity.ttl));
-        let shared = Shared {
-            metrics: Arc::new(Metrics::new()),
-            drain: Arc::new(Drain::default()),
-            sessions,
-        };
+        let shared = Shared::new(&config);
         let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
             current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
@@ -163,6 +178,11 @@ impl Live {
         let snapshot = self.load();
         snapshot.router.refresh().await;
         snapshot.stats.sync(&snapshot.router);
+    }
+
+    /// The restart-only settings the process runs with (a reload never changes them).
+    pub fn startup(&self) -> &Startup {
+        &self.shared.startup
     }
 
     /// The process's metrics.
@@ -191,8 +211,9 @@ impl Live {
     }
 
     /// Re-reads the file and swaps in the new snapshot. On any error the running snapshot stays
-    /// and the error is returned. Settings that need new sockets or a new process (`listen`,
-    /// `server`, `affinity`) are kept as they were, with a warning.
+    /// and the error is returned. Settings that need new sockets or a new process ([`Startup`]:
+    /// `listen`, `server`, `affinity`, `admin.listen`, `admin.enabled`, `access_log.format`)
+    /// stay as they are, with a warning.
     pub async fn reload(&self) -> Result<(), ConfigError> {
         let result = self.reload_inner().await;
         self.shared.metrics.reload(result.is_ok());
@@ -208,28 +229,23 @@ impl Live {
                 message: "this configuration was not loaded from a file".into(),
             });
         };
-        let mut config = Config::load(path)?;
+        let config = Config::load(path)?;
         let old = self.load();
-        if config.listen != old.config.listen {
+        let running = &self.shared.startup;
+        let ignored = running.changed_keys(&Startup::of(&config));
+        let any = |keys: &[&str]| keys.iter().any(|k| ignored.contains(k));
+        // The same three lines as ever: operators' alerts and the e2e suite match them.
+        if any(&["listen"]) {
             tracing::warn!("reload: `listen` changes need a restart or a graceful upgrade; keeping the old addresses");
-            config.listen = old.config.listen.clone();
         }
-        if config.server != old.config.server || config.affinity != old.config.affinity {
+        if any(&["server", "affinity"]) {
             tracing::warn!("reload: `server` and `affinity` changes need a restart or a graceful upgrade; keeping the old values");
-            config.server = old.config.server.clone();
-            config.affinity = old.config.affinity.clone();
         }
-        if config.admin.listen != old.config.admin.listen
-            || config.admin.enabled != old.config.admin.enabled
-            || config.access_log.format != old.config.access_log.format
-        {
+        if any(&["admin.listen", "admin.enabled", "access_log.format"]) {
             tracing::warn!("reload: `admin.listen`, `admin.enabled` and `access_log.format` changes need a restart or a graceful upgrade; keeping the old values");
-            config.admin.listen = old.config.admin.listen;
-            config.admin.enabled = old.config.admin.enabled;
-            config.access_log.format = old.config.access_log.format;
         }
-        if config.admin.enabled
-            && !config.admin.listen.ip().is_loopback()
+        if running.admin_enabled
+            && !running.admin_listen.ip().is_loopback()
             && !config.admin_authenticated()
         {
             // The running listener is not loopback: dropping its token would open it.
@@ -238,7 +254,7 @@ impl Live {
                 key: "admin.token".into(),
                 message: format!(
                     "the running admin listener {} is not a loopback address: it needs a token",
-                    config.admin.listen
+                    running.admin_listen
                 ),
             });
         }
@@ -361,15 +377,7 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let sessions = config
-            .affinity
-            .enabled
-            .then(|| Affinity::new(config.affinity.max_sessions, config.affinity.ttl));
-        let shared = Shared {
-            metrics: Arc::new(Metrics::new()),
-            drain: Arc::new(Drain::default()),
-            sessions,
-        };
+        let shared = Shared::new(&config);
         Snapshot::build(
             config,
             Arc::new(HealthRegistry::new()),
@@ -434,5 +442,42 @@ mod tests {
         );
         assert!(s.hooks.is_some());
         assert!(snapshot(POOLS).hooks.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_reload_cannot_change_the_startup_settings() {
+        let dir = std::env::temp_dir().join(format!("gopush-live-startup-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gopush.yaml");
+        let pools =
+            "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\nhealth_check: {kind: none}\n";
+        std::fs::write(&path, pools).unwrap();
+        let live = Live::new(Config::load(&path).unwrap(), Some(path.clone())).unwrap();
+        let before = live.load();
+        std::fs::write(
+            &path,
+            format!(
+                "{pools}listen: \"127.0.0.1:7003\"\naffinity: {{path: /app/}}\nserver: {{threads: 3}}\nadmin: {{listen: \"127.0.0.1:7004\"}}\naccess_log: {{format: json}}\nproduct_param: p\n"
+            ),
+        )
+        .unwrap();
+        live.reload().await.unwrap();
+        let after = live.load();
+        // The runtime key changed; the restart-only ones are the very same value as before.
+        assert_eq!(after.config.product_param, "p");
+        assert!(Arc::ptr_eq(&before.startup, &after.startup));
+        assert_eq!(after.startup.affinity.path, "/socket.io/");
+        assert_eq!(*live.startup(), Startup::of(&before.config));
+        assert_eq!(
+            live.startup().changed_keys(&Startup::of(&after.config)),
+            [
+                "listen",
+                "server",
+                "affinity",
+                "admin.listen",
+                "access_log.format"
+            ]
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -8,8 +8,10 @@
 //! (`pools.default.backends[1]`) and what is wrong; see [`ConfigError`].
 
 mod env;
+mod startup;
 mod types;
 
+pub use startup::Startup;
 pub use types::*;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,58 @@
+//! The settings that take effect only when the process starts: sockets, Pingora's server, the
+//! sid memory and the log format. [`crate::live::Live`] takes them once from the first
+//! configuration and every snapshot shares that one value, so a reload cannot change them: a
+//! reloaded file that differs here is only reported ([`Startup::changed_keys`]).
+
+use super::{AffinityConfig, Config, Listen, LogFormat, ServerSection};
+use std::net::SocketAddr;
+
+/// The restart-only part of a configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Startup {
+    /// `listen`: the proxy's sockets.
+    pub listen: Listen,
+    /// `server`: Pingora's server settings (threads, daemon, grace period, ...).
+    pub server: ServerSection,
+    /// `affinity`: the sid memory is sized once and outlives every snapshot.
+    pub affinity: AffinityConfig,
+    /// `admin.enabled`: whether the admin listener exists.
+    pub admin_enabled: bool,
+    /// `admin.listen`: its socket.
+    pub admin_listen: SocketAddr,
+    /// `access_log.format`: the log is one stream, set up once.
+    pub access_log_format: LogFormat,
+}
+
+impl Startup {
+    /// The restart-only settings of `config`.
+    pub fn of(config: &Config) -> Self {
+        Startup {
+            listen: config.listen.clone(),
+            server: config.server.clone(),
+            affinity: config.affinity.clone(),
+            admin_enabled: config.admin.enabled,
+            admin_listen: config.admin.listen,
+            access_log_format: config.access_log.format,
+        }
+    }
+
+    /// The keys whose values `next` would change (what a reload has to leave as they are).
+    pub fn changed_keys(&self, next: &Startup) -> Vec<&'static str> {
+        let mut keys = Vec::new();
+        let mut check = |differs: bool, key: &'static str| {
+            if differs {
+                keys.push(key);
+            }
+        };
+        check(self.listen != next.listen, "listen");
+        check(self.server != next.server, "server");
+        check(self.affinity != next.affinity, "affinity");
+        check(self.admin_enabled != next.admin_enabled, "admin.enabled");
+        check(self.admin_listen != next.admin_listen, "admin.listen");
+        check(
+            self.access_log_format != next.access_log_format,
+            "access_log.format",
+        );
+        keys
+    }
+}
