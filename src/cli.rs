@@ -118,12 +118,21 @@ pub fn main() -> ExitCode {
             ))
         }
         Command::Check { conf } => {
-            let config = match load(conf) {
+            let path = conf.unwrap_or_else(default_conf_path);
+            let config = match load(Some(path.clone())) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
             print_pools(&config);
-            ExitCode::SUCCESS
+            // Build the very snapshot the agent would run (rings, uid sources, hooks, metrics
+            // children), so that what `check` accepts, `run` accepts.
+            match crate::live::Live::new(config, Some(path)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("gopush: configuration error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Route {
             uid,
