@@ -709,6 +709,13 @@ async function startStandard(name, { healthCheck, pools = {}, backend = {} } = {
   }
 }
 
+/** Records every `event` a socket receives (so absence can be checked after a marker). */
+function recorder(socket, event) {
+  const got = [];
+  socket.on(event, (data) => got.push(data));
+  return got;
+}
+
 /** An Engine.IO 4 WebSocket session (cookie `uid`) that answers pings and records how it was
  * closed (`closeCode`, `closedAt` as `Date.now()`). */
 function rawEngineIo(url, uid) {
@@ -734,6 +741,7 @@ function rawEngineIo(url, uid) {
 
 module.exports = {
   rawEngineIo,
+  recorder,
   startStandard,
   GOPUSH_BIN,
   BACKEND_JS,

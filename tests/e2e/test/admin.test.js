@@ -19,13 +19,6 @@ const h = require('../lib/harness');
 const TOKEN = 'e2e-admin-token';
 const CANDIDATES = Array.from({ length: 40 }, (_, i) => `user-${i}`);
 
-/** Records every `event` a socket receives (so absence can be checked after a marker). */
-function recorder(socket, event) {
-  const got = [];
-  socket.on(event, (data) => got.push(data));
-  return got;
-}
-
 describe('admin API', { timeout: 180_000 }, () => {
   let env;
   let A;
@@ -222,7 +215,7 @@ describe('admin API', { timeout: 180_000 }, () => {
     const other = await connectAs(onA[1]); // same backend as alice, other user
     const sockets = [a1, a2, b, other].map((c) => c.socket);
     try {
-      const got = sockets.map((s) => recorder(s, 'news'));
+      const got = sockets.map((s) => h.recorder(s, 'news'));
       const gotA1 = h.once(a1.socket, 'news', 5000, 'alice tab 1 to get news');
       const gotA2 = h.once(a2.socket, 'news', 5000, 'alice tab 2 to get news');
       const r = await api('POST', '/api/push', { body: { uid: alice, event: 'news', data: { n: 1, text: 'hé' } } });
@@ -257,7 +250,7 @@ describe('admin API', { timeout: 180_000 }, () => {
       assert.equal(y.hello.port, B.port);
       await h.emitAck(x.socket, 'room', { room: 'lobby' });
       await h.emitAck(y.socket, 'room', { room: 'lobby' });
-      const zGot = recorder(z.socket, 'hello-room');
+      const zGot = h.recorder(z.socket, 'hello-room');
       const got = [x, y].map((c) => h.once(c.socket, 'hello-room', 5000, 'room member to get the push'));
       const r = await api('POST', '/api/push', { body: { room: 'lobby', event: 'hello-room', data: [1, 2, 3] } });
       assert.equal(r.status, 200, r.text);

@@ -13,13 +13,6 @@ const h = require('../lib/harness');
 const TOKEN = 'e2e-sharded-token';
 const CANDIDATES = Array.from({ length: 40 }, (_, i) => `shard-${i}`);
 
-/** Records every `event` a socket receives (so absence can be checked after a marker). */
-function recorder(socket, event) {
-  const got = [];
-  socket.on(event, (data) => got.push(data));
-  return got;
-}
-
 describe('push through the sharded adapter', { timeout: 120_000 }, () => {
   let env;
   let A;
@@ -72,7 +65,7 @@ describe('push through the sharded adapter', { timeout: 120_000 }, () => {
     const other = await connectAs(onA[1]);
     try {
       await subscribed(`socket.io#/#uid:${alice}#`, 1);
-      const got = [a, b, other].map((c) => recorder(c.socket, 'news'));
+      const got = [a, b, other].map((c) => h.recorder(c.socket, 'news'));
       const arrived = h.once(a.socket, 'news', 5000, 'alice to get news');
       const r = await api('POST', '/api/push', { body: { uid: alice, event: 'news', data: { n: 1, text: 'hé' } } });
       assert.equal(r.status, 200, r.text);
