@@ -513,30 +513,12 @@ fn the_admin_hook_decides_with_the_token() {
     .unwrap();
     let proxy: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
     let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let conf = dir.0.join("gopush.yaml");
     let extra = format!(
         "hooks: {{admin: \"{}\"}}\n",
         dir.0.join("admin.js").display()
     );
-    std::fs::write(&conf, config(proxy, admin, backends.addrs(), &dir, &extra)).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_gopush"))
-        .args(["run", "-c"])
-        .arg(&conf)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start gopush");
-    let agent = Agent {
-        child,
-        proxy,
-        admin,
-        conf,
-        log: Arc::new(Mutex::new(Vec::new())),
-        _dir: dir,
-    };
-    wait_for(15, "the admin listener", || {
-        TcpStream::connect_timeout(&agent.admin, Duration::from_millis(200)).ok()
-    });
+    let text = config(proxy, admin, backends.addrs(), &dir, &extra);
+    let agent = spawn_agent(dir, &text, proxy, admin);
     let auth = bearer();
     let status = |headers: &[(&str, &str)]| http(agent.admin, "GET", "/api/status", headers, "").0;
     assert_eq!(
