@@ -108,8 +108,46 @@ pub fn run(
             .map(Into::into),
     };
     server.add_service(background_service("reopen error log on SIGUSR1", reopen));
+    if daemon && config.server.daemon_wait_for_ready {
+        early_ready_signal::install()?;
+    }
     tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
+}
+
+/// `run -d` with `daemon_wait_for_ready`: Pingora 0.9.1's waiting parent starts listening for the
+/// daemon's "ready" SIGUSR1 only some time after the fork (its doc says before), so a daemon that
+/// is ready first kills the parent with SIGUSR1's default action and `run -d` fails (seen on a
+/// loaded machine). This handler stands in until Pingora's listener is there: in the original
+/// process, and only there, SIGUSR1 means "ready", answered as Pingora answers it (exit 0). The
+/// daemon inherits the handler (and chains to it from its own SIGUSR1 listener), where the pid
+/// check makes it a no-op.
+mod early_ready_signal {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    use std::sync::atomic::{AtomicI32, Ordering};
+
+    static PARENT: AtomicI32 = AtomicI32::new(0);
+
+    extern "C" fn ready(_: nix::libc::c_int) {
+        // Async-signal-safe: an atomic load, getpid and _exit only.
+        if nix::unistd::getpid().as_raw() == PARENT.load(Ordering::Relaxed) {
+            // SAFETY: `_exit` is async-signal-safe and ends the process without unwinding.
+            unsafe { nix::libc::_exit(0) };
+        }
+    }
+
+    pub fn install() -> anyhow::Result<()> {
+        PARENT.store(nix::unistd::getpid().as_raw(), Ordering::Relaxed);
+        let action = SigAction::new(
+            SigHandler::Handler(ready),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        // SAFETY: `ready` only does async-signal-safe work (see above), and it replaces SIG_DFL
+        // before any other SIGUSR1 handler of this process exists (those come after the fork).
+        unsafe { sigaction(Signal::SIGUSR1, &action) }?;
+        Ok(())
+    }
 }
 
 /// Moves the agent through its hand-over stages (see [`crate::handover`]) as Pingora goes
