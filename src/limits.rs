@@ -117,6 +117,7 @@ impl Slots {
     }
 
     /// Holds a tunnel slot (an upgrade admitted and not refused).
+    #[cfg(test)]
     pub fn holds_tunnel(&self) -> bool {
         self.tunnel.is_some()
     }
@@ -191,12 +192,13 @@ impl Limiter {
     /// Tunnel slots taken now: upgrades admitted and waiting for the backend's answer, plus open
     /// tunnels. This is what `limits.max_tunnels` caps. (Tunnels that are open exactly, after
     /// their 101, are the per-backend `gopush_open_tunnels` gauge.)
+    #[cfg(test)]
     pub fn tunnel_slots(&self) -> usize {
         self.tunnels.load(Ordering::Relaxed)
     }
 }
 
-/// One place in [`Limiter::tunnel_slots`] while it lives.
+/// One place under `limits.max_tunnels` while it lives.
 pub struct TunnelSlot(Arc<Limiter>);
 
 impl Drop for TunnelSlot {

@@ -80,19 +80,20 @@ pub fn close_upstream(req: &mut RequestHeader) -> pingora::Result<()> {
     if !req.headers.contains_key(http::header::UPGRADE) {
         return Ok(());
     }
-    let mut tokens: Vec<String> = Vec::new();
+    let mut connection = String::new();
     for value in req.headers.get_all(http::header::CONNECTION) {
         let Ok(value) = value.to_str() else {
             continue; // not a list of tokens; the close below still applies
         };
         for token in value.split(',').map(str::trim).filter(|t| !t.is_empty()) {
             if !token.eq_ignore_ascii_case("keep-alive") && !token.eq_ignore_ascii_case("close") {
-                tokens.push(token.to_string());
+                connection.push_str(token);
+                connection.push_str(", ");
             }
         }
     }
-    tokens.push("close".to_string());
-    req.insert_header(http::header::CONNECTION, tokens.join(", "))?;
+    connection.push_str("close");
+    req.insert_header(http::header::CONNECTION, connection)?;
     Ok(())
 }
 

@@ -10,16 +10,6 @@ use serde_json::{json, Value};
 use std::net::SocketAddr;
 use std::time::SystemTime;
 
-/// Socket.IO's reserved event names: the emitter refuses them, and so do we.
-const RESERVED_EVENTS: [&str; 6] = [
-    "connect",
-    "connect_error",
-    "disconnect",
-    "disconnecting",
-    "newListener",
-    "removeListener",
-];
-
 impl AdminApp {
     /// Sets the health and drain gauges from the current state (they are not updated on the
     /// request path).
@@ -349,7 +339,7 @@ fn check_event(event: &str) -> Result<(), Reply> {
             "event: must be non-empty",
         ));
     }
-    if RESERVED_EVENTS.contains(&event) {
+    if push::RESERVED_EVENTS.contains(&event) {
         return Err(Reply::error(
             StatusCode::BAD_REQUEST,
             format!("event: `{event}` is reserved by Socket.IO"),

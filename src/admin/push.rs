@@ -28,6 +28,16 @@ use serde::Serialize;
 /// (random) id only.
 pub const EMITTER_ID: &str = "emitter";
 
+/// Event names Socket.IO reserves for itself: no push (and no demo room event) may use them.
+pub const RESERVED_EVENTS: &[&str] = &[
+    "connect",
+    "connect_error",
+    "disconnect",
+    "disconnecting",
+    "newListener",
+    "removeListener",
+];
+
 /// socket.io-parser's EVENT packet type.
 const PACKET_EVENT: u8 = 2;
 

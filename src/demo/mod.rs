@@ -84,16 +84,6 @@ const UID_HEADER: &str = "x-gopush-uid";
 /// Query parameter carrying the uid resolved by the agent.
 const UID_QUERY: &str = "uid";
 
-/// Event names a Socket.IO client reserves for itself; `room` refuses to emit them.
-const RESERVED_EVENTS: &[&str] = &[
-    "connect",
-    "connect_error",
-    "disconnect",
-    "disconnecting",
-    "newListener",
-    "removeListener",
-];
-
 /// Handle to the demo backends started by [`spawn_backends`].
 ///
 /// The backends run on their own OS thread (named `gopush-demo`) with a dedicated tokio runtime.
@@ -345,7 +335,7 @@ fn room_request(payload: &Value) -> Result<(&str, Option<&str>), &'static str> {
     let event = match obj.get("event") {
         None | Some(Value::Null) => None,
         Some(Value::String(event)) if !event.is_empty() => {
-            if RESERVED_EVENTS.contains(&event.as_str()) {
+            if crate::admin::push::RESERVED_EVENTS.contains(&event.as_str()) {
                 return Err("`event` is a reserved Socket.IO event name");
             }
             Some(event.as_str())
