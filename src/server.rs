@@ -48,7 +48,10 @@ pub fn run(
     // signal that never comes (600 s).
     let bootstrap = server.bootstrap_as_a_service();
 
-    let live = Arc::new(Live::new(config.clone(), config_path)?);
+    let live = Arc::new(
+        Live::new(config.clone(), config_path)
+            .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?,
+    );
     if config.pools.values().any(|p| p.is_dynamic()) {
         // Discovered pools must have backends before the first request: resolve them now.
         tokio::runtime::Builder::new_current_thread()

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::callback::CallbackSource;
@@ -62,6 +61,10 @@ pub struct Config {
     /// Pushing events into the Socket.IO cluster through its Redis adapter.
     #[serde(default)]
     pub push: PushConfig,
+    /// The file this configuration was read from (or the name it was given): errors name it,
+    /// and relative paths in it (hook files, key files) are read from its directory.
+    #[serde(skip)]
+    pub origin: PathBuf,
 }
 
 // `Config` has a required key (`pools`), so its other keys default one by one.
@@ -671,9 +674,6 @@ pub struct HooksConfig {
     pub memory_limit: usize,
     /// Status answered when a hook throws or returns a wrong value.
     pub on_throw: OnThrow,
-    /// The files, read and checked by [`Config::load`](crate::config::Config::load).
-    #[serde(skip)]
-    pub program: Option<Arc<crate::hooks::Program>>,
 }
 
 impl Default for HooksConfig {
@@ -685,7 +685,6 @@ impl Default for HooksConfig {
             timeout: Duration::from_millis(50),
             memory_limit: 16 << 20,
             on_throw: OnThrow::default(),
-            program: None,
         }
     }
 }
