@@ -181,7 +181,16 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn print_pools(config: &Config) {
-    let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = config
+        .listen
+        .0
+        .iter()
+        .map(|e| match &e.tls {
+            Some(_) => format!("{} (tls)", e.addr),
+            None if e.redirect_https => format!("{} (redirects to https)", e.addr),
+            None => e.addr.to_string(),
+        })
+        .collect();
     say!("configuration ok; listen {}", listen.join(", "));
     if config.admin.enabled {
         let token = match (

@@ -11,7 +11,7 @@ mod env;
 mod startup;
 mod types;
 
-pub use startup::Startup;
+pub use startup::{ListenShape, Startup};
 pub use types::*;
 
 use std::path::{Path, PathBuf};
@@ -121,6 +121,7 @@ impl Config {
     /// run once, so a syntax error is reported here with its file and line, not at the first
     /// request.
     fn load_files(&mut self, base: &Path) -> Result<(), (String, String)> {
+        self.load_certificates(base)?;
         for (i, source) in self.uid.sources.iter_mut().enumerate() {
             if let UidSource::Jwt(jwt) = source {
                 jwt.load_key(base).map_err(|(field, message)| {
@@ -155,6 +156,37 @@ impl Config {
             .check()
             .map_err(|(kind, e)| (format!("hooks.{}", kind.name()), e.detail().to_string()))?;
         self.hooks.program = Some(std::sync::Arc::new(program));
+        Ok(())
+    }
+
+    /// Loads and checks every TLS listener's certificates (PEM files, key match, names,
+    /// expiry) and its `tls.default`.
+    fn load_certificates(&mut self, base: &Path) -> Result<(), (String, String)> {
+        let now = crate::live::unix_seconds(std::time::SystemTime::now());
+        for (i, entry) in self.listen.0.iter_mut().enumerate() {
+            let Some(tls) = &mut entry.tls else {
+                continue;
+            };
+            if tls.certificates.is_empty() {
+                return Err((
+                    format!("listen[{i}].tls.certificates"),
+                    "needs at least one certificate".into(),
+                ));
+            }
+            let mut loaded = Vec::with_capacity(tls.certificates.len());
+            for (j, files) in tls.certificates.iter().enumerate() {
+                let cert =
+                    crate::tls::load_cert(files, base, now).map_err(|(field, message)| {
+                        (
+                            format!("listen[{i}].tls.certificates[{j}].{field}"),
+                            message,
+                        )
+                    })?;
+                loaded.push(std::sync::Arc::new(cert));
+            }
+            tls.loaded = loaded;
+            crate::tls::CertTable::new(tls).map_err(|m| (format!("listen[{i}].tls.default"), m))?;
+        }
         Ok(())
     }
 
@@ -279,7 +311,7 @@ impl Config {
 
 /// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
 /// logs and JS stack traces, where the short form reads better).
-fn normalize(path: &Path) -> PathBuf {
+pub(crate) fn normalize(path: &Path) -> PathBuf {
     use std::path::Component;
     let mut out = PathBuf::new();
     for c in path.components() {
