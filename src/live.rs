@@ -407,7 +407,7 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let shared = Shared::new(&config);
+        let shared = Shared::new(&config).unwrap_or_else(|(k, m)| panic!("{k}: {m}"));
         Snapshot::build(
             config,
             Arc::new(HealthRegistry::new()),
