@@ -126,7 +126,8 @@ pub fn load_cert(
     })
 }
 
-fn unix_to_system(secs: i64) -> std::time::SystemTime {
+/// Unix seconds as a `SystemTime` (the epoch for a negative value).
+pub fn unix_to_system(secs: i64) -> std::time::SystemTime {
     let secs = u64::try_from(secs).unwrap_or(0);
     std::time::UNIX_EPOCH + Duration::from_secs(secs)
 }
