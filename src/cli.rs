@@ -192,6 +192,17 @@ fn print_pools(config: &Config) {
         })
         .collect();
     say!("configuration ok; listen {}", listen.join(", "));
+    for entry in &config.listen.0 {
+        for cert in entry.tls.iter().flat_map(|t| &t.loaded) {
+            say!(
+                "tls {}: {} for {} (expires {})",
+                entry.addr,
+                cert.cert_file.display(),
+                cert.names.join(", "),
+                humantime::format_rfc3339_seconds(crate::tls::unix_to_system(cert.not_after))
+            );
+        }
+    }
     if config.admin.enabled {
         let token = match (
             config.admin.has_authentication(),
