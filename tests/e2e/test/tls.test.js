@@ -334,5 +334,31 @@ describe('TLS listeners', { timeout: 240_000 }, () => {
     assert.equal((await httpsGet('/whoami?uid=after-bad-reload')).status, 200);
     assert.equal(drops, 0);
     for (const c of clients) c.socket.close();
+    // Put the matching key back for the next test's new process.
+    fs.copyFileSync(next.key, path.join(env.dir, 'site.key'));
+  });
+
+  it('a graceful upgrade (run -u) hands the TLS listener over: the new process serves TLS and h2', async () => {
+    const sock = agent.cfg.server.upgrade_sock;
+    const next = new h.Proc('gopush:new', h.GOPUSH_BIN, ['run', '-u', '-c', agent.configFile], { env: { RUST_LOG: 'info' } });
+    env.procs.push(next);
+    await h.poll(async () => fs.existsSync(sock) || next.exited,
+      { attempts: 100, delayMs: 20, maxDelayMs: 100, what: 'the new process to wait on upgrade_sock' });
+    assert.equal(next.exited, null, `new process exited: ${next.tail()}`);
+    process.kill(agent.proc.pid, 'SIGQUIT');
+    const oldExit = await h.withTimeout(agent.proc.exitPromise, 30000, 'the old process to exit');
+    assert.equal(oldExit.code, 0, `old process exit ${JSON.stringify(oldExit)}: ${agent.proc.tail()}`);
+    // Only the new process is left to answer on the TLS port.
+    const r = await httpsGet('/whoami?uid=after-upgrade');
+    assert.equal(r.status, 200, r.body);
+    assert.equal(JSON.parse(r.body).headers['x-forwarded-proto'], 'https');
+    const session = await h2Connect();
+    try {
+      assert.equal(session.alpnProtocol, 'h2');
+      assert.equal((await h2Request(session, '/whoami?uid=after-upgrade-h2')).status, 200);
+    } finally {
+      session.close();
+    }
+    assert.equal(next.exited, null);
   });
 });
