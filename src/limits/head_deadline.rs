@@ -337,10 +337,11 @@ where
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
         let mut stream = stream;
+        // Plain listeners only (the usual case): no address lookup per accept.
         let tls = self
             .listeners
             .as_ref()
-            .and_then(|l| l.tls_for(local_addr(&stream)));
+            .and_then(|l| l.tls().next().and_then(|_| l.tls_for(local_addr(&stream))));
         if let Some(tls) = tls {
             stream = tls_handshake(tls, stream).await?;
             if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
