@@ -70,6 +70,7 @@ pub struct Metrics {
     pushes: IntCounterVec,
     reloads: IntCounterVec,
     config_loaded: IntGauge,
+    tls_expiry: IntGaugeVec,
 }
 
 /// Counters of events in code that holds no [`Metrics`] (the hook engine, the uid sources, the
@@ -98,6 +99,11 @@ pub struct Counters {
     /// Connections closed because their request head was not complete within
     /// `limits.header_timeout`.
     pub header_timeouts: IntCounter,
+    /// TLS handshakes that failed (bad or unknown client hello, no certificate for the name).
+    pub tls_handshake_errors: IntCounter,
+    /// TLS handshakes not complete within `tls.handshake_timeout`.
+    pub tls_handshake_timeouts: IntCounter,
+    tls_handshakes: IntCounterVec,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
 }
@@ -120,6 +126,14 @@ impl Counters {
             &["event"],
         )
         .unwrap_or_else(|e| panic!("metric gopush_uid_auth_total: {e}"));
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "gopush_tls_handshake_failures_total",
+                "TLS handshakes that failed (error: bad hello, plain HTTP, unknown name without tls.default) or timed out (tls.handshake_timeout).",
+            ),
+            &["reason"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_tls_handshake_failures_total: {e}"));
         // Every child is created here, so each is exported (at 0) before its first event.
         let hook = |l: &str| hooks.with_label_values(&[l]);
         let auth = |l: &str| uid_auth.with_label_values(&[l]);
@@ -138,6 +152,9 @@ impl Counters {
                 "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
             )
             .unwrap_or_else(|e| panic!("metric gopush_header_timeouts_total: {e}")),
+            tls_handshake_errors: tls_handshakes.with_label_values(&["error"]),
+            tls_handshake_timeouts: tls_handshakes.with_label_values(&["timeout"]),
+            tls_handshakes,
             hooks,
             uid_auth,
         }
@@ -277,7 +294,14 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
         );
+        let tls_expiry = gauge_vec(
+            &r,
+            "gopush_tls_certificate_expiry_seconds",
+            "Unix time of the notAfter of each certificate a TLS listener serves, by listener, certificate file and name.",
+            &["listen", "file", "name"],
+        );
         let c = counters();
+        register(&r, c.tls_handshakes.clone());
         register(&r, c.hooks.clone());
         register(&r, c.uid_auth.clone());
         register(&r, c.header_timeouts.clone());
@@ -296,6 +320,23 @@ impl Metrics {
             pushes,
             reloads,
             config_loaded,
+            tls_expiry,
+        }
+    }
+
+    /// Exports the certificates the TLS listeners serve now (replacing what was exported).
+    pub fn set_certificates(&self, listeners: &crate::tls::Listeners) {
+        self.tls_expiry.reset();
+        for l in listeners.tls() {
+            let listen = l.addr.to_string();
+            for cert in &l.resolver.table().certs {
+                let file = cert.cert_file.display().to_string();
+                for name in &cert.names {
+                    self.tls_expiry
+                        .with_label_values(&[listen.as_str(), file.as_str(), name.as_str()])
+                        .set(cert.not_after);
+                }
+            }
         }
     }
 
