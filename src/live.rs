@@ -9,6 +9,7 @@
 //! backends are down.
 
 use crate::affinity::Affinity;
+use crate::cluster::Directory;
 use crate::config::{Config, ConfigError, Startup};
 use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::metrics::{ConfigStats, Metrics};
@@ -131,6 +132,8 @@ struct Shared {
     drain: Arc<Drain>,
     /// Session memory: a reload must not move live sessions (`None`: `affinity.enabled: false`).
     sessions: Option<Affinity>,
+    /// The cluster directory (`None`: no `cluster` section, or disabled).
+    directory: Option<Arc<Directory>>,
 }
 
 impl Shared {
@@ -141,9 +144,15 @@ impl Shared {
         let sessions = affinity
             .enabled
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
+        let metrics = Arc::new(Metrics::new());
+        let directory = startup.cluster.as_ref().map(|(cfg, url)| {
+            metrics.register_cluster();
+            Arc::new(Directory::new(cfg, url, affinity.ttl))
+        });
         Shared {
+            directory,
             startup,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             drain: Arc::new(Drain::default()),
             sessions,
         }
@@ -195,6 +204,11 @@ impl Live {
         self.shared.sessions.as_ref()
     }
 
+    /// The cluster directory (`None` without a `cluster` section).
+    pub fn directory(&self) -> Option<&Arc<Directory>> {
+        self.shared.directory.as_ref()
+    }
+
     /// The draining backends (kept across reloads for backends that stay).
     pub fn drain(&self) -> &Drain {
         &self.shared.drain
@@ -240,6 +254,9 @@ impl Live {
         }
         if any(&["server", "affinity"]) {
             tracing::warn!("reload: `server` and `affinity` changes need a restart or a graceful upgrade; keeping the old values");
+        }
+        if any(&["cluster"]) {
+            tracing::warn!("reload: `cluster` changes need a restart or a graceful upgrade; keeping the old values");
         }
         if any(&["admin.listen", "admin.enabled", "access_log.format"]) {
             tracing::warn!("reload: `admin.listen`, `admin.enabled` and `access_log.format` changes need a restart or a graceful upgrade; keeping the old values");

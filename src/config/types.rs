@@ -62,6 +62,10 @@ pub struct Config {
     /// Pushing events into the Socket.IO cluster through its Redis adapter.
     #[serde(default)]
     pub push: PushConfig,
+    /// One view of the cluster through Redis: connection directory, presence, shared sid memory
+    /// (absent: each agent knows only itself, and the request path does nothing extra).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 // `Config` has a required key (`pools`), so its other keys default one by one.
@@ -606,6 +610,54 @@ impl Default for PushConfig {
             timeout: Duration::from_secs(2),
             adapter: PushAdapter::default(),
             subscription_mode: SubscriptionMode::default(),
+        }
+    }
+}
+
+/// `cluster`: the connection directory and shared sid memory in Redis (see README, "Cluster
+/// view"). Restart-only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Turns the section off without deleting it.
+    pub enabled: bool,
+    /// The Redis (a single primary, or Valkey); absent: `push.redis`.
+    pub redis: Option<String>,
+    /// This process's name in the directory; absent: host name, pid and start time, so a
+    /// restarted agent never claims what an earlier process wrote.
+    pub agent_id: Option<String>,
+    /// Prefix of every key.
+    pub key: String,
+    /// How often the agent says it is alive (and reaps agents that stopped saying so).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// An agent silent for this long is dead: its connections leave the view.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Connect / command timeout of the background writer and the presence API.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait for the shared sid memory on the request path (only for a request with a sid
+    /// the agent does not know); past it the ring decides.
+    #[serde(with = "humantime_serde")]
+    pub sid_lookup_timeout: Duration,
+    /// Most directory writes queued while Redis is slow or down; past it the oldest are dropped
+    /// (counted) and the agent re-publishes its whole state once Redis answers.
+    pub queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: true,
+            redis: None,
+            agent_id: None,
+            key: "gopush".into(),
+            heartbeat: Duration::from_secs(5),
+            ttl: Duration::from_secs(15),
+            timeout: Duration::from_secs(1),
+            sid_lookup_timeout: Duration::from_millis(50),
+            queue: 65_536,
         }
     }
 }
