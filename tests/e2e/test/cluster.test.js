@@ -10,6 +10,7 @@
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const path = require('node:path');
+const { execFileSync } = require('node:child_process');
 const h = require('../lib/harness');
 
 const SEP = '\x1e'; // Engine.IO 4 packet separator in a polling payload
@@ -277,5 +278,53 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
       return s.stale === false && s.agents === 2 && s.connections === 3 && s;
     }, 10000, 'the totals to converge');
     assert.equal(await metric(a3, 'gopush_cluster_stale'), 0);
+  });
+
+  it('costs a bounded number of Redis commands and bytes per connection (measured for docs/SCALING.md)', async (t) => {
+    const [a1, , a3] = agents;
+    const cli = (...args) => execFileSync(process.env.REDIS_CLI_BIN || 'redis-cli', ['-p', String(redisPort), ...args], { encoding: 'utf8' });
+    const commands = () => {
+      const out = {};
+      for (const m of cli('INFO', 'commandstats').matchAll(/^cmdstat_(\w+):calls=(\d+)/gm)) out[m[1]] = Number(m[2]);
+      return out;
+    };
+    const usedMemory = () => Number(cli('INFO', 'memory').match(/^used_memory:(\d+)/m)[1]);
+    const delta = (before, now) => Object.fromEntries(Object.entries(now)
+      .map(([k, v]) => [k, v - (before[k] || 0)]).filter(([, v]) => v > 0));
+    const total = (d, skip) => Object.entries(d).filter(([k]) => !skip.includes(k)).reduce((n, [, v]) => n + v, 0);
+    // Heartbeats (ZADD, HSET, reads) and this test's own reads run meanwhile: the reads are left
+    // out, the heartbeat's writes (a few per agent and second) are counted, which the loose
+    // bounds below allow for. Commands run by the Lua scripts are counted as well as EVAL.
+    const background = ['zrangebyscore', 'hgetall', 'zcard', 'info', 'zrangebylex', 'scan', 'memory', 'smembers'];
+    await until(async () => (await status(a1)).connections === 3, 10000, 'the three connections of the previous test');
+    const N = 100;
+    const mem0 = usedMemory();
+    const c0 = commands();
+    const sockets = [];
+    await h.mapLimit([...Array(N).keys()], 10, async (i) => {
+      sockets.push((await env.connect(a1.url, { query: { uid: `m${i}` }, transports: ['websocket'] })).socket);
+      sockets.push((await env.connect(a3.url, { query: { uid: `p${i}` }, transports: ['polling'] })).socket);
+    });
+    await until(async () => (await status(a1)).connections === 3 + 2 * N, 10000, `${2 * N} more connections in the totals`);
+    const open = delta(c0, commands());
+    const bytes = usedMemory() - mem0;
+    const wsKey = Number(cli('MEMORY', 'USAGE', 'gopush:{m1}:conns'));
+    const sidKeys = cli('--scan', '--pattern', 'gopush:{p1}:sid:*').trim().split('\n').filter(Boolean);
+    assert.equal(sidKeys.length, 1, 'one shared sid key per polling session');
+    const sidKey = Number(cli('MEMORY', 'USAGE', sidKeys[0]));
+    const c1 = commands();
+    for (const s of sockets) s.close();
+    await until(async () => (await status(a1)).connections === 3, 10000, 'the connections to be gone');
+    const close = delta(c1, commands());
+    // Each connection is written with one HSET, one ZADD, one SADD (and a polling session one SET).
+    assert.equal(open.hset >= 2 * N, true, JSON.stringify(open));
+    assert.equal(open.set, N, JSON.stringify(open));
+    const perOpen = total(open, background) / (2 * N);
+    const perClose = total(close, background) / (2 * N);
+    t.diagnostic(`per connection opened: ${perOpen.toFixed(2)} commands ${JSON.stringify(open)}`);
+    t.diagnostic(`per connection closed: ${perClose.toFixed(2)} commands ${JSON.stringify(close)}`);
+    t.diagnostic(`used_memory grew ${bytes} bytes for ${2 * N} connections (${(bytes / (2 * N)).toFixed(0)} B each); MEMORY USAGE of one uid's conns hash ${wsKey} B, of one sid key ${sidKey} B`);
+    assert.ok(perOpen <= 5, `about 3.5 commands per open (HSET, ZADD, SADD, SET for polling): ${perOpen}`);
+    assert.ok(perClose <= 8, `about 6 commands per close (EVAL with HDEL, HLEN, ZREM; SREM; DEL for polling): ${perClose}`);
   });
 });
