@@ -262,6 +262,8 @@ pub struct Directory {
     as_of: AtomicI64,
     next_id: AtomicU64,
     totals: Mutex<Totals>,
+    /// The live agents as of the last heartbeat (for counting a uid's connections).
+    live: Mutex<HashSet<String>>,
 }
 
 /// A WebSocket tunnel in the directory until it is dropped.
@@ -309,6 +311,7 @@ impl Directory {
             as_of: AtomicI64::new(0),
             next_id: AtomicU64::new(0),
             totals: Mutex::new(Totals::default()),
+            live: Mutex::new(HashSet::new()),
         }
     }
 
@@ -420,6 +423,30 @@ impl Directory {
     /// How many connections `uid` has on this agent.
     pub fn local_count(&self, uid: &str) -> u32 {
         self.state().by_uid.get(uid).copied().unwrap_or(0)
+    }
+
+    /// How many connections `uid` holds in the cluster, for `limits.per_uid.max_connections`:
+    /// the directory's entries of live agents (asked within `cluster.sid_lookup_timeout`), and
+    /// never fewer than this agent holds itself (its newest may not be written yet). With Redis
+    /// unreachable or slow, this agent's own count: the limit falls back to per agent.
+    pub async fn count_uid(&self, uid: &str) -> usize {
+        let local = self.local_count(uid) as usize;
+        let Some(conn) = self.conn.load_full() else {
+            return local;
+        };
+        let mut conn = (*conn).clone();
+        let cmd = redis::cmd("HGETALL").arg(self.conns_key(uid)).clone();
+        let read = cmd.query_async::<HashMap<String, String>>(&mut conn);
+        let Ok(Ok(all)) = tokio::time::timeout(self.cfg.sid_lookup_timeout, read).await else {
+            return local;
+        };
+        let live = self.live.lock().map(|l| l.clone()).unwrap_or_default();
+        let cluster = all
+            .values()
+            .filter_map(|json| serde_json::from_str::<Entry>(json).ok())
+            .filter(|e| e.agent != self.agent && live.contains(&e.agent))
+            .count();
+        cluster + local
     }
 
     fn sid_key(&self, uid: &str, sid: &str) -> String {
@@ -830,6 +857,9 @@ impl Directory {
             .set(i64::try_from(totals.users).unwrap_or(i64::MAX));
         if let Ok(mut t) = self.totals.lock() {
             *t = totals;
+        }
+        if let Ok(mut l) = self.live.lock() {
+            *l = live.into_iter().collect();
         }
         Ok(())
     }

@@ -21,7 +21,7 @@ use crate::cluster::{Directory, TunnelEntry};
 use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
 use crate::limits::head_deadline::HeadDeadline;
-use crate::limits::{Limiter, Slots};
+use crate::limits::{Exceeded, Limiter, Slots};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics};
 use crate::routing::backend_addr;
@@ -203,6 +203,13 @@ impl Agent {
                         }
                     }
                 }
+            }
+            let max = limits.per_uid.max_connections;
+            // A new connection: a polling handshake, or a WebSocket that is not an upgrade of
+            // a session (those are counted already).
+            let opens = eio.handshake || (upgrade && eio.sid.is_none());
+            if max > 0 && opens && dir.count_uid(uid.as_str()).await >= max as usize {
+                return Err(Refusal::Limit(Exceeded::UidConnections));
             }
             ctx.eio = Some(eio);
         }

@@ -231,6 +231,14 @@ impl Config {
         if let Some(c) = &self.cluster {
             c.check()?;
         }
+        if self.limits.per_uid.max_connections > 0
+            && !self.cluster.as_ref().is_some_and(|c| c.enabled)
+        {
+            return Err((
+                "limits.per_uid.max_connections".into(),
+                "needs the `cluster` section (connections are counted in its directory)".into(),
+            ));
+        }
         if self.push.max_payload == 0 {
             return Err(("push.max_payload".into(), "must be at least 1".into()));
         }

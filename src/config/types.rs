@@ -673,7 +673,7 @@ pub struct LimitsConfig {
     /// Per client IP (the peer address of the connection).
     pub per_ip: RateLimit,
     /// Per uid.
-    pub per_uid: RateLimit,
+    pub per_uid: UidLimit,
     /// Time a client has to deliver a complete request head, counted from the accept of its
     /// connection (or, on a kept-alive connection, from the first byte of the next request);
     /// past it the connection is closed (slowloris). `0s` turns it off, leaving only Pingora's
@@ -688,7 +688,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 16 * 1024,
             max_tunnels: 100_000,
             per_ip: RateLimit::default(),
-            per_uid: RateLimit::default(),
+            per_uid: UidLimit::default(),
             header_timeout: Duration::from_secs(10),
         }
     }
@@ -703,6 +703,41 @@ pub struct RateLimit {
     pub requests_per_second: u32,
     /// Requests and tunnels open at once.
     pub max_concurrent: u32,
+}
+
+/// `limits.per_uid`: the rate and concurrency limits of [`RateLimit`], plus the number of
+/// connections (WebSocket tunnels and polling sessions) a uid may hold across the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UidLimit {
+    /// Requests per second (a one-second window).
+    pub requests_per_second: u32,
+    /// Requests and tunnels open at once (on this agent).
+    pub max_concurrent: u32,
+    /// Connections of one uid in the cluster directory (needs `cluster`; 0: no limit). A new
+    /// polling handshake or WebSocket past it is refused with 429.
+    pub max_connections: u32,
+    /// What happens past `max_connections`: `reject` (the new connection is refused).
+    pub on_exceed: OnExceed,
+}
+
+impl UidLimit {
+    /// The rate and concurrency part.
+    pub fn rate(&self) -> RateLimit {
+        RateLimit {
+            requests_per_second: self.requests_per_second,
+            max_concurrent: self.max_concurrent,
+        }
+    }
+}
+
+/// `limits.per_uid.on_exceed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// Refuse the new connection (429 naming the limit).
+    #[default]
+    Reject,
 }
 
 /// JavaScript hooks: files, limits and what a failing hook answers.

@@ -327,4 +327,46 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     assert.ok(perOpen <= 5, `about 3.5 commands per open (HSET, ZADD, SADD, SET for polling): ${perOpen}`);
     assert.ok(perClose <= 8, `about 6 commands per close (EVAL with HDEL, HLEN, ZREM; SREM; DEL for polling): ${perClose}`);
   });
+
+  it('limits.per_uid.max_connections rejects a connection past the limit cluster-wide, per agent while Redis is down', async () => {
+    const [a1, , a3] = agents;
+    // A runtime key: reloaded into the running agents.
+    for (const a of [a1, a3]) {
+      a.cfg.limits = { per_uid: { max_connections: 2, on_exceed: 'reject' } };
+      env.writeConfig(a.cfg, path.basename(a.configFile));
+      const r = await h.admin(a, 'POST', '/api/reload');
+      assert.equal(r.status, 200, r.text);
+    }
+    const handshake = async (agent, uid) => {
+      const res = await fetch(`${agent.url}/socket.io/?EIO=4&transport=polling&uid=${uid}`, { signal: AbortSignal.timeout(5000) });
+      return { status: res.status, body: await res.text() };
+    };
+    const { socket: w } = await env.connect(a1.url, { query: { uid: 'hal' }, transports: ['websocket'] });
+    const { socket: p } = await env.connect(a3.url, { query: { uid: 'hal' }, transports: ['polling'] });
+    await expectConns(a1, 'hal', 2);
+    // The third, through either agent, is refused with 429 naming the limit.
+    for (const a of [a1, a3]) {
+      const r = await handshake(a, 'hal');
+      assert.equal(r.status, 429, r.body);
+      assert.match(r.body, /limits\.per_uid\.max_connections/);
+    }
+    await assert.rejects(env.connect(a1.url, { query: { uid: 'hal' }, transports: ['polling'] }), /HTTP 429/);
+    // Another uid is unaffected.
+    assert.equal((await handshake(a1, 'ida')).status, 200);
+    // One closes: room for one more.
+    w.close();
+    await expectConns(a3, 'hal', 1);
+    const { socket: w2 } = await env.connect(a1.url, { query: { uid: 'hal' }, transports: ['websocket'] });
+
+    // Redis down: each agent counts only its own connections (a1 holds 1 of hal's, a3 1).
+    await redis.kill('SIGKILL');
+    await until(async () => (await status(a1)).stale === true, 5000, 'a1 to notice Redis is gone');
+    const { socket: w3 } = await env.connect(a1.url, { query: { uid: 'hal' }, transports: ['websocket'] });
+    const r = await handshake(a1, 'hal');
+    assert.equal(r.status, 429, `a1 holds 2 of hal's connections itself: ${r.body}`);
+    redis = await startRedis(redisPort);
+    await expectConns(a3, 'hal', 3, 10000);
+    for (const s of [p, w2, w3]) s.close();
+    await expectConns(a3, 'hal', 0);
+  });
 });
