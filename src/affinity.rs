@@ -109,15 +109,19 @@ pub fn open_packet(body: &[u8]) -> Option<Open<'_>> {
     };
     let open: OpenPacket = serde_json::from_str(packet.strip_prefix('0')?).ok()?;
     let sid = open.sid;
-    let plausible = !sid.is_empty()
-        && sid.len() <= 64
-        && sid
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    plausible.then_some(Open {
+    plausible_sid(sid).then_some(Open {
         sid,
         idle_ms: open.ping_interval.saturating_add(open.ping_timeout),
     })
+}
+
+/// Could `sid` be an Engine.IO session id (what an open packet must name to be learnt)?
+pub fn plausible_sid(sid: &str) -> bool {
+    !sid.is_empty()
+        && sid.len() <= 64
+        && sid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// Does a polling payload (packets separated by `\x1e`, EIO 4) carry a close packet (`1`)? A

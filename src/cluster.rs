@@ -258,6 +258,8 @@ pub struct Directory {
     conn: ArcSwapOption<MultiplexedConnection>,
     /// Everything this agent holds is in Redis.
     synced: AtomicBool,
+    /// The current outage was logged (once per outage, not every retry).
+    warned: AtomicBool,
     /// When it last was (unix ms).
     as_of: AtomicI64,
     next_id: AtomicU64,
@@ -308,6 +310,7 @@ impl Directory {
             wake: tokio::sync::Notify::new(),
             conn: ArcSwapOption::empty(),
             synced: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
             as_of: AtomicI64::new(0),
             next_id: AtomicU64::new(0),
             totals: Mutex::new(Totals::default()),
@@ -478,6 +481,10 @@ impl Directory {
     /// does not know the session (the ring decides then).
     pub async fn lookup_sid(&self, uid: &str, sid: &str) -> Option<Backend> {
         let counters = crate::metrics::counters();
+        if !crate::affinity::plausible_sid(sid) {
+            // Never a sid a handshake taught (and keeps key names unambiguous).
+            return None;
+        }
         let Some(conn) = self.conn.load_full() else {
             counters.cluster_sid_lookup("unavailable");
             return None;
@@ -947,7 +954,8 @@ impl Directory {
 
     fn failed(&self, why: &str) {
         crate::metrics::counters().cluster_errors.inc();
-        if self.synced.swap(false, Ordering::Relaxed) || self.conn.load().is_some() {
+        self.synced.store(false, Ordering::Relaxed);
+        if !self.warned.swap(true, Ordering::Relaxed) {
             tracing::warn!(agent = %self.agent, "cluster: redis unavailable ({why}); proxying goes on, the cluster view is stale until it answers");
         }
         self.conn.store(None);
@@ -1006,6 +1014,7 @@ impl BackgroundService for DirectoryService {
                     }
                     let pending = dir.state().resync;
                     if !pending {
+                        dir.warned.store(false, Ordering::Relaxed);
                         if !dir.synced.swap(true, Ordering::Relaxed) {
                             tracing::info!(agent = %dir.agent, "cluster: directory in sync");
                         }
