@@ -324,6 +324,22 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     t.diagnostic(`per connection opened: ${perOpen.toFixed(2)} commands ${JSON.stringify(open)}`);
     t.diagnostic(`per connection closed: ${perClose.toFixed(2)} commands ${JSON.stringify(close)}`);
     t.diagnostic(`used_memory grew ${bytes} bytes for ${2 * N} connections (${(bytes / (2 * N)).toFixed(0)} B each); MEMORY USAGE of one uid's conns hash ${wsKey} B, of one sid key ${sidKey} B`);
+    // The shared sid lookup's cost on the request path: polling requests with a sid this agent
+    // does not know (one Redis GET each; the backend then answers 400) against the same requests
+    // with a sid no handshake could have taught (no lookup). Reported, not asserted.
+    const timed = async (sid) => {
+      const t0 = process.hrtime.bigint();
+      for (let i = 0; i < 200; i++) {
+        const r = await fetch(`${a1.url}/socket.io/?EIO=4&transport=polling&uid=lat&sid=${sid(i)}`, { signal: AbortSignal.timeout(5000) });
+        await r.text();
+      }
+      return Number(process.hrtime.bigint() - t0) / 1e6 / 200;
+    };
+    const misses0 = await metric(a1, 'gopush_cluster_sid_lookups_total{result="miss"}');
+    const withLookup = await timed((i) => `unknownsid${i}`);
+    const without = await timed((i) => `bad.sid${i}`);
+    assert.equal(await metric(a1, 'gopush_cluster_sid_lookups_total{result="miss"}'), misses0 + 200, 'one lookup per request with an unknown plausible sid, none for the others');
+    t.diagnostic(`request with an unknown sid: ${withLookup.toFixed(3)} ms with the Redis lookup, ${without.toFixed(3)} ms without (mean of 200, loopback)`);
     assert.ok(perOpen <= 5, `about 3.5 commands per open (HSET, ZADD, SADD, SET for polling): ${perOpen}`);
     assert.ok(perClose <= 8, `about 6 commands per close (EVAL with HDEL, HLEN, ZREM; SREM; DEL for polling): ${perClose}`);
   });
