@@ -59,6 +59,9 @@ const BATCH: usize = 1024;
 /// How often the writer wakes up when nothing happens (idle polling sessions are expired then).
 const TICK: Duration = Duration::from_secs(1);
 
+/// Between attempts to reach Redis while it is down.
+const RECONNECT: Duration = Duration::from_millis(500);
+
 /// WebSocket or long-polling.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -1001,39 +1004,53 @@ impl BackgroundService for DirectoryService {
         let dir = &self.0;
         tracing::info!(agent = %dir.agent, "cluster: directory writer started");
         let mut last_beat: Option<Instant> = None;
+        let mut last_tick: Option<Instant> = None;
+        let mut next_connect = Instant::now();
         loop {
-            let expired = dir.state().expire(Instant::now());
-            if expired > 0 {
-                tracing::debug!(expired, "cluster: idle polling sessions ended");
+            // Once a second, not at every wake-up (a connect storm wakes the writer often): the
+            // idle scan and the local gauge walk the whole table.
+            if last_tick.is_none_or(|t| t.elapsed() >= TICK) {
+                last_tick = Some(Instant::now());
+                let expired = dir.state().expire(Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "cluster: idle polling sessions ended");
+                }
+                let (ws, polling) = dir.state().counts();
+                crate::metrics::counters()
+                    .cluster_local
+                    .set(i64::try_from(ws + polling).unwrap_or(i64::MAX));
             }
-            let due = last_beat.is_none_or(|t| t.elapsed() >= dir.cfg.heartbeat);
-            match dir.round(due).await {
-                Ok(beat) => {
-                    if beat || last_beat.is_none() {
-                        last_beat = Some(Instant::now());
-                    }
-                    let pending = dir.state().resync;
-                    if !pending {
-                        dir.warned.store(false, Ordering::Relaxed);
-                        if !dir.synced.swap(true, Ordering::Relaxed) {
-                            tracing::info!(agent = %dir.agent, "cluster: directory in sync");
+            if dir.conn.load().is_some() || Instant::now() >= next_connect {
+                let due = last_beat.is_none_or(|t| t.elapsed() >= dir.cfg.heartbeat);
+                match dir.round(due).await {
+                    Ok(beat) => {
+                        if beat || last_beat.is_none() {
+                            last_beat = Some(Instant::now());
                         }
-                        dir.as_of.store(now_ms(), Ordering::Relaxed);
-                        crate::metrics::counters().cluster_stale.set(0);
+                        let pending = dir.state().resync;
+                        if !pending {
+                            dir.warned.store(false, Ordering::Relaxed);
+                            if !dir.synced.swap(true, Ordering::Relaxed) {
+                                tracing::info!(agent = %dir.agent, "cluster: directory in sync");
+                            }
+                            dir.as_of.store(now_ms(), Ordering::Relaxed);
+                            crate::metrics::counters().cluster_stale.set(0);
+                        }
+                    }
+                    Err(why) => {
+                        dir.failed(&why);
+                        // Reconnect attempts: often enough to converge quickly, rarely enough
+                        // not to hammer a Redis that is coming back (whatever wakes the writer).
+                        next_connect = Instant::now() + RECONNECT;
                     }
                 }
-                Err(why) => dir.failed(&why),
             }
-            let (ws, polling) = dir.state().counts();
-            crate::metrics::counters()
-                .cluster_local
-                .set(i64::try_from(ws + polling).unwrap_or(i64::MAX));
             let wait = if dir.conn.load().is_some() {
                 TICK.min(dir.cfg.heartbeat)
             } else {
-                // Reconnect attempts: often enough to converge quickly, rarely enough not to
-                // hammer a Redis that is coming back.
-                Duration::from_millis(500)
+                next_connect
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10))
             };
             tokio::select! {
                 _ = shutdown.changed() => break,
