@@ -78,16 +78,27 @@ struct OpenPacket<'a> {
     sid: &'a str,
     #[allow(dead_code)] // required: its presence is what makes this an open packet
     upgrades: Vec<&'a str>,
-    #[allow(dead_code)]
     ping_interval: u64,
-    #[allow(dead_code)]
     ping_timeout: u64,
+}
+
+/// What an open packet says about its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Open<'a> {
+    pub sid: &'a str,
+    /// `pingInterval + pingTimeout`: a polling session with no request for this long is gone.
+    pub idle_ms: u64,
 }
 
 /// The `sid` of an Engine.IO polling handshake response, if `body` is exactly one open packet
 /// (anything else, a page that merely contains `"sid":"…"` included, is not a handshake). A
 /// handshake body is a few hundred bytes, so it arrives in the first chunk.
 pub fn sid_in_open_packet(body: &[u8]) -> Option<&str> {
+    open_packet(body).map(|o| o.sid)
+}
+
+/// [`sid_in_open_packet`], with the session's idle bound.
+pub fn open_packet(body: &[u8]) -> Option<Open<'_>> {
     let text = std::str::from_utf8(body).ok()?;
     // EIO 3 frames the packet as `<length>:<packet>`.
     let packet = match text.split_once(':') {
@@ -98,12 +109,25 @@ pub fn sid_in_open_packet(body: &[u8]) -> Option<&str> {
     };
     let open: OpenPacket = serde_json::from_str(packet.strip_prefix('0')?).ok()?;
     let sid = open.sid;
-    let plausible = !sid.is_empty()
+    plausible_sid(sid).then_some(Open {
+        sid,
+        idle_ms: open.ping_interval.saturating_add(open.ping_timeout),
+    })
+}
+
+/// Could `sid` be an Engine.IO session id (what an open packet must name to be learnt)?
+pub fn plausible_sid(sid: &str) -> bool {
+    !sid.is_empty()
         && sid.len() <= 64
         && sid
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    plausible.then_some(sid)
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// Does a polling payload (packets separated by `\x1e`, EIO 4) carry a close packet (`1`)? A
+/// chunk boundary inside a payload can hide one; the idle bound ends such a session anyway.
+pub fn has_close_packet(body: &[u8]) -> bool {
+    body.split(|&b| b == 0x1e).any(|p| p == b"1")
 }
 
 /// Is this request an Engine.IO handshake that opens a session over long-polling: a `GET` under
@@ -161,6 +185,21 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+    }
+
+    #[test]
+    fn reads_the_idle_bound_and_close_packets() {
+        assert_eq!(
+            open_packet(OPEN),
+            Some(Open {
+                sid: "lv_VI97HAXpY6yYWAAAC",
+                idle_ms: 45_000
+            })
+        );
+        assert!(has_close_packet(b"1"));
+        assert!(has_close_packet(b"4hello\x1e1"));
+        assert!(!has_close_packet(b"41"));
+        assert!(!has_close_packet(b"6"));
     }
 
     fn get(uri: &str) -> RequestHeader {

@@ -17,6 +17,7 @@ pub mod affinity;
 pub mod callback;
 pub mod cli;
 pub mod client_ip;
+pub mod cluster;
 pub mod config;
 pub mod decide;
 pub mod demo;

@@ -34,6 +34,8 @@ pub enum Exceeded {
     UidRate,
     /// The uid has `limits.per_uid.max_concurrent` requests/tunnels open.
     UidConcurrency,
+    /// The uid holds `limits.per_uid.max_connections` connections in the cluster.
+    UidConnections,
 }
 
 impl Exceeded {
@@ -69,6 +71,11 @@ impl Exceeded {
                 429,
                 "Too Many Requests",
                 "gopush: too many open requests for this uid (limits.per_uid.max_concurrent)\n",
+            ),
+            Exceeded::UidConnections => (
+                429,
+                "Too Many Requests",
+                "gopush: too many connections for this uid (limits.per_uid.max_connections)\n",
             ),
         }
     }
@@ -167,7 +174,8 @@ impl Limiter {
         } else {
             None
         };
-        slots._uid = check(&self.uid_rate, &self.uid_open, &cfg.per_uid, uid).map_err(|rate| {
+        let per_uid = cfg.per_uid.rate();
+        slots._uid = check(&self.uid_rate, &self.uid_open, &per_uid, uid).map_err(|rate| {
             if rate {
                 Exceeded::UidRate
             } else {
@@ -238,7 +246,11 @@ mod tests {
 
     fn cfg(per_uid: RateLimit) -> LimitsConfig {
         LimitsConfig {
-            per_uid,
+            per_uid: crate::config::UidLimit {
+                requests_per_second: per_uid.requests_per_second,
+                max_concurrent: per_uid.max_concurrent,
+                ..Default::default()
+            },
             ..LimitsConfig::default()
         }
     }
@@ -344,9 +356,10 @@ mod tests {
         let l = Arc::new(Limiter::default());
         let c = LimitsConfig {
             max_tunnels: 1,
-            per_uid: RateLimit {
+            per_uid: crate::config::UidLimit {
                 requests_per_second: 0,
                 max_concurrent: 1,
+                ..Default::default()
             },
             ..LimitsConfig::default()
         };

@@ -9,6 +9,7 @@
 //! backends are down.
 
 use crate::affinity::Affinity;
+use crate::cluster::Directory;
 use crate::config::{Config, ConfigError, Startup};
 use crate::hooks::{HookKind, HookRequest, Hooks};
 use crate::metrics::{ConfigStats, Metrics};
@@ -131,6 +132,8 @@ struct Shared {
     sessions: Option<Affinity>,
     /// The listeners as started; a reload swaps their certificates.
     tls: Arc<crate::tls::Listeners>,
+    /// The cluster directory (`None`: no `cluster` section, or disabled).
+    directory: Option<Arc<Directory>>,
 }
 
 impl Shared {
@@ -144,7 +147,12 @@ impl Shared {
         let sessions = affinity
             .enabled
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
+        let directory = startup.cluster.as_ref().map(|(cfg, url)| {
+            metrics.register_cluster();
+            Arc::new(Directory::new(cfg, url, affinity.ttl))
+        });
         Ok(Shared {
+            directory,
             startup,
             metrics,
             drain: Arc::new(Drain::default()),
@@ -203,6 +211,11 @@ impl Live {
         &self.shared.tls
     }
 
+    /// The cluster directory (`None` without a `cluster` section).
+    pub fn directory(&self) -> Option<&Arc<Directory>> {
+        self.shared.directory.as_ref()
+    }
+
     /// The draining backends (kept across reloads for backends that stay).
     pub fn drain(&self) -> &Drain {
         &self.shared.drain
@@ -248,6 +261,9 @@ impl Live {
         }
         if any(&["server", "affinity"]) {
             tracing::warn!("reload: `server` and `affinity` changes need a restart or a graceful upgrade; keeping the old values");
+        }
+        if any(&["cluster"]) {
+            tracing::warn!("reload: `cluster` changes need a restart or a graceful upgrade; keeping the old values");
         }
         if any(&["admin.listen", "admin.enabled", "access_log.format"]) {
             tracing::warn!("reload: `admin.listen`, `admin.enabled` and `access_log.format` changes need a restart or a graceful upgrade; keeping the old values");

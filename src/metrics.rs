@@ -104,6 +104,21 @@ pub struct Counters {
     /// TLS handshakes not complete within `tls.handshake_timeout`.
     pub tls_handshake_timeouts: IntCounter,
     tls_handshakes: IntCounterVec,
+    /// Directory writes dropped because the queue was full (Redis slow or down).
+    pub cluster_dropped: IntCounter,
+    /// Failed directory rounds (connect, write or heartbeat).
+    pub cluster_errors: IntCounter,
+    /// Agents alive in the directory, as of the last heartbeat.
+    pub cluster_agents: IntGauge,
+    /// Connections of live agents, as of the last heartbeat.
+    pub cluster_connections: IntGauge,
+    /// Uids with connections, as of the last heartbeat.
+    pub cluster_users: IntGauge,
+    /// This agent's connections in its directory table.
+    pub cluster_local: IntGauge,
+    /// 1 while this agent's part of the directory is not known to be in Redis.
+    pub cluster_stale: IntGauge,
+    cluster_sid_lookups: IntCounterVec,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
 }
@@ -155,10 +170,44 @@ impl Counters {
             tls_handshake_errors: tls_handshakes.with_label_values(&["error"]),
             tls_handshake_timeouts: tls_handshakes.with_label_values(&["timeout"]),
             tls_handshakes,
+            cluster_dropped: plain_counter(
+                "gopush_cluster_queue_dropped_total",
+                "Directory writes dropped (oldest first) because the queue was full; the agent re-publishes its state afterwards.",
+            ),
+            cluster_errors: plain_counter(
+                "gopush_cluster_redis_errors_total",
+                "Directory rounds that failed (Redis unreachable, slow or refusing).",
+            ),
+            cluster_agents: plain_gauge("gopush_cluster_agents", "Agents alive in the cluster directory (as of the last heartbeat)."),
+            cluster_connections: plain_gauge("gopush_cluster_connections", "Connections (WebSocket tunnels and polling sessions) of all live agents (as of the last heartbeat)."),
+            cluster_users: plain_gauge("gopush_cluster_users", "Uids with at least one connection in the cluster (as of the last heartbeat)."),
+            cluster_local: plain_gauge("gopush_cluster_local_connections", "This agent's connections in the directory."),
+            cluster_stale: plain_gauge("gopush_cluster_stale", "1 while this agent's part of the directory is not known to be in Redis, else 0."),
+            cluster_sid_lookups: IntCounterVec::new(
+                Opts::new(
+                    "gopush_cluster_sid_lookups_total",
+                    "Shared sid memory lookups on the request path (a sid this agent did not know), by result.",
+                ),
+                &["result"],
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_cluster_sid_lookups_total: {e}")),
             hooks,
             uid_auth,
         }
     }
+
+    /// Counts a shared sid memory lookup (`hit`, `miss`, `error`, `unavailable`).
+    pub fn cluster_sid_lookup(&self, result: &str) {
+        self.cluster_sid_lookups.with_label_values(&[result]).inc();
+    }
+}
+
+fn plain_counter(name: &str, help: &str) -> IntCounter {
+    IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+}
+
+fn plain_gauge(name: &str, help: &str) -> IntGauge {
+    IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
 }
 
 static COUNTERS: LazyLock<Counters> = LazyLock::new(Counters::new);
@@ -338,6 +387,25 @@ impl Metrics {
                 }
             }
         }
+    }
+
+    /// Exports the cluster directory's families (only when `cluster` is enabled, so that
+    /// without it `/metrics` stays as it was).
+    pub fn register_cluster(&self) {
+        let c = counters();
+        let r = &self.registry;
+        register(r, c.cluster_dropped.clone());
+        register(r, c.cluster_errors.clone());
+        register(r, c.cluster_agents.clone());
+        register(r, c.cluster_connections.clone());
+        register(r, c.cluster_users.clone());
+        register(r, c.cluster_local.clone());
+        register(r, c.cluster_stale.clone());
+        register(r, c.cluster_sid_lookups.clone());
+        for l in ["hit", "miss", "error", "unavailable"] {
+            c.cluster_sid_lookups.with_label_values(&[l]);
+        }
+        c.cluster_stale.set(1);
     }
 
     /// Counts a request the agent refused.

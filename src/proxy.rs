@@ -17,10 +17,11 @@
 
 use crate::access_log;
 use crate::affinity;
+use crate::cluster::{Directory, TunnelEntry};
 use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
 use crate::limits::head_deadline::HeadDeadline;
-use crate::limits::{Limiter, Slots};
+use crate::limits::{Exceeded, Limiter, Slots};
 use crate::live::{Live, Snapshot};
 use crate::metrics::{BackendStats, Metrics};
 use crate::routing::backend_addr;
@@ -50,6 +51,8 @@ pub struct Agent {
     demo_page: Option<&'static str>,
     /// Process-wide metric families (per-backend children live in the snapshot).
     metrics: Arc<Metrics>,
+    /// The cluster directory (`None` without a `cluster` section: nothing below touches it).
+    directory: Option<Arc<Directory>>,
 }
 
 /// One request, from its head to its end.
@@ -64,6 +67,20 @@ pub struct Ctx {
     uid: Option<Uid>,
     /// Once decided: where the request goes and what happened there.
     route: Option<Route>,
+    /// With a cluster directory: this request's part in an Engine.IO session.
+    eio: Option<Eio>,
+}
+
+/// What the directory needs to know about a request under the Socket.IO path.
+struct Eio {
+    /// The session's sid (every request after the handshake carries it).
+    sid: Option<String>,
+    /// A polling handshake: its answer opens a connection.
+    handshake: bool,
+    /// A polling request (GET or POST) of session `sid`.
+    polling: bool,
+    /// The client address the directory shows.
+    client: Option<std::net::IpAddr>,
 }
 
 /// A decided request.
@@ -77,6 +94,8 @@ struct Route {
     upgrade_guard: bool,
     /// Set by the backend's 101.
     tunnel: Option<Tunnel>,
+    /// The tunnel in the cluster directory until it ends.
+    listed: Option<TunnelEntry>,
 }
 
 /// An open WebSocket tunnel (its `limits.max_tunnels` slot is in [`Ctx::slots`]).
@@ -130,6 +149,7 @@ impl Agent {
     /// the server as the process hands over or stops (see [`crate::server`]).
     pub fn new(live: Arc<Live>, handover: Arc<HandOver>) -> Self {
         Agent {
+            directory: live.directory().cloned(),
             metrics: live.metrics().clone(),
             live,
             limiter: Arc::new(Limiter::default()),
@@ -169,6 +189,30 @@ impl Agent {
         self.limiter
             .admit_uid(limits, uid.as_str(), upgrade, &mut ctx.slots)
             .map_err(Refusal::Limit)?;
+        if let Some(dir) = &self.directory {
+            let eio = eio_of(snap, session.req_header(), peer);
+            if let Some(sid) = &eio.sid {
+                dir.touch(sid);
+                // The shared sid memory, asked only for a session this agent does not know (one
+                // bounded Redis round trip per session and agent), so that `route` finds it in
+                // the local memory like any other.
+                if let Some(memory) = self.live.sessions() {
+                    if memory.lookup(sid, uid.as_str()).is_none() {
+                        if let Some(backend) = dir.lookup_sid(uid.as_str(), sid).await {
+                            memory.learn(sid, uid.as_str(), backend);
+                        }
+                    }
+                }
+            }
+            let max = limits.per_uid.max_connections;
+            // A new connection: a polling handshake, or a WebSocket that is not an upgrade of
+            // a session (those are counted already).
+            let opens = eio.handshake || (upgrade && eio.sid.is_none());
+            if max > 0 && opens && dir.count_uid(uid.as_str()).await >= max as usize {
+                return Err(Refusal::Limit(Exceeded::UidConnections));
+            }
+            ctx.eio = Some(eio);
+        }
         let decision = decide::route(snap, self.live.sessions(), session.req_header(), peer, uid)?;
         if matches!(decision.target, Target::Session { .. }) {
             self.metrics.affinity_hit();
@@ -179,8 +223,28 @@ impl Agent {
             retried: false,
             upgrade_guard: upgrade::guard_request(session),
             tunnel: None,
+            listed: None,
         });
         Ok(())
+    }
+}
+
+/// The Engine.IO side of a request, for the directory.
+fn eio_of(snap: &Snapshot, req: &RequestHeader, peer: Option<std::net::IpAddr>) -> Eio {
+    let path = &snap.startup.affinity.path;
+    let under = req.uri.path().starts_with(path.as_str());
+    let query = req.uri.query().unwrap_or("");
+    let sid = under
+        .then(|| crate::uid::query_value(query, "sid"))
+        .flatten()
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    let polling = under && crate::uid::query_value(query, "transport") == Some("polling");
+    Eio {
+        handshake: sid.is_none() && affinity::is_polling_handshake(req, path),
+        polling: polling && sid.is_some(),
+        sid,
+        client: crate::client_ip::of_request(&snap.config.trusted_proxies, peer, req),
     }
 }
 
@@ -289,6 +353,7 @@ impl ProxyHttp for Agent {
             slots: Slots::default(),
             uid: None,
             route: None,
+            eio: None,
         }
     }
 
@@ -448,9 +513,26 @@ impl ProxyHttp for Agent {
             if let Some(g) = &mut route.gauge {
                 g.become_tunnel();
             }
+            if let (Some(dir), Some(uid), Some(eio)) = (&self.directory, &ctx.uid, &ctx.eio) {
+                route.listed = Some(dir.open_tunnel(
+                    eio.sid.as_deref(),
+                    uid.as_str(),
+                    route.decision.target.backend(),
+                    eio.client,
+                ));
+            }
         }
         if status != http::StatusCode::OK {
             route.decision.learn_sid = false;
+            if let (Some(dir), Some(eio)) = (&self.directory, &mut ctx.eio) {
+                eio.handshake = false;
+                if status == http::StatusCode::BAD_REQUEST && eio.polling {
+                    // "Session ID unknown": the session is gone from its backend.
+                    if let Some(sid) = &eio.sid {
+                        dir.close_sid(sid);
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -458,10 +540,25 @@ impl ProxyHttp for Agent {
     async fn request_body_filter(
         &self,
         _session: &mut Session,
-        _body: &mut Option<Bytes>,
+        body: &mut Option<Bytes>,
         _end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<()> {
+        if let (
+            Some(dir),
+            Some(Eio {
+                sid: Some(sid),
+                polling: true,
+                ..
+            }),
+            Some(chunk),
+        ) = (&self.directory, &ctx.eio, body.as_deref())
+        {
+            // The client's Engine.IO close (`socket.close()` over polling posts `1`).
+            if affinity::has_close_packet(chunk) {
+                dir.close_sid(sid);
+            }
+        }
         if ctx
             .route
             .as_ref()
@@ -499,6 +596,27 @@ impl ProxyHttp for Agent {
             }
             return Ok(None);
         }
+        if let (Some(dir), Some(eio), Some(chunk), Some(uid)) =
+            (&self.directory, &mut ctx.eio, body.as_deref(), &ctx.uid)
+        {
+            if eio.handshake {
+                eio.handshake = false;
+                if let Some(open) = affinity::open_packet(chunk) {
+                    dir.open_polling(
+                        open.sid,
+                        uid.as_str(),
+                        route.decision.target.backend(),
+                        open.idle_ms,
+                        eio.client,
+                    );
+                }
+            } else if eio.polling && affinity::has_close_packet(chunk) {
+                // The server ended the session (a close packet in a poll's answer).
+                if let Some(sid) = &eio.sid {
+                    dir.close_sid(sid);
+                }
+            }
+        }
         if route.decision.learn_sid {
             if let (Some(chunk), Some(memory), Some(uid)) =
                 (body.as_ref(), self.live.sessions(), &ctx.uid)
@@ -514,6 +632,18 @@ impl ProxyHttp for Agent {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if let (
+            Some(dir),
+            Some(Eio {
+                sid: Some(sid),
+                polling: true,
+                ..
+            }),
+        ) = (&self.directory, &ctx.eio)
+        {
+            // A long-poll's end restarts the idle clock too.
+            dir.touch(sid);
+        }
         let snap = &ctx.snap;
         let elapsed = ctx.start.elapsed();
         let route = ctx.route.as_ref();

@@ -103,6 +103,12 @@ pub fn run(
         HealthLoop(live.clone()),
     ));
     server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
+    if let Some(dir) = live.directory() {
+        server.add_service(background_service(
+            "cluster directory",
+            crate::cluster::DirectoryService(dir.clone()),
+        ));
+    }
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
     let daemon = mode.daemon || config.server.daemon;
     let reopen = crate::logging::ReopenOnUsr1 {

@@ -59,8 +59,13 @@ impl AdminApp {
                 Ok(body) => self.disconnect(&snap, &body).await,
                 Err(reply) => reply,
             },
+            "/api/users" if get => self.users(&query).await,
             "/metrics" | "/api/status" | "/api/route" | "/api/reload" | "/api/push"
-            | "/api/disconnect" => method_not_allowed(),
+            | "/api/disconnect" | "/api/users" => method_not_allowed(),
+            _ if path.starts_with("/api/users/") => match path.strip_prefix("/api/users/") {
+                Some(uid) if get => self.user(uid).await,
+                _ => method_not_allowed(),
+            },
             _ => match drain_path(&path) {
                 Some((addr, draining)) if post => self.drain(&snap, addr, draining),
                 Some(_) => method_not_allowed(),

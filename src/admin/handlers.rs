@@ -83,6 +83,7 @@ impl AdminApp {
                 "draining": drain.list().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "pools": pools,
                 "tls": self.tls_status(),
+                "cluster": self.live.directory().map(|d| d.status()),
             }),
         )
     }
@@ -114,6 +115,43 @@ impl AdminApp {
                 })
             })
             .collect()
+    }
+
+    /// `GET /api/users/{uid}`: the uid's connections across the cluster. `uid` is the path
+    /// segment as sent, percent-decoded once (the canonical uid).
+    pub(super) async fn user(&self, raw: &str) -> Reply {
+        let Some(dir) = self.live.directory() else {
+            return no_cluster();
+        };
+        let uid = percent_encoding::percent_decode_str(raw).decode_utf8_lossy();
+        if uid.is_empty() || uid.chars().any(char::is_control) {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "uid: must be non-empty, without control characters",
+            );
+        }
+        Reply::json(StatusCode::OK, &dir.user(&uid).await)
+    }
+
+    /// `GET /api/users?cursor=C&limit=N`: uids online, with their connection counts, paged.
+    pub(super) async fn users(&self, query: &str) -> Reply {
+        let Some(dir) = self.live.directory() else {
+            return no_cluster();
+        };
+        let param = |name: &str| {
+            form_urlencoded::parse(query.as_bytes())
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.into_owned())
+        };
+        let limit = match param("limit").map(|l| l.parse::<usize>()) {
+            None => 100,
+            Some(Ok(n)) if (1..=1000).contains(&n) => n,
+            Some(_) => {
+                return Reply::error(StatusCode::BAD_REQUEST, "limit: a number from 1 to 1000")
+            }
+        };
+        let cursor = param("cursor").filter(|c| !c.is_empty());
+        Reply::json(StatusCode::OK, &dir.users(cursor.as_deref(), limit).await)
     }
 
     pub(super) async fn reload(&self) -> Reply {
@@ -477,6 +515,13 @@ pub(super) fn route(
             "ring_healthy": ring.as_ref().map(|b| pool.is_ready(b)),
             "ring_draining": ring.as_ref().map(|b| pool.is_draining(b)),
         }),
+    )
+}
+
+fn no_cluster() -> Reply {
+    Reply::error(
+        StatusCode::NOT_FOUND,
+        "presence needs the `cluster` section (the connection directory in Redis)",
     )
 }
 

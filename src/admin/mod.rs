@@ -13,6 +13,8 @@
 //! POST /api/push                      {uid | room | all, event, data?, namespace?} → Redis
 //! POST /api/disconnect                {uid | room, namespace?, close?} → Redis
 //! POST /api/reload                    re-read the configuration file
+//! GET  /api/users/{uid}               presence: the uid's connections across the cluster
+//! GET  /api/users?cursor=C&limit=N    presence: uids online with connection counts, paged
 //! ```
 //!
 //! The API only reads the live snapshot and the shared drain set and metrics; it is never on the

@@ -211,6 +211,17 @@ impl Config {
                 format!("not a Redis URL (redis://HOST:PORT/DB): {e}"),
             ));
         }
+        if let Some(c) = &self.cluster {
+            c.check()?;
+        }
+        if self.limits.per_uid.max_connections > 0
+            && !self.cluster.as_ref().is_some_and(|c| c.enabled)
+        {
+            return Err((
+                "limits.per_uid.max_connections".into(),
+                "needs the `cluster` section (connections are counted in its directory)".into(),
+            ));
+        }
         if self.push.max_payload == 0 {
             return Err(("push.max_payload".into(), "must be at least 1".into()));
         }
@@ -319,3 +330,67 @@ fn strip_serde_yaml_decorations(msg: &str) -> String {
 
 #[cfg(test)]
 mod tests;
+
+impl ClusterConfig {
+    /// The Redis URL the directory uses.
+    pub fn redis_url<'a>(&'a self, push: &'a PushConfig) -> &'a str {
+        self.redis.as_deref().unwrap_or(&push.redis)
+    }
+
+    fn check(&self) -> Result<(), (String, String)> {
+        if let Some(url) = &self.redis {
+            if let Err(e) = redis::Client::open(url.as_str()) {
+                return Err((
+                    "cluster.redis".into(),
+                    format!("not a Redis URL (redis://HOST:PORT/DB): {e}"),
+                ));
+            }
+        }
+        let name_ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        };
+        if let Some(id) = &self.agent_id {
+            if !name_ok(id) {
+                return Err((
+                    "cluster.agent_id".into(),
+                    "1 to 64 characters of A-Z a-z 0-9 - _ . :".into(),
+                ));
+            }
+        }
+        if !name_ok(&self.key) {
+            return Err((
+                "cluster.key".into(),
+                "1 to 64 characters of A-Z a-z 0-9 - _ . :".into(),
+            ));
+        }
+        if self.heartbeat < std::time::Duration::from_millis(100) {
+            return Err(("cluster.heartbeat".into(), "must be at least 100ms".into()));
+        }
+        if self.ttl < self.heartbeat * 2 {
+            return Err((
+                "cluster.ttl".into(),
+                "must be at least twice cluster.heartbeat (one lost heartbeat must not kill an agent)"
+                    .into(),
+            ));
+        }
+        if self.timeout.is_zero() || self.timeout >= self.heartbeat {
+            return Err((
+                "cluster.timeout".into(),
+                "must be more than 0 and less than cluster.heartbeat".into(),
+            ));
+        }
+        if self.sid_lookup_timeout > std::time::Duration::from_secs(1) {
+            return Err((
+                "cluster.sid_lookup_timeout".into(),
+                "at most 1s (it is waited for on the request path)".into(),
+            ));
+        }
+        if self.queue == 0 {
+            return Err(("cluster.queue".into(), "must be at least 1".into()));
+        }
+        Ok(())
+    }
+}

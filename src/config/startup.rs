@@ -3,7 +3,7 @@
 //! configuration and every snapshot shares that one value, so a reload cannot change them: a
 //! reloaded file that differs here is only reported ([`Startup::changed_keys`]).
 
-use super::{AffinityConfig, Config, LogFormat, ServerSection};
+use super::{AffinityConfig, ClusterConfig, Config, LogFormat, ServerSection};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -23,6 +23,9 @@ pub struct Startup {
     pub admin_listen: SocketAddr,
     /// `access_log.format`: the log is one stream, set up once.
     pub access_log_format: LogFormat,
+    /// `cluster`: the directory's agent id and writer live as long as the process (`None`:
+    /// absent or disabled). Its Redis URL is resolved here (`push.redis` by default).
+    pub cluster: Option<(ClusterConfig, String)>,
 }
 
 /// The restart-only part of one `listen` entry.
@@ -52,6 +55,11 @@ impl Startup {
             admin_enabled: config.admin.enabled,
             admin_listen: config.admin.listen,
             access_log_format: config.access_log.format,
+            cluster: config
+                .cluster
+                .as_ref()
+                .filter(|c| c.enabled)
+                .map(|c| (c.clone(), c.redis_url(&config.push).to_string())),
         }
     }
 
@@ -72,6 +80,7 @@ impl Startup {
             self.access_log_format != next.access_log_format,
             "access_log.format",
         );
+        check(self.cluster != next.cluster, "cluster");
         keys
     }
 }

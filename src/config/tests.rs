@@ -94,7 +94,9 @@ fn every_default_is_the_documented_one() {
         assert_eq!((l.max_header_bytes, l.max_tunnels), (16384, 100_000));
         assert_eq!(l.header_timeout, secs(10));
         assert_eq!(l.per_ip, RateLimit::default());
-        assert_eq!(l.per_uid, RateLimit::default());
+        assert_eq!(l.per_uid, UidLimit::default());
+        assert_eq!(l.per_uid.max_connections, 0);
+        assert_eq!(l.per_uid.on_exceed, OnExceed::Reject);
         assert_eq!(
             (l.per_ip.requests_per_second, l.per_ip.max_concurrent),
             (0, 0)
@@ -727,4 +729,56 @@ fn hook_timeout_is_capped_at_one_second() {
         std::time::Duration::from_millis(50),
         "the default stays well below the cap"
     );
+}
+
+#[test]
+fn the_cluster_section_is_optional_defaults_as_documented_and_checks_its_keys() {
+    use std::time::Duration;
+    let c = parse(MIN).unwrap();
+    assert!(c.cluster.is_none());
+    assert!(Startup::of(&c).cluster.is_none());
+    let c = parse(&format!("{MIN}cluster: {{}}\n")).unwrap();
+    let k = c.cluster.as_ref().unwrap();
+    assert!(k.enabled);
+    assert_eq!((k.redis.as_deref(), k.agent_id.as_deref()), (None, None));
+    assert_eq!(k.key, "gopush");
+    assert_eq!(
+        (k.heartbeat, k.ttl, k.timeout, k.sid_lookup_timeout),
+        (
+            Duration::from_secs(5),
+            Duration::from_secs(15),
+            Duration::from_secs(1),
+            Duration::from_millis(50)
+        )
+    );
+    assert_eq!(k.queue, 65_536);
+    // The Redis URL defaults to push.redis.
+    let c = parse(&format!(
+        "{MIN}push: {{redis: \"redis://10.0.0.1:6380\"}}\ncluster: {{}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        Startup::of(&c).cluster.map(|(_, url)| url).as_deref(),
+        Some("redis://10.0.0.1:6380")
+    );
+    // Disabled: as if absent.
+    let c = parse(&format!("{MIN}cluster: {{enabled: false}}\n")).unwrap();
+    assert!(Startup::of(&c).cluster.is_none());
+    for (yaml, key) in [
+        ("cluster: {redis: \"http://x\"}", "cluster.redis"),
+        ("cluster: {agent_id: \"a/b\"}", "cluster.agent_id"),
+        ("cluster: {key: \"\"}", "cluster.key"),
+        ("cluster: {heartbeat: 10ms}", "cluster.heartbeat"),
+        ("cluster: {heartbeat: 5s, ttl: 6s}", "cluster.ttl"),
+        ("cluster: {timeout: 5s}", "cluster.timeout"),
+        (
+            "cluster: {sid_lookup_timeout: 2s}",
+            "cluster.sid_lookup_timeout",
+        ),
+        ("cluster: {queue: 0}", "cluster.queue"),
+        ("cluster: {bogus: 1}", "cluster"),
+    ] {
+        let e = err(&format!("{MIN}{yaml}\n"));
+        assert!(e.contains(key) && e.contains("conf/x.yaml"), "{yaml}: {e}");
+    }
 }

@@ -65,6 +65,10 @@ pub struct Config {
     /// and relative paths in it (hook files, key files) are read from its directory.
     #[serde(skip)]
     pub origin: PathBuf,
+    /// One view of the cluster through Redis: connection directory, presence, shared sid memory
+    /// (absent: each agent knows only itself, and the request path does nothing extra).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
 }
 
 // `Config` has a required key (`pools`), so its other keys default one by one.
@@ -747,6 +751,54 @@ impl Default for PushConfig {
     }
 }
 
+/// `cluster`: the connection directory and shared sid memory in Redis (see README, "Cluster
+/// view"). Restart-only.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Turns the section off without deleting it.
+    pub enabled: bool,
+    /// The Redis (a single primary, or Valkey); absent: `push.redis`.
+    pub redis: Option<String>,
+    /// This process's name in the directory; absent: host name, pid and start time, so a
+    /// restarted agent never claims what an earlier process wrote.
+    pub agent_id: Option<String>,
+    /// Prefix of every key.
+    pub key: String,
+    /// How often the agent says it is alive (and reaps agents that stopped saying so).
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// An agent silent for this long is dead: its connections leave the view.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// Connect / command timeout of the background writer and the presence API.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Longest wait for the shared sid memory on the request path (only for a request with a sid
+    /// the agent does not know); past it the ring decides.
+    #[serde(with = "humantime_serde")]
+    pub sid_lookup_timeout: Duration,
+    /// Most directory writes queued while Redis is slow or down; past it the oldest are dropped
+    /// (counted) and the agent re-publishes its whole state once Redis answers.
+    pub queue: usize,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            enabled: true,
+            redis: None,
+            agent_id: None,
+            key: "gopush".into(),
+            heartbeat: Duration::from_secs(5),
+            ttl: Duration::from_secs(15),
+            timeout: Duration::from_secs(1),
+            sid_lookup_timeout: Duration::from_millis(50),
+            queue: 65_536,
+        }
+    }
+}
+
 /// Limits; excess requests are refused with 429 / 431 / 503 and the limit's name.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -758,7 +810,7 @@ pub struct LimitsConfig {
     /// Per client IP (the peer address of the connection).
     pub per_ip: RateLimit,
     /// Per uid.
-    pub per_uid: RateLimit,
+    pub per_uid: UidLimit,
     /// Time a client has to deliver a complete request head, counted from the accept of its
     /// connection (or, on a kept-alive connection, from the first byte of the next request);
     /// past it the connection is closed (slowloris). `0s` turns it off, leaving only Pingora's
@@ -773,7 +825,7 @@ impl Default for LimitsConfig {
             max_header_bytes: 16 * 1024,
             max_tunnels: 100_000,
             per_ip: RateLimit::default(),
-            per_uid: RateLimit::default(),
+            per_uid: UidLimit::default(),
             header_timeout: Duration::from_secs(10),
         }
     }
@@ -788,6 +840,41 @@ pub struct RateLimit {
     pub requests_per_second: u32,
     /// Requests and tunnels open at once.
     pub max_concurrent: u32,
+}
+
+/// `limits.per_uid`: the rate and concurrency limits of [`RateLimit`], plus the number of
+/// connections (WebSocket tunnels and polling sessions) a uid may hold across the cluster.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UidLimit {
+    /// Requests per second (a one-second window).
+    pub requests_per_second: u32,
+    /// Requests and tunnels open at once (on this agent).
+    pub max_concurrent: u32,
+    /// Connections of one uid in the cluster directory (needs `cluster`; 0: no limit). A new
+    /// polling handshake or WebSocket past it is refused with 429.
+    pub max_connections: u32,
+    /// What happens past `max_connections`: `reject` (the new connection is refused).
+    pub on_exceed: OnExceed,
+}
+
+impl UidLimit {
+    /// The rate and concurrency part.
+    pub fn rate(&self) -> RateLimit {
+        RateLimit {
+            requests_per_second: self.requests_per_second,
+            max_concurrent: self.max_concurrent,
+        }
+    }
+}
+
+/// `limits.per_uid.on_exceed`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExceed {
+    /// Refuse the new connection (429 naming the limit).
+    #[default]
+    Reject,
 }
 
 /// JavaScript hooks: files, limits and what a failing hook answers.

@@ -154,4 +154,49 @@ describe('admin page in headless Chromium', { timeout: 120_000 }, () => {
     await b.waitFor(`${row(A.addr)}.querySelector('.state').textContent === 'serving'`, 'A serving again');
     for (const c of clients) c.socket.close();
   });
+
+  it('shows who is online (cluster section) and finds a uid\'s connections', async () => {
+    const port = await h.freePort();
+    const cfg = env.makeConfig({
+      port,
+      pools: { default: [A.addr, B.addr] },
+      sources: [{ query: 'uid' }],
+      extra: {
+        admin: { listen: `127.0.0.1:${await h.freePort()}`, token: TOKEN },
+        cluster: { redis: env.redis.url, heartbeat: '300ms', ttl: '2s', timeout: '200ms' },
+      },
+    });
+    const clustered = await env.startAgent(cfg);
+    const b = browser;
+    const { socket: ws } = await env.connect(clustered.url, { query: { uid: 'zoe' }, transports: ['websocket'] });
+    const { socket: poll } = await env.connect(clustered.url, { query: { uid: 'zoe' }, transports: ['polling'] });
+    const { socket: other } = await env.connect(clustered.url, { query: { uid: 'yan' }, transports: ['websocket'] });
+    await b.send('Page.navigate', { url: `${clustered.adminUrl}/?poll=300` });
+    // Same origin as before is not guaranteed (another port): sign in again if asked.
+    await b.waitFor(`getComputedStyle(document.getElementById('login')).display === 'flex'
+      || getComputedStyle(document.getElementById('online')).display === 'block'`, 'the page');
+    await b.evaluate(`if (getComputedStyle(document.getElementById('login')).display === 'flex') {
+      document.getElementById('token').value = ${JSON.stringify(TOKEN)};
+      document.querySelector('#login button').click(); } true`);
+    await b.waitFor(`getComputedStyle(document.getElementById('online')).display === 'block'`, 'the who-is-online panel');
+    await b.waitFor(`document.querySelector('#online-users tr[data-uid="zoe"] td.num')?.textContent === '2'
+      && document.querySelector('#online-users tr[data-uid="yan"] td.num')?.textContent === '1'`, 'zoe (2) and yan (1) listed');
+    await b.waitFor(`document.getElementById('online-totals').textContent.includes('2 users, 3 connections on 1 agents')`, 'the totals');
+    // Search.
+    await b.evaluate(`document.querySelector('#who [name=uid]').value = 'zoe'; document.querySelector('#who button').click(); true`);
+    await b.waitFor(`document.querySelectorAll('#who-conns tbody tr').length === 2`, "zoe's two connections");
+    const transports = await b.evaluate(`[...document.querySelectorAll('#who-conns tbody tr')].map((r) => r.cells[0].textContent).sort().join(',')`);
+    assert.equal(transports, 'polling,websocket');
+    // A uid that is not online.
+    await b.evaluate(`document.querySelector('#who [name=uid]').value = 'nobody'; document.querySelector('#who button').click(); true`);
+    await b.waitFor(`document.querySelector('#who-out .who-status')?.textContent === 'nobody: offline'`, 'nobody offline');
+    // Clicking a listed uid searches it; after its sockets close the list drops it.
+    ws.close();
+    poll.close();
+    await b.waitFor(`!document.querySelector('#online-users tr[data-uid="zoe"]')`, 'zoe gone from the list');
+    await b.evaluate(`document.querySelector('#online-users button.who[data-uid="yan"]').click(); true`);
+    await b.waitFor(`document.querySelectorAll('#who-conns tbody tr').length === 1
+      && document.querySelector('#who-out .who-status').textContent.startsWith('yan: online')`, "yan's connection via the list");
+    other.close();
+  });
 });

@@ -1,0 +1,1076 @@
+//! One view of the cluster through Redis: the connection directory, presence and the shared sid
+//! memory (`cluster:` in the configuration; absent, none of this exists).
+//!
+//! Every WebSocket tunnel and every long-polling session is a *connection*. Each agent keeps its
+//! own in a local table ([`Directory`]), updated on the request path under one short lock, and
+//! a background service ([`DirectoryService`]) writes the table's changes to Redis in batches:
+//! the request path never waits for the directory. The one exception is the shared sid memory:
+//! a request carrying a sid that this agent does not know asks Redis once, bounded by
+//! `cluster.sid_lookup_timeout` ([`Directory::lookup_sid`]), before [`crate::decide::route`].
+//!
+//! Keys (`P` = `cluster.key`; `{uid}` is a Redis Cluster hash tag, so one user's keys share a
+//! slot; the global index keys and the Lua scripts that touch both need a single primary,
+//! which is what is tested):
+//!
+//! ```text
+//! P:{uid}:conns        HASH  "<agent>/<id>" → {"agent","uid","backend","transport","since","client"}
+//! P:{uid}:sid:<sid>    STRING backend address, PX affinity.ttl (deleted when the session ends)
+//! P:users              ZSET  uid → 0 (lexicographic index of uids with connections)
+//! P:agents             ZSET  agent → deadline (unix ms): alive while the deadline is ahead
+//! P:agentinfo          HASH  agent → {"connections","websocket","polling","started"}
+//! P:agent:<agent>:uids SET   uids the agent has connections of (what to reap when it dies)
+//! ```
+//!
+//! Readers ignore connections of agents whose deadline passed (`cluster.ttl` after their last
+//! heartbeat), so a crashed agent's connections leave the view within the TTL; the next
+//! heartbeat of any agent then deletes them (reaping). A process's agent id is new at every
+//! start unless configured, and a configured one reaps its own old entries first, so a
+//! restarted agent leaves no ghosts. When a write fails or the queue overflows, the agent
+//! re-publishes its whole table once Redis answers again (after deleting its old entries).
+
+use crate::config::ClusterConfig;
+use arc_swap::ArcSwapOption;
+use async_trait::async_trait;
+use pingora::lb::Backend;
+use pingora::server::ShutdownWatch;
+use pingora::services::background::BackgroundService;
+use redis::aio::MultiplexedConnection;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Deletes one connection and, when it was the uid's last, the uid from the index (atomically,
+/// so that a concurrent open on another agent cannot lose its uid from the index).
+const CLOSE_SCRIPT: &str = "redis.call('HDEL', KEYS[1], ARGV[1]) \
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end return 0";
+
+/// Deletes every connection of one agent (field prefix `<agent>/`) of one uid, then as above.
+const REAP_SCRIPT: &str = "for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do \
+if string.sub(f, 1, #ARGV[1]) == ARGV[1] then redis.call('HDEL', KEYS[1], f) end end \
+if redis.call('HLEN', KEYS[1]) == 0 then redis.call('ZREM', KEYS[2], ARGV[2]) end return 0";
+
+/// Most writes per pipeline.
+const BATCH: usize = 1024;
+
+/// How often the writer wakes up when nothing happens (idle polling sessions are expired then).
+const TICK: Duration = Duration::from_secs(1);
+
+/// Between attempts to reach Redis while it is down.
+const RECONNECT: Duration = Duration::from_millis(500);
+
+/// WebSocket or long-polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transport {
+    Websocket,
+    Polling,
+}
+
+/// One connection in the local table.
+#[derive(Debug, Clone)]
+struct Conn {
+    uid: Arc<str>,
+    backend: String,
+    transport: Transport,
+    since_ms: i64,
+    client: Option<IpAddr>,
+    /// The id is an Engine.IO sid (its shared memory key goes with it).
+    sid: bool,
+    /// A polling session ends after this long without a request (`pingInterval + pingTimeout`).
+    idle: Duration,
+    last_seen: Instant,
+}
+
+/// A connection as stored in Redis and shown by the API.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Entry {
+    pub agent: String,
+    pub uid: String,
+    pub backend: String,
+    pub transport: Transport,
+    /// Unix ms.
+    pub since: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+}
+
+/// One queued write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Write {
+    Put {
+        id: String,
+        uid: Arc<str>,
+        json: String,
+    },
+    Del {
+        id: String,
+        uid: Arc<str>,
+        /// It was the uid's last connection on this agent.
+        last: bool,
+        sid: bool,
+    },
+    Sid {
+        uid: Arc<str>,
+        sid: String,
+        backend: String,
+    },
+}
+
+/// The local table and the writes not yet sent.
+struct State {
+    conns: HashMap<String, Conn>,
+    by_uid: HashMap<Arc<str>, u32>,
+    queue: VecDeque<Write>,
+    cap: usize,
+    /// Writes were lost (dropped, or failed): publish the whole table again.
+    resync: bool,
+    dropped: u64,
+}
+
+impl State {
+    fn new(cap: usize) -> Self {
+        State {
+            conns: HashMap::new(),
+            by_uid: HashMap::new(),
+            queue: VecDeque::new(),
+            cap,
+            resync: true,
+            dropped: 0,
+        }
+    }
+
+    fn push(&mut self, w: Write) {
+        if self.queue.len() >= self.cap {
+            self.queue.pop_front();
+            self.dropped += 1;
+            self.resync = true;
+            crate::metrics::counters().cluster_dropped.inc();
+        }
+        self.queue.push_back(w);
+    }
+
+    fn put(&mut self, agent: &str, id: &str, conn: Conn) {
+        let json = entry_json(agent, &conn);
+        let uid = conn.uid.clone();
+        if let Some(old) = self.conns.insert(id.to_string(), conn) {
+            // Same id again (an upgrade of a polling session): the uid is counted once.
+            if let Some(n) = self.by_uid.get_mut(&old.uid) {
+                *n = n.saturating_sub(1);
+            }
+        }
+        *self.by_uid.entry(uid.clone()).or_insert(0) += 1;
+        self.push(Write::Put {
+            id: id.to_string(),
+            uid,
+            json,
+        });
+    }
+
+    fn remove(&mut self, id: &str) -> bool {
+        let Some(conn) = self.conns.remove(id) else {
+            return false;
+        };
+        let last = match self.by_uid.get_mut(&conn.uid) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            _ => {
+                self.by_uid.remove(&conn.uid);
+                true
+            }
+        };
+        self.push(Write::Del {
+            id: id.to_string(),
+            uid: conn.uid,
+            last,
+            sid: conn.sid,
+        });
+        true
+    }
+
+    /// Ends the polling sessions idle past their bound; answers how many.
+    fn expire(&mut self, now: Instant) -> usize {
+        let idle: Vec<String> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.transport == Transport::Polling && now.duration_since(c.last_seen) > c.idle
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &idle {
+            self.remove(id);
+        }
+        idle.len()
+    }
+
+    fn counts(&self) -> (usize, usize) {
+        let ws = self
+            .conns
+            .values()
+            .filter(|c| c.transport == Transport::Websocket)
+            .count();
+        (ws, self.conns.len() - ws)
+    }
+}
+
+fn entry_json(agent: &str, c: &Conn) -> String {
+    serde_json::to_string(&Entry {
+        agent: agent.to_string(),
+        uid: c.uid.to_string(),
+        backend: c.backend.clone(),
+        transport: c.transport,
+        since: c.since_ms,
+        client: c.client.map(|a| a.to_string()),
+    })
+    .unwrap_or_default()
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The last cluster totals the writer read (at its heartbeat).
+#[derive(Debug, Clone, Default)]
+struct Totals {
+    agents: usize,
+    connections: u64,
+    users: u64,
+}
+
+/// This agent's connections and its link to the cluster's directory.
+pub struct Directory {
+    agent: String,
+    key: String,
+    cfg: ClusterConfig,
+    url: String,
+    /// The sid memory's TTL (`affinity.ttl`), for the shared sid keys.
+    sid_ttl: Duration,
+    started_ms: i64,
+    state: Mutex<State>,
+    wake: tokio::sync::Notify,
+    /// The writer's connection, shared with sid lookups and the presence API (`None` while
+    /// Redis is unreachable: lookups are skipped at no cost).
+    conn: ArcSwapOption<MultiplexedConnection>,
+    /// Everything this agent holds is in Redis.
+    synced: AtomicBool,
+    /// The current outage was logged (once per outage, not every retry).
+    warned: AtomicBool,
+    /// When it last was (unix ms).
+    as_of: AtomicI64,
+    next_id: AtomicU64,
+    totals: Mutex<Totals>,
+    /// The live agents as of the last heartbeat (for counting a uid's connections).
+    live: Mutex<HashSet<String>>,
+}
+
+/// A WebSocket tunnel in the directory until it is dropped.
+pub struct TunnelEntry {
+    dir: Arc<Directory>,
+    id: String,
+}
+
+impl Drop for TunnelEntry {
+    fn drop(&mut self) {
+        self.dir.close(&self.id);
+    }
+}
+
+impl Directory {
+    /// A directory for this process. `url` is the Redis URL (validated by the configuration).
+    pub fn new(cfg: &ClusterConfig, url: &str, sid_ttl: Duration) -> Self {
+        let started_ms = now_ms();
+        let agent = cfg.agent_id.clone().unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| {
+                    h.trim()
+                        .chars()
+                        .filter(|c| c.is_ascii_alphanumeric() || "-_.".contains(*c))
+                        .take(40)
+                        .collect::<String>()
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "gopush".into());
+            // The start time makes a restarted process (same pid after a reboot) a new agent.
+            format!("{host}-{}-{:x}", std::process::id(), started_ms)
+        });
+        Directory {
+            agent,
+            key: cfg.key.clone(),
+            cfg: cfg.clone(),
+            url: url.to_string(),
+            sid_ttl,
+            started_ms,
+            state: Mutex::new(State::new(cfg.queue)),
+            wake: tokio::sync::Notify::new(),
+            conn: ArcSwapOption::empty(),
+            synced: AtomicBool::new(false),
+            warned: AtomicBool::new(false),
+            as_of: AtomicI64::new(0),
+            next_id: AtomicU64::new(0),
+            totals: Mutex::new(Totals::default()),
+            live: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// This process's agent id.
+    pub fn agent(&self) -> &str {
+        &self.agent
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves a consistent-enough table: keep serving.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.wake.notify_one();
+    }
+
+    /// A polling handshake answered `sid` for `uid` on `backend`.
+    pub fn open_polling(
+        &self,
+        sid: &str,
+        uid: &str,
+        backend: &Backend,
+        idle_ms: u64,
+        client: Option<IpAddr>,
+    ) {
+        let backend = backend_string(backend);
+        let conn = Conn {
+            uid: uid.into(),
+            backend: backend.clone(),
+            transport: Transport::Polling,
+            since_ms: now_ms(),
+            client,
+            sid: true,
+            idle: Duration::from_millis(idle_ms.max(1000)),
+            last_seen: Instant::now(),
+        };
+        let mut st = self.state();
+        let uid = conn.uid.clone();
+        st.put(&self.agent, sid, conn);
+        st.push(Write::Sid {
+            uid,
+            sid: sid.to_string(),
+            backend,
+        });
+        drop(st);
+        self.changed();
+    }
+
+    /// A request of polling session `sid` (its idle clock restarts).
+    pub fn touch(&self, sid: &str) {
+        if let Some(c) = self.state().conns.get_mut(sid) {
+            c.last_seen = Instant::now();
+        }
+    }
+
+    /// Session `sid` ended (an Engine.IO close, or the backend no longer knows it).
+    pub fn close_sid(&self, sid: &str) {
+        if self.close(sid) {
+            tracing::debug!(sid, "cluster: polling session closed");
+        }
+    }
+
+    fn close(&self, id: &str) -> bool {
+        let removed = self.state().remove(id);
+        if removed {
+            self.changed();
+        }
+        removed
+    }
+
+    /// A WebSocket tunnel opened (for session `sid` when it is an upgrade); it stays in the
+    /// directory until the returned entry is dropped.
+    pub fn open_tunnel(
+        self: &Arc<Self>,
+        sid: Option<&str>,
+        uid: &str,
+        backend: &Backend,
+        client: Option<IpAddr>,
+    ) -> TunnelEntry {
+        let mut st = self.state();
+        // An upgraded polling session is the same connection, now a WebSocket.
+        let (id, since_ms) = match sid.and_then(|s| st.conns.get(s).map(|c| (s, c.since_ms))) {
+            Some((s, since)) => (s.to_string(), since),
+            None => (
+                format!("w{}", self.next_id.fetch_add(1, Ordering::Relaxed)),
+                now_ms(),
+            ),
+        };
+        let conn = Conn {
+            uid: uid.into(),
+            backend: backend_string(backend),
+            transport: Transport::Websocket,
+            since_ms,
+            client,
+            sid: sid.is_some_and(|s| s == id),
+            idle: Duration::MAX,
+            last_seen: Instant::now(),
+        };
+        st.put(&self.agent, &id, conn);
+        drop(st);
+        self.changed();
+        TunnelEntry {
+            dir: self.clone(),
+            id,
+        }
+    }
+
+    /// How many connections `uid` has on this agent.
+    pub fn local_count(&self, uid: &str) -> u32 {
+        self.state().by_uid.get(uid).copied().unwrap_or(0)
+    }
+
+    /// How many connections `uid` holds in the cluster, for `limits.per_uid.max_connections`:
+    /// the directory's entries of live agents (asked within `cluster.sid_lookup_timeout`), and
+    /// never fewer than this agent holds itself (its newest may not be written yet). With Redis
+    /// unreachable or slow, this agent's own count: the limit falls back to per agent.
+    pub async fn count_uid(&self, uid: &str) -> usize {
+        let local = self.local_count(uid) as usize;
+        let Some(conn) = self.conn.load_full() else {
+            return local;
+        };
+        let mut conn = (*conn).clone();
+        let cmd = redis::cmd("HGETALL").arg(self.conns_key(uid)).clone();
+        let read = cmd.query_async::<HashMap<String, String>>(&mut conn);
+        let Ok(Ok(all)) = tokio::time::timeout(self.cfg.sid_lookup_timeout, read).await else {
+            return local;
+        };
+        let live = self.live.lock().map(|l| l.clone()).unwrap_or_default();
+        let cluster = all
+            .values()
+            .filter_map(|json| serde_json::from_str::<Entry>(json).ok())
+            .filter(|e| e.agent != self.agent && live.contains(&e.agent))
+            .count();
+        cluster + local
+    }
+
+    fn sid_key(&self, uid: &str, sid: &str) -> String {
+        format!("{}:{{{uid}}}:sid:{sid}", self.key)
+    }
+
+    fn conns_key(&self, uid: &str) -> String {
+        format!("{}:{{{uid}}}:conns", self.key)
+    }
+
+    fn users_key(&self) -> String {
+        format!("{}:users", self.key)
+    }
+
+    fn agents_key(&self) -> String {
+        format!("{}:agents", self.key)
+    }
+
+    fn info_key(&self) -> String {
+        format!("{}:agentinfo", self.key)
+    }
+
+    fn agent_uids_key(&self, agent: &str) -> String {
+        format!("{}:agent:{agent}:uids", self.key)
+    }
+
+    /// The backend another agent learned for session `sid` of `uid`: asked only on a local
+    /// miss, bounded by `cluster.sid_lookup_timeout`; `None` when Redis is unreachable, slow or
+    /// does not know the session (the ring decides then).
+    pub async fn lookup_sid(&self, uid: &str, sid: &str) -> Option<Backend> {
+        let counters = crate::metrics::counters();
+        if !crate::affinity::plausible_sid(sid) {
+            // Never a sid a handshake taught (and keeps key names unambiguous).
+            return None;
+        }
+        let Some(conn) = self.conn.load_full() else {
+            counters.cluster_sid_lookup("unavailable");
+            return None;
+        };
+        let mut conn = (*conn).clone();
+        let cmd = redis::cmd("GET").arg(self.sid_key(uid, sid)).clone();
+        let get = cmd.query_async::<Option<String>>(&mut conn);
+        match tokio::time::timeout(self.cfg.sid_lookup_timeout, get).await {
+            Ok(Ok(Some(addr))) => {
+                let b = Backend::new(&addr).ok();
+                counters.cluster_sid_lookup(if b.is_some() { "hit" } else { "error" });
+                b
+            }
+            Ok(Ok(None)) => {
+                counters.cluster_sid_lookup("miss");
+                None
+            }
+            Ok(Err(_)) | Err(_) => {
+                counters.cluster_sid_lookup("error");
+                None
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------------------------
+    // the presence API
+
+    /// Is this agent's view current: everything it holds written, Redis answering.
+    fn stale(&self) -> bool {
+        !self.synced.load(Ordering::Relaxed)
+    }
+
+    fn as_of(&self) -> Value {
+        let ms = self.as_of.load(Ordering::Relaxed);
+        if ms == 0 {
+            return Value::Null;
+        }
+        let t = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0));
+        json!(humantime::format_rfc3339_millis(t).to_string())
+    }
+
+    async fn reader(&self) -> Option<MultiplexedConnection> {
+        self.conn.load_full().map(|c| (*c).clone())
+    }
+
+    async fn live_agents(
+        &self,
+        conn: &mut MultiplexedConnection,
+    ) -> redis::RedisResult<Vec<String>> {
+        redis::cmd("ZRANGEBYSCORE")
+            .arg(self.agents_key())
+            .arg(now_ms())
+            .arg("+inf")
+            .query_async(conn)
+            .await
+    }
+
+    /// `GET /api/users/{uid}`.
+    pub async fn user(&self, uid: &str) -> Value {
+        let read = async {
+            let mut conn = self.reader().await.ok_or(())?;
+            let live: HashSet<String> = self
+                .live_agents(&mut conn)
+                .await
+                .map_err(|_| ())?
+                .into_iter()
+                .collect();
+            let all: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.conns_key(uid))
+                .query_async(&mut conn)
+                .await
+                .map_err(|_| ())?;
+            Ok::<_, ()>(live_entries(all, &live))
+        };
+        let (conns, stale) = match tokio::time::timeout(self.cfg.timeout, read).await {
+            Ok(Ok(c)) => (c, self.stale()),
+            _ => (self.local_entries(uid), true),
+        };
+        json!({
+            "uid": uid,
+            "online": !conns.is_empty(),
+            "connections": conns.iter().map(|(id, e)| entry_value(id, e)).collect::<Vec<_>>(),
+            "stale": stale,
+            "as_of": self.as_of(),
+        })
+    }
+
+    /// This agent's own connections of `uid` (the view while Redis cannot be read).
+    fn local_entries(&self, uid: &str) -> Vec<(String, Entry)> {
+        let st = self.state();
+        let mut v: Vec<(String, Entry)> = st
+            .conns
+            .iter()
+            .filter(|(_, c)| &*c.uid == uid)
+            .map(|(id, c)| {
+                let e = serde_json::from_str(&entry_json(&self.agent, c)).ok();
+                (format!("{}/{id}", self.agent), e)
+            })
+            .filter_map(|(id, e)| e.map(|e| (id, e)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    /// `GET /api/users?cursor=C&limit=N`: uids with live connections, in byte order after `C`.
+    pub async fn users(&self, cursor: Option<&str>, limit: usize) -> Value {
+        let read = async {
+            let mut conn = self.reader().await.ok_or(())?;
+            let live: HashSet<String> = self
+                .live_agents(&mut conn)
+                .await
+                .map_err(|_| ())?
+                .into_iter()
+                .collect();
+            let start = cursor.map_or("-".to_string(), |c| format!("({c}"));
+            let uids: Vec<String> = redis::cmd("ZRANGEBYLEX")
+                .arg(self.users_key())
+                .arg(start)
+                .arg("+")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut conn)
+                .await
+                .map_err(|_| ())?;
+            let mut pipe = redis::pipe();
+            for u in &uids {
+                pipe.cmd("HGETALL").arg(self.conns_key(u));
+            }
+            let maps: Vec<HashMap<String, String>> = if uids.is_empty() {
+                Vec::new()
+            } else {
+                pipe.query_async(&mut conn).await.map_err(|_| ())?
+            };
+            let next = (uids.len() == limit)
+                .then(|| uids.last().cloned())
+                .flatten();
+            let users: Vec<Value> = uids
+                .iter()
+                .zip(maps)
+                .filter_map(|(u, m)| {
+                    let n = live_entries(m, &live).len();
+                    (n > 0).then(|| json!({"uid": u, "connections": n}))
+                })
+                .collect();
+            Ok::<_, ()>((users, next))
+        };
+        match tokio::time::timeout(self.cfg.timeout, read).await {
+            Ok(Ok((users, next))) => json!({
+                "users": users, "next_cursor": next, "stale": self.stale(), "as_of": self.as_of(),
+            }),
+            _ => {
+                let st = self.state();
+                let mut local: Vec<(&Arc<str>, &u32)> = st
+                    .by_uid
+                    .iter()
+                    .filter(|(u, _)| cursor.is_none_or(|c| &***u > c))
+                    .collect();
+                local.sort();
+                local.truncate(limit);
+                let next = (local.len() == limit)
+                    .then(|| local.last().map(|(u, _)| u.to_string()))
+                    .flatten();
+                let users: Vec<Value> = local
+                    .iter()
+                    .map(|(u, n)| json!({"uid": &***u, "connections": n}))
+                    .collect();
+                json!({"users": users, "next_cursor": next, "stale": true, "as_of": self.as_of()})
+            }
+        }
+    }
+
+    /// The `cluster` object of `/api/status` (totals as of the last heartbeat).
+    pub fn status(&self) -> Value {
+        let t = self.totals.lock().map(|t| t.clone()).unwrap_or_default();
+        let (ws, polling) = self.state().counts();
+        json!({
+            "agent": self.agent,
+            "stale": self.stale(),
+            "as_of": self.as_of(),
+            "agents": t.agents,
+            "connections": t.connections,
+            "users": t.users,
+            "local": {"connections": ws + polling, "websocket": ws, "polling": polling},
+        })
+    }
+
+    // ------------------------------------------------------------------------------------
+    // the writer
+
+    async fn connect(&self) -> Result<MultiplexedConnection, String> {
+        let client = redis::Client::open(self.url.as_str()).map_err(|e| e.to_string())?;
+        match tokio::time::timeout(self.cfg.timeout, client.get_multiplexed_async_connection())
+            .await
+        {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("connect timed out".into()),
+        }
+    }
+
+    /// Sends `cmds` as one pipeline within the timeout.
+    async fn send(
+        &self,
+        conn: &mut MultiplexedConnection,
+        pipe: &redis::Pipeline,
+    ) -> Result<(), String> {
+        match tokio::time::timeout(self.cfg.timeout, pipe.query_async::<()>(conn)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
+    }
+
+    fn add_write(&self, pipe: &mut redis::Pipeline, w: &Write) {
+        match w {
+            Write::Put { id, uid, json } => {
+                pipe.cmd("HSET")
+                    .arg(self.conns_key(uid))
+                    .arg(format!("{}/{id}", self.agent))
+                    .arg(json)
+                    .ignore();
+                pipe.cmd("ZADD")
+                    .arg(self.users_key())
+                    .arg(0)
+                    .arg(&**uid)
+                    .ignore();
+                pipe.cmd("SADD")
+                    .arg(self.agent_uids_key(&self.agent))
+                    .arg(&**uid)
+                    .ignore();
+            }
+            Write::Del { id, uid, last, sid } => {
+                pipe.cmd("EVAL")
+                    .arg(CLOSE_SCRIPT)
+                    .arg(2)
+                    .arg(self.conns_key(uid))
+                    .arg(self.users_key())
+                    .arg(format!("{}/{id}", self.agent))
+                    .arg(&**uid)
+                    .ignore();
+                if *last {
+                    pipe.cmd("SREM")
+                        .arg(self.agent_uids_key(&self.agent))
+                        .arg(&**uid)
+                        .ignore();
+                }
+                if *sid {
+                    pipe.cmd("DEL").arg(self.sid_key(uid, id)).ignore();
+                }
+            }
+            Write::Sid { uid, sid, backend } => {
+                let ms = u64::try_from(self.sid_ttl.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                pipe.cmd("SET")
+                    .arg(self.sid_key(uid, sid))
+                    .arg(backend)
+                    .arg("PX")
+                    .arg(ms)
+                    .ignore();
+            }
+        }
+    }
+
+    /// Deletes every entry of `agent` (a dead one, or this process before it re-publishes).
+    async fn reap(&self, conn: &mut MultiplexedConnection, agent: &str) -> Result<(), String> {
+        let uids_key = self.agent_uids_key(agent);
+        let uids: Vec<String> = tokio::time::timeout(
+            self.cfg.timeout,
+            redis::cmd("SMEMBERS").arg(&uids_key).query_async(conn),
+        )
+        .await
+        .map_err(|_| "redis did not answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        let prefix = format!("{agent}/");
+        for chunk in uids.chunks(BATCH) {
+            let mut pipe = redis::pipe();
+            for uid in chunk {
+                pipe.cmd("EVAL")
+                    .arg(REAP_SCRIPT)
+                    .arg(2)
+                    .arg(self.conns_key(uid))
+                    .arg(self.users_key())
+                    .arg(&prefix)
+                    .arg(uid)
+                    .ignore();
+            }
+            self.send(conn, &pipe).await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(&uids_key).ignore();
+        if agent != self.agent {
+            pipe.cmd("ZREM").arg(self.agents_key()).arg(agent).ignore();
+            pipe.cmd("HDEL").arg(self.info_key()).arg(agent).ignore();
+        }
+        self.send(conn, &pipe).await?;
+        if !uids.is_empty() {
+            tracing::info!(
+                agent,
+                uids = uids.len(),
+                "cluster: reaped the directory entries of an agent"
+            );
+        }
+        Ok(())
+    }
+
+    /// Says this agent is alive, reaps dead agents and reads the totals.
+    async fn heartbeat(&self, conn: &mut MultiplexedConnection) -> Result<(), String> {
+        let (ws, polling) = self.state().counts();
+        let now = now_ms();
+        let ttl = i64::try_from(self.cfg.ttl.as_millis()).unwrap_or(i64::MAX);
+        let info = json!({
+            "connections": ws + polling, "websocket": ws, "polling": polling,
+            "started": self.started_ms,
+        })
+        .to_string();
+        let mut pipe = redis::pipe();
+        pipe.cmd("ZADD")
+            .arg(self.agents_key())
+            .arg(now.saturating_add(ttl))
+            .arg(&self.agent)
+            .ignore();
+        pipe.cmd("HSET")
+            .arg(self.info_key())
+            .arg(&self.agent)
+            .arg(info)
+            .ignore();
+        self.send(conn, &pipe).await?;
+        let dead: Vec<String> = tokio::time::timeout(
+            self.cfg.timeout,
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(self.agents_key())
+                .arg("-inf")
+                .arg(format!("({now}"))
+                .query_async(conn),
+        )
+        .await
+        .map_err(|_| "redis did not answer in time".to_string())?
+        .map_err(|e| e.to_string())?;
+        for agent in dead.iter().filter(|a| **a != self.agent) {
+            self.reap(conn, agent).await?;
+        }
+        let read = async {
+            let live = self.live_agents(conn).await?;
+            let info: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(self.info_key())
+                .query_async(conn)
+                .await?;
+            let users: u64 = redis::cmd("ZCARD")
+                .arg(self.users_key())
+                .query_async(conn)
+                .await?;
+            Ok::<_, redis::RedisError>((live, info, users))
+        };
+        let (live, info, users) = tokio::time::timeout(self.cfg.timeout, read)
+            .await
+            .map_err(|_| "redis did not answer in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        let connections: u64 = live
+            .iter()
+            .filter_map(|a| info.get(a))
+            .filter_map(|s| serde_json::from_str::<Value>(s).ok())
+            .filter_map(|v| v.get("connections").and_then(Value::as_u64))
+            .sum();
+        let totals = Totals {
+            agents: live.len(),
+            connections,
+            users,
+        };
+        let c = crate::metrics::counters();
+        c.cluster_agents
+            .set(i64::try_from(totals.agents).unwrap_or(i64::MAX));
+        c.cluster_connections
+            .set(i64::try_from(totals.connections).unwrap_or(i64::MAX));
+        c.cluster_users
+            .set(i64::try_from(totals.users).unwrap_or(i64::MAX));
+        if let Ok(mut t) = self.totals.lock() {
+            *t = totals;
+        }
+        if let Ok(mut l) = self.live.lock() {
+            *l = live.into_iter().collect();
+        }
+        Ok(())
+    }
+
+    /// One round of the writer: connect if needed, re-publish if needed, flush the queue,
+    /// heartbeat when due. Any error drops the connection; the next round starts over.
+    async fn round(&self, beat_due: bool) -> Result<bool, String> {
+        let mut conn = match self.conn.load_full() {
+            Some(c) => (*c).clone(),
+            None => {
+                let c = self.connect().await?;
+                self.conn.store(Some(Arc::new(c.clone())));
+                tracing::info!(agent = %self.agent, "cluster: connected to redis; publishing this agent's connections");
+                self.state().resync = true;
+                c
+            }
+        };
+        let mut beat = beat_due;
+        let resync = {
+            let mut st = self.state();
+            if st.resync {
+                st.resync = false;
+                st.queue.clear();
+                let all: Vec<(String, Conn)> = st
+                    .conns
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                Some(all)
+            } else {
+                None
+            }
+        };
+        if let Some(all) = resync {
+            // Alive first, so readers keep what is about to be written.
+            self.heartbeat(&mut conn).await?;
+            beat = false;
+            self.reap(&mut conn, &self.agent.clone()).await?;
+            let writes: Vec<Write> = all
+                .into_iter()
+                .flat_map(|(id, c)| {
+                    let mut w = vec![Write::Put {
+                        json: entry_json(&self.agent, &c),
+                        uid: c.uid.clone(),
+                        id: id.clone(),
+                    }];
+                    if c.sid {
+                        w.push(Write::Sid {
+                            uid: c.uid,
+                            sid: id,
+                            backend: c.backend,
+                        });
+                    }
+                    w
+                })
+                .collect();
+            for chunk in writes.chunks(BATCH) {
+                let mut pipe = redis::pipe();
+                for w in chunk {
+                    self.add_write(&mut pipe, w);
+                }
+                self.send(&mut conn, &pipe).await?;
+            }
+        }
+        loop {
+            let batch: Vec<Write> = {
+                let mut st = self.state();
+                let n = st.queue.len().min(BATCH);
+                st.queue.drain(..n).collect()
+            };
+            if batch.is_empty() {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for w in &batch {
+                self.add_write(&mut pipe, w);
+            }
+            self.send(&mut conn, &pipe).await?;
+        }
+        if beat {
+            self.heartbeat(&mut conn).await?;
+        }
+        Ok(beat)
+    }
+
+    fn failed(&self, why: &str) {
+        crate::metrics::counters().cluster_errors.inc();
+        self.synced.store(false, Ordering::Relaxed);
+        if !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(agent = %self.agent, "cluster: redis unavailable ({why}); proxying goes on, the cluster view is stale until it answers");
+        }
+        self.conn.store(None);
+        // What was queued is lost with the connection: publish everything when it is back.
+        self.state().resync = true;
+        crate::metrics::counters().cluster_stale.set(1);
+    }
+}
+
+fn backend_string(b: &Backend) -> String {
+    crate::routing::backend_addr(b).map_or_else(|| format!("{:?}", b.addr), |a| a.to_string())
+}
+
+/// The entries of `all` (field → JSON) whose agent is alive, in field order.
+fn live_entries(all: HashMap<String, String>, live: &HashSet<String>) -> Vec<(String, Entry)> {
+    let mut v: Vec<(String, Entry)> = all
+        .into_iter()
+        .filter_map(|(id, json)| serde_json::from_str::<Entry>(&json).ok().map(|e| (id, e)))
+        .filter(|(_, e)| live.contains(&e.agent))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn entry_value(id: &str, e: &Entry) -> Value {
+    let since = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(e.since).unwrap_or(0));
+    json!({
+        "id": id,
+        "agent": e.agent,
+        "backend": e.backend,
+        "transport": e.transport,
+        "since": humantime::format_rfc3339_millis(since).to_string(),
+        "client": e.client,
+    })
+}
+
+/// The background writer of the directory.
+pub struct DirectoryService(pub Arc<Directory>);
+
+#[async_trait]
+impl BackgroundService for DirectoryService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let dir = &self.0;
+        tracing::info!(agent = %dir.agent, "cluster: directory writer started");
+        let mut last_beat: Option<Instant> = None;
+        let mut last_tick: Option<Instant> = None;
+        let mut next_connect = Instant::now();
+        loop {
+            // Once a second, not at every wake-up (a connect storm wakes the writer often): the
+            // idle scan and the local gauge walk the whole table.
+            if last_tick.is_none_or(|t| t.elapsed() >= TICK) {
+                last_tick = Some(Instant::now());
+                let expired = dir.state().expire(Instant::now());
+                if expired > 0 {
+                    tracing::debug!(expired, "cluster: idle polling sessions ended");
+                }
+                let (ws, polling) = dir.state().counts();
+                crate::metrics::counters()
+                    .cluster_local
+                    .set(i64::try_from(ws + polling).unwrap_or(i64::MAX));
+            }
+            if dir.conn.load().is_some() || Instant::now() >= next_connect {
+                let due = last_beat.is_none_or(|t| t.elapsed() >= dir.cfg.heartbeat);
+                match dir.round(due).await {
+                    Ok(beat) => {
+                        if beat || last_beat.is_none() {
+                            last_beat = Some(Instant::now());
+                        }
+                        let pending = dir.state().resync;
+                        if !pending {
+                            dir.warned.store(false, Ordering::Relaxed);
+                            if !dir.synced.swap(true, Ordering::Relaxed) {
+                                tracing::info!(agent = %dir.agent, "cluster: directory in sync");
+                            }
+                            dir.as_of.store(now_ms(), Ordering::Relaxed);
+                            crate::metrics::counters().cluster_stale.set(0);
+                        }
+                    }
+                    Err(why) => {
+                        dir.failed(&why);
+                        // Reconnect attempts: often enough to converge quickly, rarely enough
+                        // not to hammer a Redis that is coming back (whatever wakes the writer).
+                        next_connect = Instant::now() + RECONNECT;
+                    }
+                }
+            }
+            let wait = if dir.conn.load().is_some() {
+                TICK.min(dir.cfg.heartbeat)
+            } else {
+                next_connect
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10))
+            };
+            tokio::select! {
+                _ = shutdown.changed() => break,
+                _ = dir.wake.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        // A clean stop leaves the view at once rather than after the TTL.
+        if let Some(c) = dir.conn.load_full() {
+            let mut conn = (*c).clone();
+            let agent = dir.agent.clone();
+            if dir.reap(&mut conn, &agent).await.is_ok() {
+                let mut pipe = redis::pipe();
+                pipe.cmd("ZREM").arg(dir.agents_key()).arg(&agent).ignore();
+                pipe.cmd("HDEL").arg(dir.info_key()).arg(&agent).ignore();
+                let _ = dir.send(&mut conn, &pipe).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

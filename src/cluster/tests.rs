@@ -1,0 +1,195 @@
+use super::*;
+
+fn conn(uid: &str, transport: Transport, idle: Duration, last_seen: Instant) -> Conn {
+    Conn {
+        uid: uid.into(),
+        backend: "127.0.0.1:4000".into(),
+        transport,
+        since_ms: 1,
+        client: None,
+        sid: transport == Transport::Polling,
+        idle,
+        last_seen,
+    }
+}
+
+#[test]
+fn polling_sessions_expire_after_their_idle_bound_and_tunnels_never() {
+    let mut st = State::new(100);
+    let t0 = Instant::now();
+    let idle = Duration::from_secs(45);
+    st.put("a", "s1", conn("alice", Transport::Polling, idle, t0));
+    st.put(
+        "a",
+        "w0",
+        conn("alice", Transport::Websocket, Duration::MAX, t0),
+    );
+    st.put(
+        "a",
+        "s2",
+        conn(
+            "bob",
+            Transport::Polling,
+            idle,
+            t0 + Duration::from_secs(30),
+        ),
+    );
+    st.queue.clear();
+    assert_eq!(st.expire(t0 + Duration::from_secs(44)), 0);
+    // s1 is past 45 s without a request; bob's s2 was seen 30 s later.
+    assert_eq!(st.expire(t0 + Duration::from_secs(46)), 1);
+    assert!(!st.conns.contains_key("s1"));
+    assert_eq!(st.by_uid.get("alice"), Some(&1));
+    // Not alice's last connection: her uid stays in the agent's set.
+    assert_eq!(
+        st.queue.pop_front(),
+        Some(Write::Del {
+            id: "s1".into(),
+            uid: "alice".into(),
+            last: false,
+            sid: true
+        })
+    );
+    assert_eq!(st.expire(t0 + Duration::from_secs(3600)), 1);
+    assert!(
+        st.conns.contains_key("w0"),
+        "a tunnel ends when it closes, not by idleness"
+    );
+    assert_eq!(
+        st.queue.pop_front(),
+        Some(Write::Del {
+            id: "s2".into(),
+            uid: "bob".into(),
+            last: true,
+            sid: true
+        })
+    );
+}
+
+#[test]
+fn an_upgrade_keeps_one_connection_and_the_uid_is_counted_once() {
+    let mut st = State::new(100);
+    let t0 = Instant::now();
+    st.put(
+        "a",
+        "s1",
+        conn("alice", Transport::Polling, Duration::from_secs(1), t0),
+    );
+    st.put(
+        "a",
+        "s1",
+        conn("alice", Transport::Websocket, Duration::MAX, t0),
+    );
+    assert_eq!(st.conns.len(), 1);
+    assert_eq!(st.by_uid.get("alice"), Some(&1));
+    assert_eq!(st.counts(), (1, 0));
+    assert!(st.remove("s1"));
+    assert!(
+        !st.remove("s1"),
+        "a second close of the same id writes nothing"
+    );
+    assert!(st.by_uid.is_empty());
+    let writes: Vec<_> = st.queue.drain(..).collect();
+    assert_eq!(writes.len(), 3);
+    assert!(matches!(&writes[2], Write::Del { last: true, .. }));
+}
+
+#[test]
+fn the_queue_is_bounded_drops_the_oldest_and_asks_for_a_resync() {
+    let mut st = State::new(4);
+    st.resync = false;
+    let t0 = Instant::now();
+    for i in 0..10 {
+        st.put(
+            "a",
+            &format!("w{i}"),
+            conn("u", Transport::Websocket, Duration::MAX, t0),
+        );
+    }
+    assert_eq!(st.queue.len(), 4);
+    assert_eq!(st.dropped, 6);
+    assert!(
+        st.resync,
+        "lost writes are repaired by publishing the whole table"
+    );
+    // The newest stay, in order; the local table itself lost nothing.
+    let ids: Vec<_> = st
+        .queue
+        .iter()
+        .map(|w| match w {
+            Write::Put { id, .. } => id.clone(),
+            _ => String::new(),
+        })
+        .collect();
+    assert_eq!(ids, ["w6", "w7", "w8", "w9"]);
+    assert_eq!(st.conns.len(), 10);
+    assert_eq!(st.by_uid.get("u"), Some(&10));
+}
+
+#[test]
+fn writes_are_batched_into_pipelines_of_the_right_commands() {
+    let cfg = ClusterConfig {
+        agent_id: Some("ag1".into()),
+        ..ClusterConfig::default()
+    };
+    let dir = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(60));
+    let b = Backend::new("127.0.0.1:4000").unwrap();
+    dir.open_polling("sid1", "alice", &b, 45_000, None);
+    let dir = Arc::new(dir);
+    let tunnel = dir.open_tunnel(None, "bob", &b, "10.0.0.1".parse().ok());
+    drop(tunnel);
+    let st = dir.state();
+    // handshake: Put + Sid; tunnel: Put then Del (last of bob).
+    assert_eq!(st.queue.len(), 4);
+    let mut pipe = redis::pipe();
+    for w in &st.queue {
+        dir.add_write(&mut pipe, w);
+    }
+    let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).to_string();
+    for want in [
+        "gopush:{alice}:conns",
+        "ag1/sid1",
+        "gopush:{alice}:sid:sid1",
+        "gopush:users",
+        "gopush:agent:ag1:uids",
+        "gopush:{bob}:conns",
+        "ag1/w0",
+        "SREM",
+        "10.0.0.1",
+    ] {
+        assert!(packed.contains(want), "{want} missing from {packed}");
+    }
+    assert_eq!(dir.agent(), "ag1");
+}
+
+#[test]
+fn readers_keep_only_live_agents_entries() {
+    let e = |agent: &str| {
+        serde_json::to_string(&Entry {
+            agent: agent.into(),
+            uid: "u".into(),
+            backend: "b".into(),
+            transport: Transport::Polling,
+            since: 0,
+            client: None,
+        })
+        .unwrap()
+    };
+    let all = HashMap::from([
+        ("a/1".to_string(), e("a")),
+        ("dead/1".to_string(), e("dead")),
+        ("a/bad".to_string(), "{not json".to_string()),
+    ]);
+    let live = HashSet::from(["a".to_string()]);
+    let got = live_entries(all, &live);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].0, "a/1");
+}
+
+#[test]
+fn default_agent_ids_differ_per_process_start() {
+    let cfg = ClusterConfig::default();
+    let a = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(1));
+    assert!(a.agent().contains(&std::process::id().to_string()));
+    assert!(!a.agent().contains('/'));
+}
