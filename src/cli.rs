@@ -30,7 +30,11 @@ const INIT_FILES: &[(&str, &str)] = &[
     ("hooks/uid.js", include_str!("../hooks/uid.js")),
     ("hooks/route.js", include_str!("../hooks/route.js")),
     ("hooks/admin.js", include_str!("../hooks/admin.js")),
+    ("conf/tls.yaml", include_str!("../conf/tls.yaml")),
 ];
+
+/// The certificate and key `conf/tls.yaml` names, made fresh by `gopush init`.
+const INIT_TLS: (&str, &str) = ("conf/tls/localhost.pem", "conf/tls/localhost.key");
 
 #[derive(Parser, Debug)]
 #[command(
@@ -397,18 +401,20 @@ fn ask_agent(config: &Config, ask: &RouteQuestion<'_>) -> Result<RouteAnswer, St
 }
 
 fn init(dir: &Path) -> anyhow::Result<()> {
-    for (rel, _) in INIT_FILES {
+    let (cert, key) = crate::tls::self_signed(&["localhost"]).map_err(anyhow::Error::msg)?;
+    let tls_files = [(INIT_TLS.0, cert.as_str()), (INIT_TLS.1, key.as_str())];
+    for rel in INIT_FILES.iter().chain(&tls_files).map(|(rel, _)| rel) {
         let path = dir.join(rel);
         if path.exists() {
             anyhow::bail!("{} exists; refusing to overwrite anything", path.display());
         }
     }
-    for (rel, text) in INIT_FILES {
+    for (rel, text) in INIT_FILES.iter().chain(&tls_files) {
         let path = dir.join(rel);
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)?;
         }
-        std::fs::write(&path, text)?;
+        write_private(&path, text, *rel == INIT_TLS.1)?;
         say!("wrote {}", path.display());
     }
     say!(
@@ -417,15 +423,59 @@ fn init(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes `text` to `path`; a private key is readable by its owner only.
+fn write_private(path: &Path, text: &str, private: bool) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut open = std::fs::OpenOptions::new();
+    open.write(true).create_new(true);
+    if private {
+        open.mode(0o600);
+    }
+    open.open(path)?.write_all(text.as_bytes())
+}
+
+/// Where `gopush demo` serves https (a self-signed `localhost` certificate made at start).
+const DEMO_TLS_LISTEN: &str = "0.0.0.0:6443";
+
+/// Adds the demo's TLS listener: a fresh self-signed certificate for `localhost` in a private
+/// temporary directory.
+fn demo_tls(config: &mut Config) -> anyhow::Result<()> {
+    let dir = std::env::temp_dir().join(format!("gopush-demo-tls-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = crate::tls::self_signed(&["localhost"]).map_err(anyhow::Error::msg)?;
+    let files = crate::config::CertificateFiles {
+        cert: dir.join("localhost.pem"),
+        key: dir.join("localhost.key"),
+    };
+    write_private(&files.cert, &cert, false)?;
+    write_private(&files.key, &key, true)?;
+    let mut entry = crate::config::ListenEntry::plain(DEMO_TLS_LISTEN.parse()?);
+    entry.tls = Some(crate::config::TlsListen {
+        certificates: vec![files],
+        default: None,
+        h2: true,
+        handshake_timeout: std::time::Duration::from_secs(10),
+    });
+    config.listen.0.push(entry);
+    Ok(())
+}
+
 fn demo() -> ExitCode {
     crate::logging::init(false, crate::config::LogFormat::Text);
-    let config = match Config::from_str_named(DEMO_CONFIG, Path::new("<embedded demo config>")) {
+    let mut config = match Config::from_str_named(DEMO_CONFIG, Path::new("<embedded demo config>"))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("gopush: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = demo_tls(&mut config) {
+        eprintln!("gopush: demo certificate: {e:#}");
+        return ExitCode::FAILURE;
+    }
     let addrs: Vec<_> = config
         .pools
         .values()
@@ -439,6 +489,7 @@ fn demo() -> ExitCode {
         }
     };
     say!("gopush demo: open http://localhost:6003 (backends on {addrs:?})");
+    say!("  or https://localhost:6443 (HTTP/2; a self-signed certificate made now: the browser asks you to accept it)");
     report(server::run(
         &config,
         None,
@@ -473,6 +524,18 @@ mod tests {
         let config = Config::load(&dir.join("conf/hooks.yaml")).unwrap_or_else(|e| panic!("{e}"));
         let live = crate::live::Live::new(config, None).unwrap_or_else(|e| panic!("{e}"));
         assert!(live.load().hooks.is_some());
+        // The TLS example loads with the certificate init made for this machine: its own key
+        // (owner-only), a leaf for localhost.
+        use std::os::unix::fs::PermissionsExt;
+        let key_mode = std::fs::metadata(dir.join(INIT_TLS.1))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o077, 0, "key mode {key_mode:o}");
+        let tls = Config::load(&dir.join("conf/tls.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let live = crate::live::Live::new(tls, None).unwrap_or_else(|e| panic!("{e}"));
+        let listener = live.listeners().tls().next().expect("a TLS listener");
+        assert_eq!(listener.resolver.table().certs[0].names, vec!["localhost"]);
         // init never overwrites.
         assert!(init(&dir).is_err());
         let _ = std::fs::remove_dir_all(&dir);

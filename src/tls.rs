@@ -158,6 +158,20 @@ fn leaf_facts(leaf: &CertificateDer<'_>) -> Result<(Vec<String>, i64), String> {
     Ok((names, cert.validity().not_after.timestamp()))
 }
 
+/// A fresh self-signed ECDSA P-256 certificate for `names`, as PEM `(certificate, key)`: what
+/// `gopush init` and `gopush demo` serve until a real certificate is configured (made on the
+/// user's machine, so no private key ships with gopush).
+pub fn self_signed(names: &[&str]) -> Result<(String, String), String> {
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("key: {e}"))?;
+    let params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .map_err(|e| format!("names: {e}"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("certificate: {e}"))?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// Which certificate answers which name, for one listener.
 #[derive(Debug, Default)]
 pub struct CertTable {

@@ -38,10 +38,32 @@ fn assert_check_fails(name: &str, yaml: &str, needles: &[&str]) {
 #[test]
 fn check_accepts_every_shipped_config() {
     let conf = common::crate_root().join("conf");
+    // conf/tls.yaml names a certificate that `gopush init` makes on the user's machine (no key
+    // ships with gopush): check it where init wrote it, next to that certificate.
+    let tmp = TempDir::new("cli-init-tls");
+    let init_dir = tmp.path().join("project");
+    let init = run_gopush(
+        &["init", init_dir.to_str().expect("utf-8 temp dir")],
+        &[],
+        LIMIT,
+    );
+    assert!(init.ok(), "gopush init: {}{}", init.stdout, init.stderr);
     let mut files: Vec<_> = std::fs::read_dir(&conf)
         .expect("read conf/")
         .map(|e| e.expect("dir entry").path())
         .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .map(|p| {
+            if p.file_name().is_some_and(|n| n == "tls.yaml") {
+                let written = init_dir.join("conf/tls.yaml");
+                assert_eq!(
+                    std::fs::read_to_string(&written).expect("init wrote conf/tls.yaml"),
+                    std::fs::read_to_string(&p).expect("conf/tls.yaml")
+                );
+                written
+            } else {
+                p
+            }
+        })
         .collect();
     files.sort();
     assert!(

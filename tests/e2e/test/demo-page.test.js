@@ -7,6 +7,11 @@
 //     page's backend port and its GET /whoami answer are the backend the route CLI names;
 //   - the room chat crosses backends: a Node socket.io-client on the other backend and the page
 //     exchange a message in both directions;
+//   - over https (the demo's TLS listener on :6443, a self-signed localhost certificate the demo
+//     makes at start; Chromium trusts exactly that key, --ignore-certificate-errors-spki-list):
+//     the page connects, its GET /whoami and a polling session it opens go over HTTP/2
+//     (`nextHopProtocol` of the resource timing entries) and its WebSocket over HTTP/1.1 (the
+//     handshake's 101, which HTTP/2 does not have);
 //   - a screenshot of the page goes to <repo>/target/demo-page.png (a CI artifact).
 //
 // The demo listens on fixed ports (6003, 4000, 4001): the test fails at once with a clear message
@@ -18,8 +23,10 @@
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
+const crypto = require('node:crypto');
 const fs = require('node:fs');
 const net = require('node:net');
+const tls = require('node:tls');
 const path = require('node:path');
 const WebSocket = require('ws');
 const h = require('../lib/harness');
@@ -29,8 +36,10 @@ const DEMO_CONF = path.join(REPO, 'conf', 'demo.yaml');
 const SCREENSHOT = path.join(REPO, 'target', 'demo-page.png');
 const AGENT_PORT = 6003;
 const AGENT = `http://127.0.0.1:${AGENT_PORT}`;
+const TLS_PORT = 6443;
+const AGENT_TLS = `https://localhost:${TLS_PORT}`;
 // Where `gopush demo` binds (fixed by the demo itself): checked free before it starts.
-const FIXED_BINDS = [['0.0.0.0', AGENT_PORT], ['127.0.0.1', 4000], ['127.0.0.1', 4001]];
+const FIXED_BINDS = [['0.0.0.0', AGENT_PORT], ['0.0.0.0', TLS_PORT], ['127.0.0.1', 4000], ['127.0.0.1', 4001]];
 
 const CANDIDATES = ['alice', 'bob', 'carol', 'dave', 'erin', 'frank', 'grace', 'heidi', 'ivan', 'judy',
   'mallory', 'oscar', 'peggy', 'trent', 'victor', 'walter',
@@ -89,6 +98,18 @@ async function routeDemo(uid) {
   return first;
 }
 
+/** base64(SHA-256(SubjectPublicKeyInfo)) of the leaf served on 127.0.0.1:port for `localhost`. */
+function servedSpki(port) {
+  return h.withTimeout(new Promise((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port, servername: 'localhost', rejectUnauthorized: false, ALPNProtocols: ['http/1.1'] }, () => {
+      const der = s.getPeerX509Certificate().publicKey.export({ type: 'spki', format: 'der' });
+      s.destroy();
+      resolve(crypto.createHash('sha256').update(der).digest('base64'));
+    });
+    s.once('error', reject);
+  }), 5000, `a TLS handshake with the demo on :${port}`);
+}
+
 /** A minimal CDP client over one target's WebSocket; every command is bounded. */
 class Cdp {
   constructor(ws) {
@@ -96,6 +117,7 @@ class Cdp {
     this.nextId = 0;
     this.pending = new Map();
     this.exceptions = []; // Runtime.exceptionThrown descriptions
+    this.webSockets = []; // Network.webSocketHandshakeResponseReceived params
     this.closed = false;
     ws.on('message', (data) => {
       let msg;
@@ -105,6 +127,8 @@ class Cdp {
         this.pending.delete(msg.id);
         if (msg.error) reject(new Error(`CDP ${method}: ${msg.error.message} (${msg.error.code})`));
         else resolve(msg.result);
+      } else if (msg.method === 'Network.webSocketHandshakeResponseReceived') {
+        this.webSockets.push(msg.params);
       } else if (msg.method === 'Runtime.exceptionThrown') {
         const d = msg.params.exceptionDetails;
         this.exceptions.push((d.exception && d.exception.description) || d.text);
@@ -264,13 +288,18 @@ describe('gopush demo page in headless Chromium (CDP)', { timeout: 60_000 }, () 
       throw new Error(`${err.message}\n--- ${demo.describe()} output:\n${demo.tail()}`);
     });
 
+    // The demo's https listener is up too; Chromium will trust the key it serves (and only it).
+    const spki = await h.poll(() => servedSpki(TLS_PORT).catch(() => false),
+      { attempts: 40, delayMs: 50, maxDelayMs: 300, what: `the demo's TLS listener on :${TLS_PORT}` });
+
     // headless Chromium with a fresh profile (so no uid cookie yet) and a CDP port.
     const cdpPort = await h.freePort();
     const profile = fs.mkdtempSync(path.join(env.dir, 'chromium-profile-'));
     chrome = new h.Proc('chromium', chromiumBin, [
       '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
       '--disable-component-update', '--disable-sync', '--no-first-run', '--window-size=1000,1400',
-      `--user-data-dir=${profile}`, `--remote-debugging-port=${cdpPort}`, 'about:blank',
+      `--user-data-dir=${profile}`, `--remote-debugging-port=${cdpPort}`,
+      `--ignore-certificate-errors-spki-list=${spki}`, 'about:blank',
     ], { logFile: path.join(env.dir, 'chromium.log') });
     env.procs.push(chrome);
     const target = await h.poll(async () => {
@@ -286,6 +315,7 @@ describe('gopush demo page in headless Chromium (CDP)', { timeout: 60_000 }, () 
     cdp = await Cdp.connect(target.webSocketDebuggerUrl);
     await cdp.send('Runtime.enable');
     await cdp.send('Page.enable');
+    await cdp.send('Network.enable');
   }, { timeout: 40_000 });
 
   after(async () => {
@@ -387,6 +417,44 @@ describe('gopush demo page in headless Chromium (CDP)', { timeout: 60_000 }, () 
     assert.equal(s.rooms, room, `joined rooms shown: ${JSON.stringify(s)}`);
     assert.equal(s.state, 'connected');
     socket.close();
+  });
+
+  it('over https: the page connects; /whoami and a polling session go over HTTP/2, the WebSocket over HTTP/1.1', async () => {
+    cdp.webSockets.length = 0;
+    await cdp.send('Page.navigate', { url: `${AGENT_TLS}/` });
+    await waitPage(`location.protocol === 'https:'
+      && document.getElementById('state').textContent === 'connected'
+      && /^[0-9]+$/.test(document.getElementById('port').textContent)
+      && document.getElementById('seen-uid').textContent !== '–'`, 'the https page to connect and show a backend port');
+    const s = await snapshot();
+    assert.equal(s.seenUid, s.uid, `the backend saw the page's uid over wss: ${JSON.stringify(s)}`);
+    assert.equal(s.port, String(h.portOf(await routeDemo(s.uid))), `uid ${s.uid}: page port vs gopush route`);
+    // The WebSocket: answered with a 101, which only HTTP/1.1 has (no RFC 8441 in gopush).
+    const ws = cdp.webSockets.find((w) => w.response && w.response.status === 101);
+    assert.ok(ws, `a WebSocket handshake answered 101: ${JSON.stringify(cdp.webSockets.map((w) => w.response && w.response.status))}`);
+
+    // The page's GET /whoami, and an Engine.IO polling session opened from the page (handshake,
+    // then a poll with its sid), as the browser's resource timing saw them.
+    await cdp.evaluate(`document.getElementById('whoami').textContent = '';
+      document.getElementById('whoami-btn').click(); true`);
+    await waitPage(`document.getElementById('whoami').textContent.startsWith('GET /whoami \u2192 200')`, 'the /whoami answer over https');
+    const polled = await cdp.evaluate(`(async () => {
+      const open = await (await fetch('/socket.io/?EIO=4&transport=polling&t=e2e1')).text();
+      const sid = JSON.parse(open.slice(1)).sid;
+      await fetch('/socket.io/?EIO=4&transport=polling&t=e2e2&sid=' + encodeURIComponent(sid), { method: 'POST', body: '40' });
+      const connected = await (await fetch('/socket.io/?EIO=4&transport=polling&t=e2e3&sid=' + encodeURIComponent(sid))).text();
+      return { open: open.slice(0, 1), connected };
+    })()`, 10000);
+    assert.equal(polled.open, '0', `Engine.IO open packet: ${JSON.stringify(polled)}`);
+    assert.match(polled.connected, /(^|\x1e)40\{"sid":/, `the polling session reached its backend again (no "Session ID unknown"): ${JSON.stringify(polled)}`);
+    const hops = await cdp.evaluate(`performance.getEntriesByType('resource')
+      .filter((e) => /[/]whoami|transport=polling&t=e2e/.test(e.name))
+      .map((e) => ({ name: e.name.replace(location.origin, ''), proto: e.nextHopProtocol }))`);
+    // (Chromium may leave the POST out of resource timing; the two GETs and /whoami must be there.)
+    for (const want of ['/whoami', 't=e2e1', 't=e2e3']) {
+      assert.ok(hops.some((e) => e.name.includes(want)), `a resource entry for ${want}: ${JSON.stringify(hops)}`);
+    }
+    for (const e of hops) assert.equal(e.proto, 'h2', `${e.name} went over ${e.proto}: ${JSON.stringify(hops)}`);
   });
 
   it('no uncaught page exceptions; screenshot saved to target/demo-page.png', async () => {
