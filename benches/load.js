@@ -7,7 +7,7 @@
 //   node load.js http      --url U [--pids P,..] --secs S --warm S --conns C [--uid U]
 //   node load.js polling   --url U | --direct B1,B2  [--pids ..] --clients N --echoes E
 //   node load.js websocket --url U | --direct B1,B2  [--pids ..] --clients N --secs S
-//   node load.js idle      --url U --pids P,.. --tiers 5000,20000
+//   node load.js idle      --url U --pids P,.. --tiers 5000,20000 [--redis-port R]
 //   node load.js storm     --url U | --direct B1,B2  [--pids ..] --clients N
 //
 // Common: --record FILE --scenario NAME --target NAME --round R append the result as one JSON line
@@ -127,6 +127,37 @@ function rssBytes(pids) {
     kb += Number(m[1]);
   }
   return kb * 1024;
+}
+
+/** The text of `INFO section` from the Redis on 127.0.0.1:port (raw RESP; bounded by `ms`). */
+function redisInfo(port, section, ms = 3000) {
+  return withTimeout(new Promise((resolve, reject) => {
+    const sock = net.connect({ host: '127.0.0.1', port });
+    let buf = Buffer.alloc(0);
+    sock.on('error', reject);
+    sock.on('connect', () => sock.write(`*2\r\n$4\r\nINFO\r\n$${section.length}\r\n${section}\r\n`));
+    sock.on('data', (d) => {
+      buf = Buffer.concat([buf, d]);
+      const nl = buf.indexOf('\r\n');
+      if (nl < 0) return;
+      const head = buf.subarray(0, nl).toString();
+      if (head[0] !== '$') { sock.destroy(); reject(new Error(`redis INFO: ${head}`)); return; }
+      const len = Number(head.slice(1));
+      if (buf.length >= nl + 2 + len) {
+        sock.destroy();
+        resolve(buf.subarray(nl + 2, nl + 2 + len).toString());
+      }
+    });
+  }), ms, `redis INFO ${section}`);
+}
+
+/** Redis's used memory (bytes) and commands executed so far (all commands, every client). */
+async function redisCost(port) {
+  const mem = /^used_memory:(\d+)/m.exec(await redisInfo(port, 'memory'));
+  const stats = await redisInfo(port, 'commandstats');
+  let calls = 0;
+  for (const m of stats.matchAll(/^cmdstat_[^:]+:calls=(\d+)/gm)) calls += Number(m[1]);
+  return { mem: mem ? Number(mem[1]) : null, calls };
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -260,10 +291,12 @@ async function modeParity(o) {
 }
 
 /** One wrk run; resolves with the JSON its `done` hook prints (benches/wrk-report.lua). */
-function runWrk({ url, secs, conns, threads, uid }) {
+function runWrk({ url, secs, conns, threads, uid, close }) {
   return new Promise((resolve, reject) => {
+    // `close`: a new connection per request (over TLS, a full handshake per request).
     const args = ['-t', String(threads), '-c', String(conns), '-d', `${secs}s`, '--timeout', '5s',
-      '-H', `Cookie: uid=${uid}`, '-s', path.join(__dirname, 'wrk-report.lua'), url];
+      '-H', `Cookie: uid=${uid}`, ...(close ? ['-H', 'Connection: close'] : []),
+      '-s', path.join(__dirname, 'wrk-report.lua'), url];
     const p = spawn(process.env.WRK_BIN || 'wrk', args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
     let err = '';
@@ -283,7 +316,7 @@ function runWrk({ url, secs, conns, threads, uid }) {
 async function modeHttp(o) {
   const pids = list(o.pids);
   const spec = { url: o.url, secs: num(o.secs, 5), conns: num(o.conns, 50), threads: num(o.threads, 1),
-    uid: o.uid || 'u123' };
+    uid: o.uid || 'u123', close: o.close === '1' };
   // Warm-up (not recorded): fills the proxies' upstream keep-alive pools and the JITs.
   if (num(o.warm, 0) > 0) await runWrk({ ...spec, secs: num(o.warm, 0) });
   const c0 = pids.length ? cpuSeconds(pids) : null;
@@ -438,6 +471,9 @@ async function modeIdle(o) {
   const sockets = [];
   const errs = [];
   let drops = 0;
+  // With --redis-port (gopush with `cluster:`): what the directory costs Redis per connection.
+  const redisPort = o['redis-port'] ? Number(o['redis-port']) : null;
+  const redis0 = redisPort ? await redisCost(redisPort) : null;
   const before = rssBytes(pids);
   const c0 = cpuSeconds(pids);
   const out = [];
@@ -457,8 +493,14 @@ async function modeIdle(o) {
     await delay(hold);
     const after = rssBytes(pids);
     const open = sockets.length;
-    out.push({ tier, open, open_s: round3(openS), rss_before_mb: round3(before / 1048576),
-      rss_after_mb: round3(after / 1048576), per_conn_kb: open ? round3((after - before) / open / 1024) : null });
+    const row = { tier, open, open_s: round3(openS), rss_before_mb: round3(before / 1048576),
+      rss_after_mb: round3(after / 1048576), per_conn_kb: open ? round3((after - before) / open / 1024) : null };
+    if (redisPort && open) {
+      const r = await redisCost(redisPort);
+      row.redis_bytes_per_conn = Math.round((r.mem - redis0.mem) / open);
+      row.redis_cmds_per_conn = round3((r.calls - redis0.calls) / open);
+    }
+    out.push(row);
     if (open < tier) break;
   }
   const cpu = cpuSeconds(pids) - c0;

@@ -43,7 +43,7 @@ function median(xs) {
 /** scenario -> target -> {metric: median over rounds, errors: sum, rounds: n} */
 function aggregate(scenario) {
   const out = {};
-  for (const t of TARGETS) {
+  for (const t of [...TARGETS, 'gopush-cluster']) {
     const rows = lines.filter((l) => l.scenario === scenario && l.target === t);
     if (!rows.length) continue;
     const agg = { rounds: rows.length, errors: rows.reduce((s, r) => s + (r.errors || 0), 0) };
@@ -63,9 +63,14 @@ const R = {
   polling: aggregate('polling'),
   websocket: aggregate('websocket'),
   storm: aggregate('storm'),
+  https: aggregate('https'),
+  handshake: aggregate('handshake'),
+  wss: aggregate('wss'),
 };
 const idle = {};
 for (const l of lines.filter((x) => x.scenario === 'idle')) idle[l.target] = l;
+const idleWss = {};
+for (const l of lines.filter((x) => x.scenario === 'idle-wss')) idleWss[l.target] = l;
 const micro = lines.find((l) => l.scenario === 'micro');
 const parity = lines.find((l) => l.scenario === 'parity');
 
@@ -188,6 +193,17 @@ for (const tier of idleTiers('gopush')) {
     n ? n.per_conn_kb : null, tier.per_conn_kb, b ? b.per_conn_kb : null);
 }
 sum('connect storm: s to all connected', 'lower', 'storm', 'all_connected_s');
+sum('HTTPS static (keep-alive): req/s', 'higher', 'https', 'rps');
+sum('HTTPS static (keep-alive): proxy CPU s / 10k req', 'lower', 'https', 'cpu_per_10k');
+sum('TLS handshakes / s (new connection per request)', 'higher', 'handshake', 'rps');
+sum('TLS handshakes: proxy CPU s / 10k', 'lower', 'handshake', 'cpu_per_10k');
+sum('Socket.IO over wss: acks/s', 'higher', 'wss', 'acks_per_s');
+sum('Socket.IO over wss: proxy CPU s / 10k acks', 'lower', 'wss', 'cpu_per_10k');
+for (const tier of (idleWss.gopush ? idleWss.gopush.tiers : [])) {
+  const n = (idleWss.nginx ? idleWss.nginx.tiers : []).find((x) => x.tier === tier.tier);
+  addSum(`idle wss (${tier.tier.toLocaleString('en-US')}): proxy kB / connection`, 'lower',
+    n ? n.per_conn_kb : null, tier.per_conn_kb, null);
+}
 p('### gopush / nginx, and gopush / bare Pingora');
 p();
 p(table(['metric', 'better', 'nginx', 'bare Pingora', 'gopush', 'gopush / nginx', 'gopush / Pingora'], sumRows));
@@ -254,6 +270,59 @@ p(idleRows.length ? table(['connections', 'proxy', 'open', 'RSS before MB', 'RSS
 if (o['idle-note']) { p(); p(`Note: ${o['idle-note']}.`); }
 p();
 
+p('### Cluster features on vs off (`cluster:` on the same Redis: directory, presence, shared sid memory)');
+p();
+const clusterRows = [];
+{
+  const off = get('storm', 'gopush', 'all_connected_s');
+  const on = get('storm', 'gopush-cluster', 'all_connected_s');
+  if (off !== null || on !== null) {
+    clusterRows.push([`connect storm (${fmt(get('storm', 'gopush', 'clients'))}): s to all connected`, fmt(off), fmt(on),
+      fmtRatio(ratio(on, off)), '', '']);
+  }
+  for (const x of (idle['gopush-cluster'] ? idle['gopush-cluster'].tiers : [])) {
+    const base = (idle.gopush ? idle.gopush.tiers : []).find((y) => y.tier === x.tier);
+    clusterRows.push([`idle WebSockets (${x.tier.toLocaleString('en-US')}): proxy kB / connection`,
+      fmt(base ? base.per_conn_kb : null), fmt(x.per_conn_kb),
+      base && x.per_conn_kb !== null && base.per_conn_kb !== null ? `${(x.per_conn_kb - base.per_conn_kb).toFixed(2)} kB more` : '–',
+      fmt(x.redis_bytes_per_conn), fmt(x.redis_cmds_per_conn)]);
+  }
+}
+p(clusterRows.length ? table(['metric', 'gopush', 'gopush + cluster', 'on / off', 'Redis bytes / connection', 'Redis commands / connection'], clusterRows) : '_not run_');
+p();
+p('Redis bytes are `used_memory` after − before the tier, over the open connections; commands are every command Redis ran meanwhile ' +
+  '(`INFO commandstats`, all clients: the directory\'s batched writes, heartbeats, and the Socket.IO adapter\'s own traffic), over the open connections.');
+p();
+
+p('### TLS (one ECDSA P-256 certificate; nginx `ssl http2`, gopush TLS listener with h2)');
+p();
+const tlsRows = [];
+for (const [s, label, k, unit] of [['https', 'HTTPS keep-alive, static backend', 'rps', 'req/s'],
+  ['handshake', 'new TLS connection per request', 'rps', 'handshakes/s'],
+  ['wss', 'Socket.IO websocket echo over wss', 'acks_per_s', 'acks/s']]) {
+  for (const t of ['nginx', 'gopush']) {
+    const a = R[s][t];
+    if (!a) continue;
+    tlsRows.push([label, t, `${fmt(a[k])} ${unit}`, fmt(a.p50_ms), fmt(a.p99_ms), fmt(a.cpu_per_10k), errCell(a)]);
+  }
+  const r1 = ratio(get(s, 'gopush', k), get(s, 'nginx', k));
+  if (r1 !== null) {
+    tlsRows.push([label, '*gopush / nginx*', fmtRatio(r1), fmtRatio(ratio(get(s, 'gopush', 'p50_ms'), get(s, 'nginx', 'p50_ms'))),
+      fmtRatio(ratio(get(s, 'gopush', 'p99_ms'), get(s, 'nginx', 'p99_ms'))),
+      fmtRatio(ratio(get(s, 'gopush', 'cpu_per_10k'), get(s, 'nginx', 'cpu_per_10k'))), '']);
+  }
+}
+for (const t of ['nginx', 'gopush']) {
+  const r = idleWss[t];
+  if (!r) continue;
+  for (const x of r.tiers) {
+    tlsRows.push([`idle wss (${x.tier.toLocaleString('en-US')})`, t, `${fmt(x.per_conn_kb)} kB / connection`,
+      '', '', '', r.errors ? `**${r.errors}**` : '0']);
+  }
+}
+p(tlsRows.length ? table(['scenario', 'target', 'rate', 'p50 ms', 'p99 ms', 'proxy CPU s / 10k', 'errors'], tlsRows) : '_not run_');
+p();
+
 p('### Connect storm: WebSocket clients connecting at once');
 p();
 const stormRows = [];
@@ -296,6 +365,10 @@ ports, nginx as the proxy, bare Pingora and gopush. Each scenario runs its targe
 | Socket.IO websocket | N clients, transport \`websocket\` only, each a closed loop of acked \`echo\` for S seconds | acks/s, ack round trip p50/p99, errors |
 | idle WebSockets | 5,000 then 20,000 (where \`ulimit -n\` allows) Engine.IO WebSocket sessions through each proxy, answering pings | (proxy RSS after − before) / connections |
 | connect storm | 2,000 WebSocket clients started in the same event-loop turn | time until the last one has its Socket.IO CONNECT acknowledged, connect p50/p99, failures |
+| HTTPS static | the HTTP static load against each proxy's TLS listener (one ECDSA P-256 certificate, TLS 1.2/1.3, h2 offered; wrk speaks HTTP/1.1); nginx and gopush only (bare Pingora is built without TLS) | req/s, latency, proxy CPU per 10k requests |
+| TLS handshakes | the same with \`Connection: close\`: every request is a new connection and a full handshake (no session resumption) | handshakes/s = req/s, proxy CPU per 10k handshakes |
+| Socket.IO over wss | the websocket scenario over \`wss://\` (the load generator trusts the test CA) | acks/s, ack round trip, proxy CPU |
+| idle wss | the idle scenario over \`wss://\` (5,000) | (proxy RSS after − before) / connections |
 | micro | criterion, in process: \`UidResolver::resolve\` on a request head and \`Router::route\` on the Ketama ring (\`benches/resolve_select.rs\`); the same uid from a JavaScript \`uid(req)\` hook, from the cookie source and from a JWT (\`benches/hook_cost.rs\`) | time per call |
 
 - **Direct baseline.** HTTP goes straight to the backend that uid \`u123\` maps to (so every target

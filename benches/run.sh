@@ -10,7 +10,10 @@
 #   --out DIR         where BENCHMARKS.md and benchmarks.svg go
 #   --only a,b        run only these scenarios; --skip a,b skips them. Scenarios:
 #                     http (Node /whoami), http-static (nginx `return 200` backends), polling,
-#                     websocket, idle, storm, micro (criterion)
+#                     websocket, idle, storm, micro (criterion); over TLS (nginx and gopush
+#                     on one ECDSA P-256 certificate, HTTP/2 offered by both): https (keep-alive
+#                     GET to the static backends), handshake (a new TLS connection per request),
+#                     wss (Socket.IO websocket echo), idle-wss (idle wss memory)
 #   --keep            keep the work directory (configs, logs) even on success
 #
 # What it starts, all on 127.0.0.1 with free ports, all stopped on exit (trap):
@@ -61,7 +64,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 
-ALL_SCENARIOS="http http-static polling websocket idle storm micro"
+ALL_SCENARIOS="http http-static polling websocket idle storm micro https handshake wss idle-wss"
 for s in ${ONLY//,/ } ${SKIP//,/ }; do
   case " $ALL_SCENARIOS " in *" $s "*) ;; *) echo "run.sh: unknown scenario '$s' ($ALL_SCENARIOS)" >&2; exit 2 ;; esac
 done
@@ -79,6 +82,7 @@ if [ "$MODE" = smoke ]; then
   POLL_CLIENTS=20 POLL_ECHOES=5
   WS_CLIENTS=20 WS_SECS=2
   IDLE_TIERS="200 500"
+  IDLE_WSS_TIERS="200"
   STORM_CLIENTS=200
   CRITERION_ARGS=(--warm-up-time 0.2 --measurement-time 0.5 --sample-size 10)
   BUDGET_S=300
@@ -89,6 +93,7 @@ else
   POLL_CLIENTS=200 POLL_ECHOES=20
   WS_CLIENTS=200 WS_SECS=4
   IDLE_TIERS="5000 20000"
+  IDLE_WSS_TIERS="5000"
   STORM_CLIENTS=2000
   CRITERION_ARGS=(--warm-up-time 1 --measurement-time 3)
   BUDGET_S=900
@@ -198,7 +203,7 @@ LOAD() { node "$BENCH/load.js" "$@"; }
 # ------------------------------------------------------------------------------------------------
 # preflight
 
-for tool in node wrk "$NGINX_BIN" "$REDIS_BIN" curl; do
+for tool in node wrk "$NGINX_BIN" "$REDIS_BIN" curl openssl; do
   command -v "$tool" >/dev/null 2>&1 || die "'$tool' not found (Debian: apt-get install wrk nginx-light redis-server curl nodejs)"
 done
 if [ ! -d "$NODE_PATH/socket.io-client" ] || [ ! -d "$NODE_PATH/ws" ]; then
@@ -258,10 +263,26 @@ RUN_START=$(date +%s)
 # ------------------------------------------------------------------------------------------------
 # servers
 
-mapfile -t P < <(LOAD ports 8)
-[ "${#P[@]}" -eq 8 ] || die "could not find free ports"
+mapfile -t P < <(LOAD ports 11)
+[ "${#P[@]}" -eq 11 ] || die "could not find free ports"
 REDIS_PORT=${P[0]} B1_PORT=${P[1]} B2_PORT=${P[2]} S1_PORT=${P[3]} S2_PORT=${P[4]} NGX_PORT=${P[5]} GP_PORT=${P[6]}
-BARE_PORT=${P[7]}
+BARE_PORT=${P[7]} NGX_TLS_PORT=${P[8]} GP_TLS_PORT=${P[9]} GPC_PORT=${P[10]}
+
+# One test CA and one ECDSA P-256 leaf (localhost, 127.0.0.1) for both TLS proxies; the Node
+# load generator trusts the CA (NODE_EXTRA_CA_CERTS), wrk does not verify.
+TLS_DIR="$WORK/tls"
+mkdir -p "$TLS_DIR"
+(
+  cd "$TLS_DIR"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj "/CN=gopush bench CA" -keyout ca.key -out ca.pem
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    -subj "/CN=localhost" -keyout leaf.key -out leaf.csr
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' >leaf.ext
+  openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile leaf.ext -out leaf.pem
+  cat leaf.pem ca.pem >chain.pem
+) >"$WORK/tls-gen.log" 2>&1 || { cat "$WORK/tls-gen.log" >&2; die "could not make the test certificate"; }
+export NODE_EXTRA_CA_CERTS="$TLS_DIR/ca.pem"
 B1=127.0.0.1:$B1_PORT B2=127.0.0.1:$B2_PORT S1=127.0.0.1:$S1_PORT S2=127.0.0.1:$S2_PORT
 
 start redis "$WORK/redis.log" "$REDIS_BIN" --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
@@ -378,6 +399,28 @@ $(nginx_temp_paths "$ND")
       proxy_send_timeout 3600s;
     }
   }
+  # The TLS twin (https, handshake, wss, idle-wss): same location; TLS 1.2/1.3 and HTTP/2 by
+  # ALPN, as gopush's TLS listener; nginx's defaults otherwise (no session cache, so a new
+  # connection is a full handshake on both).
+  server {
+    listen 127.0.0.1:$NGX_TLS_PORT ssl http2 backlog=4096;
+    ssl_certificate $TLS_DIR/chain.pem;
+    ssl_certificate_key $TLS_DIR/leaf.key;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    location / {
+      proxy_pass http://\$pool;
+      proxy_http_version 1.1;
+      proxy_set_header Host \$host;
+      proxy_set_header Upgrade \$http_upgrade;
+      proxy_set_header Connection \$connection_upgrade;
+      proxy_set_header X-Gopush-Uid \$cookie_uid;
+      proxy_set_header X-Real-IP \$remote_addr;
+      proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Proto \$scheme;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }
+  }
 }
 EOF
 } >"$ND.conf"
@@ -398,7 +441,10 @@ for w in $W; do WORKERS+=("$w"); NGX_PIDS="$NGX_PIDS,$w"; done
 # gopush, equivalent: cookie uid only (what nginx hashes), same backends, 2 threads, no access log.
 GP_CONF="$WORK/gopush.yaml"
 cat >"$GP_CONF" <<EOF
-listen: "127.0.0.1:$GP_PORT"
+listen:
+  - "127.0.0.1:$GP_PORT"
+  - addr: "127.0.0.1:$GP_TLS_PORT"
+    tls: { certificates: [{ cert: $TLS_DIR/chain.pem, key: $TLS_DIR/leaf.key }] }
 uid:
   sources: [{ cookie: uid }]
   forward: { header: x-gopush-uid, query: uid }
@@ -424,12 +470,33 @@ start gopush "$WORK/gopush.log" env RUST_LOG=warn "$GOPUSH_BIN" run -c "$GP_CONF
 GP_PID=$LAST_PID
 wait_port "$GP_PID" "$GP_PORT" 15 gopush
 
+# gopush with the cluster features on (`cluster:` on the same Redis: connection directory,
+# presence, shared sid memory): the storm and idle scenarios run it beside plain gopush, as
+# target `gopush-cluster`, to show what the directory costs.
+GPC_CONF="$WORK/gopush-cluster.yaml"
+sed -e "/^listen:/,/^uid:/{/^uid:/!d}" -e "s#^uid:#listen: \"127.0.0.1:$GPC_PORT\"\nuid:#" \
+  -e "s#$WORK/gopush.pid#$WORK/gopush-cluster.pid#; s#$WORK/gopush_upgrade.sock#$WORK/gopush-cluster_upgrade.sock#" \
+  "$GP_CONF" >"$GPC_CONF"
+printf 'cluster: { redis: "redis://127.0.0.1:%s", agent_id: bench }\n' "$REDIS_PORT" >>"$GPC_CONF"
+"$GOPUSH_BIN" check -c "$GPC_CONF" >"$WORK/gopush-cluster-check.log" 2>&1 \
+  || { cat "$WORK/gopush-cluster-check.log" >&2; die "gopush rejected its cluster config"; }
+start gopush-cluster "$WORK/gopush-cluster.log" env RUST_LOG=warn "$GOPUSH_BIN" run -c "$GPC_CONF"
+GPC_PID=$LAST_PID
+wait_port "$GPC_PID" "$GPC_PORT" 15 "gopush (cluster)"
+
 # Bare Pingora: the same pools and threads, Pingora's defaults for everything else.
 start pingora "$WORK/pingora.log" env BARE_THREADS=2 ${BARE_L4_READ:+BARE_L4_READ=$BARE_L4_READ} "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
 BARE_PID=$LAST_PID
 wait_port "$BARE_PID" "$BARE_PORT" 15 "bare pingora"
 
 NGX_URL=http://127.0.0.1:$NGX_PORT GP_URL=http://127.0.0.1:$GP_PORT BARE_URL=http://127.0.0.1:$BARE_PORT
+GPC_URL=http://127.0.0.1:$GPC_PORT
+NGX_TLS_URL=https://localhost:$NGX_TLS_PORT GP_TLS_URL=https://localhost:$GP_TLS_PORT
+wait_port "$GP_PID" "$GP_TLS_PORT" 15 "gopush (TLS)"
+for u in "$NGX_TLS_URL" "$GP_TLS_URL"; do
+  code=$(curl -s --cacert "$TLS_DIR/ca.pem" -o /dev/null -w '%{http_code}' -H 'Cookie: uid=u123' "$u/whoami?product=static")
+  [ "$code" = 200 ] || die "$u/whoami?product=static answered $code over TLS"
+done
 # The HTTP scenarios use one uid so that direct, nginx and gopush all hit the same single backend
 # (the one the ring gives `u123`): the proxies' cost is then what separates them from direct.
 # (Whole output captured, first line kept: `gopush route | head -n 1` can make gopush panic on EPIPE.)
@@ -457,8 +524,10 @@ order() {
     3) echo gopush direct nginx pingora ;;
   esac
 }
-pids_of() { case $1 in nginx) echo "$NGX_PIDS" ;; gopush) echo "$GP_PID" ;; pingora) echo "$BARE_PID" ;; *) echo "" ;; esac; }
-url_of() { case $1 in nginx) echo "$NGX_URL" ;; gopush) echo "$GP_URL" ;; pingora) echo "$BARE_URL" ;; esac; }
+pids_of() { case $1 in nginx) echo "$NGX_PIDS" ;; gopush) echo "$GP_PID" ;; gopush-cluster) echo "$GPC_PID" ;; pingora) echo "$BARE_PID" ;; *) echo "" ;; esac; }
+url_of() { case $1 in nginx) echo "$NGX_URL" ;; gopush) echo "$GP_URL" ;; gopush-cluster) echo "$GPC_URL" ;; pingora) echo "$BARE_URL" ;; esac; }
+# The order with gopush-cluster right after gopush (storm and idle).
+order_cluster() { order "$1" | sed 's/\bgopush\b/gopush gopush-cluster/'; }
 # Socket.IO targets: a proxy URL, or the direct baseline (clients pick their backend by the ring).
 # Both helpers fill an array (TGT, REC) so the options keep their word boundaries.
 sio_target() { case $1 in direct) TGT=(--direct "$B1,$B2") ;; *) TGT=(--url "$(url_of "$1")") ;; esac; }
@@ -524,11 +593,13 @@ sc_websocket() {
 sc_idle() {
   local rc=0 t
   [ -n "$IDLE_TIERS_CSV" ] || { log "idle: no tier fits in ulimit -n $NOFILE"; return 1; }
-  for t in nginx pingora gopush; do
+  for t in nginx pingora gopush gopush-cluster; do
     log "idle websockets: $t (tiers $IDLE_TIERS_CSV)"
     rec idle "$t" 1
+    local redis=()
+    [ "$t" = gopush-cluster ] && redis=(--redis-port "$REDIS_PORT")
     LOAD idle --url "$(url_of "$t")" --pids "$(pids_of "$t")" --tiers "$IDLE_TIERS_CSV" \
-      --timeout-ms 240000 "${REC[@]}" || reference "$t" || rc=1
+      --timeout-ms 240000 "${redis[@]}" "${REC[@]}" || reference "$t" || rc=1
     sleep 2   # let the closes drain before the other proxy's "before" reading
   done
   return $rc
@@ -536,13 +607,66 @@ sc_idle() {
 
 sc_storm() {
   local rc=0 r t
-  for r in $(seq 1 "$ROUNDS"); do for t in $(order "$r"); do
+  for r in $(seq 1 "$ROUNDS"); do for t in $(order_cluster "$r"); do
     log "connect storm round $r: $t ($STORM_CLIENTS clients at once)"
     sio_target "$t"; rec storm "$t" "$r"
     LOAD storm "${TGT[@]}" --pids "$(pids_of "$t")" --clients "$STORM_CLIENTS" \
       --client-timeout-ms 30000 --timeout-ms 90000 "${REC[@]}" || reference "$t" || rc=1
     sleep 1
   done; done
+  return $rc
+}
+
+# TLS scenarios: nginx and gopush only (bare Pingora is built without TLS), alternating order.
+tls_order() { if [ $(( $1 % 2 )) = 1 ]; then echo nginx gopush; else echo gopush nginx; fi; }
+tls_url_of() { case $1 in nginx) echo "$NGX_TLS_URL" ;; gopush) echo "$GP_TLS_URL" ;; esac; }
+
+sc_https() {
+  local rc=0 r t
+  for r in $(seq 1 "$ROUNDS"); do for t in $(tls_order "$r"); do
+    log "https keep-alive (static backend) round $r: $t"
+    rec https "$t" "$r"
+    LOAD http --url "$(tls_url_of "$t")/whoami?product=static" --pids "$(pids_of "$t")" --secs "$HTTP_SECS" \
+      --warm "$HTTP_WARM" --conns "$WRK_CONNS" --uid u123 --timeout-ms $(( (HTTP_SECS + HTTP_WARM) * 1000 + 30000 )) \
+      "${REC[@]}" || rc=1
+  done; done
+  return $rc
+}
+
+# A new TLS connection per request (`Connection: close`): requests per second are full
+# handshakes per second (ECDSA P-256; wrk resumes no session).
+sc_handshake() {
+  local rc=0 r t
+  for r in $(seq 1 "$ROUNDS"); do for t in $(tls_order "$r"); do
+    log "TLS handshakes (a new connection per request) round $r: $t"
+    rec handshake "$t" "$r"
+    LOAD http --close 1 --url "$(tls_url_of "$t")/whoami?product=static" --pids "$(pids_of "$t")" --secs "$HTTP_SECS" \
+      --warm "$HTTP_WARM" --conns "$WRK_CONNS" --uid u123 --timeout-ms $(( (HTTP_SECS + HTTP_WARM) * 1000 + 30000 )) \
+      "${REC[@]}" || rc=1
+  done; done
+  return $rc
+}
+
+sc_wss() {
+  local rc=0 r t
+  for r in $(seq 1 "$ROUNDS"); do for t in $(tls_order "$r"); do
+    log "socket.io over wss round $r: $t ($WS_CLIENTS clients, ${WS_SECS}s)"
+    rec wss "$t" "$r"
+    LOAD websocket --url "$(tls_url_of "$t")" --pids "$(pids_of "$t")" --clients "$WS_CLIENTS" \
+      --secs "$WS_SECS" --timeout-ms $(( WS_SECS * 1000 + 60000 )) "${REC[@]}" || rc=1
+  done; done
+  return $rc
+}
+
+sc_idle_wss() {
+  local rc=0 t
+  for t in nginx gopush; do
+    log "idle wss: $t (tiers $IDLE_WSS_TIERS)"
+    rec idle-wss "$t" 1
+    LOAD idle --url "$(tls_url_of "$t")" --pids "$(pids_of "$t")" --tiers "${IDLE_WSS_TIERS// /,}" \
+      --timeout-ms 240000 "${REC[@]}" || rc=1
+    sleep 2   # let the closes drain before the other proxy's "before" reading
+  done
   return $rc
 }
 
@@ -573,7 +697,7 @@ run_scenario() {
   fi
   SCEN_PID=""
   # A proxy that died makes every later number meaningless: stop here.
-  for p in "$GP_PID" "$BARE_PID" ${NGX_PIDS//,/ }; do
+  for p in "$GP_PID" "$GPC_PID" "$BARE_PID" ${NGX_PIDS//,/ }; do
     kill -0 "$p" 2>/dev/null || die "proxy process $p died during '$name' (logs in $WORK)"
   done
 }
@@ -585,6 +709,10 @@ run_scenario websocket sc_websocket
 run_scenario idle sc_idle
 run_scenario storm sc_storm
 run_scenario micro sc_micro
+run_scenario https sc_https
+run_scenario handshake sc_handshake
+run_scenario wss sc_wss
+run_scenario idle-wss sc_idle_wss
 
 # ------------------------------------------------------------------------------------------------
 # report
@@ -593,7 +721,7 @@ ELAPSED=$(( $(date +%s) - RUN_START ))
 mkdir -p "$OUT"
 node "$BENCH/report.js" --results "$RESULTS" --out "$OUT" --mode "$MODE" --rounds "$ROUNDS" \
   --elapsed "$ELAPSED" --failed "$(IFS=,; echo "${FAILED[*]:-}")" --idle-note "$IDLE_NOTE" \
-  --config "http: wrk -t1 -c$WRK_CONNS ${HTTP_SECS}s (+${HTTP_WARM}s warm-up); polling: $POLL_CLIENTS clients x $POLL_ECHOES echoes; websocket: $WS_CLIENTS clients x ${WS_SECS}s; idle: $IDLE_TIERS_CSV; storm: $STORM_CLIENTS" \
+  --config "http: wrk -t1 -c$WRK_CONNS ${HTTP_SECS}s (+${HTTP_WARM}s warm-up); polling: $POLL_CLIENTS clients x $POLL_ECHOES echoes; websocket: $WS_CLIENTS clients x ${WS_SECS}s; idle: $IDLE_TIERS_CSV; storm: $STORM_CLIENTS; TLS: ECDSA P-256 leaf, idle wss: ${IDLE_WSS_TIERS// /,}" \
   --gopush-version "$("$GOPUSH_BIN" --version 2>/dev/null | head -n 1)" \
   --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')" \
   || { log "report generation failed"; exit 1; }
