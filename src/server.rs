@@ -97,6 +97,14 @@ pub fn run(
         HealthLoop(live.clone()),
     ));
     server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
+    if let Some(acme) = &config.acme {
+        // Until a TLS listener serves it, an ACME certificate is only stored.
+        let publish: crate::acme::Publish = Arc::new(|_, _| {});
+        server.add_service(background_service(
+            "acme",
+            crate::acme::AcmeService::new(acme.clone(), publish),
+        ));
+    }
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
     let daemon = mode.daemon || config.server.daemon;
     let reopen = crate::logging::ReopenOnUsr1 {

@@ -121,6 +121,10 @@ impl Config {
     /// run once, so a syntax error is reported here with its file and line, not at the first
     /// request.
     fn load_files(&mut self, base: &Path) -> Result<(), (String, String)> {
+        if let Some(acme) = &mut self.acme {
+            acme.load_files(base)
+                .map_err(|(field, message)| (format!("acme.{field}"), message))?;
+        }
         for (i, source) in self.uid.sources.iter_mut().enumerate() {
             if let UidSource::Jwt(jwt) = source {
                 jwt.load_key(base).map_err(|(field, message)| {

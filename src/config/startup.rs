@@ -21,6 +21,8 @@ pub struct Startup {
     pub admin_listen: SocketAddr,
     /// `access_log.format`: the log is one stream, set up once.
     pub access_log_format: LogFormat,
+    /// `acme`: its service is started once.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 impl Startup {
@@ -33,6 +35,7 @@ impl Startup {
             admin_enabled: config.admin.enabled,
             admin_listen: config.admin.listen,
             access_log_format: config.access_log.format,
+            acme: config.acme.clone(),
         }
     }
 
@@ -53,6 +56,7 @@ impl Startup {
             self.access_log_format != next.access_log_format,
             "access_log.format",
         );
+        check(self.acme != next.acme, "acme");
         keys
     }
 }

@@ -62,6 +62,9 @@ pub struct Config {
     /// Pushing events into the Socket.IO cluster through its Redis adapter.
     #[serde(default)]
     pub push: PushConfig,
+    /// ACME certificates (HTTP-01, answered on the plain listeners).
+    #[serde(default)]
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 // `Config` has a required key (`pools`), so its other keys default one by one.
