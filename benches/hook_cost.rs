@@ -7,11 +7,12 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use gopush::config::Config;
-use gopush::hooks::{HookRequest, Hooks};
+use gopush::hooks::{HookRequest, Hooks, Program};
 use gopush::uid::UidResolver;
 use pingora::http::RequestHeader;
 use std::hint::black_box;
 use std::path::Path;
+use std::sync::Arc;
 
 const SECRET: &str = "bench-secret-bench-secret-bench-secret";
 
@@ -48,7 +49,10 @@ fn hooks(dir: &Path, source: &str) -> Hooks {
     std::fs::write(dir.join("uid.js"), source).expect("hook file");
     let yaml = "pools: {default: {backends: [\"127.0.0.1:4000\"]}}\nhooks: {uid: ../uid.js}\n";
     let config = Config::from_str_named(yaml, &dir.join("conf/bench.yaml")).expect("config");
-    Hooks::new(config.hooks.program.expect("program"))
+    let program = Program::load(&config.hooks, config.dir())
+        .expect("hook loads")
+        .expect("program");
+    Hooks::new(Arc::new(program))
 }
 
 fn bench(c: &mut Criterion) {
@@ -65,7 +69,7 @@ fn bench(c: &mut Criterion) {
         Path::new("bench.yaml"),
     )
     .expect("config");
-    let resolver = UidResolver::new(&config.uid);
+    let resolver = UidResolver::build(&config.uid, config.dir()).expect("resolver");
     c.bench_function("uid: declarative cookie source", |b| {
         b.iter(|| black_box(resolver.next(black_box(&req), 0).expect("uid")))
     });
@@ -100,7 +104,7 @@ fn bench(c: &mut Criterion) {
         Path::new("bench.yaml"),
     )
     .expect("config");
-    let jwt_resolver = UidResolver::new(&jwt_config.uid);
+    let jwt_resolver = UidResolver::build(&jwt_config.uid, jwt_config.dir()).expect("resolver");
     let jwt_req = RequestHeader::build(
         "GET",
         format!("/socket.io/?EIO=4&transport=websocket&token={token}").as_bytes(),

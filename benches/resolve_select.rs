@@ -65,7 +65,7 @@ fn request(path: &str, cookie: Option<&str>) -> RequestHeader {
 fn resolve_select(c: &mut Criterion) {
     let config = Config::from_str_named(CONFIG, Path::new("benches/resolve_select.rs"))
         .expect("benchmark configuration is valid");
-    let resolver = UidResolver::new(&config.uid);
+    let resolver = UidResolver::build(&config.uid, config.dir()).expect("resolver");
     // Every backend healthy, no probing: the ring as the request path reads it.
     let router = Router::offline(&config).expect("benchmark rings build");
 

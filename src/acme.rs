@@ -24,7 +24,7 @@ use instant_acme::{
 };
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use serde::{Deserialize, Serialize};
+use serde::{de, Deserialize, Deserializer, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
@@ -44,41 +44,36 @@ const ORDER_TIMEOUT: Duration = Duration::from_secs(90);
 /// How often an agent waiting for another one's storage lock looks again.
 const LOCK_POLL: Duration = Duration::from_millis(250);
 
-/// `tls.acme`: obtain and renew a certificate for `domains`.
+/// `acme`: obtain and renew a certificate for `domains`. Each field checks itself, so a bad
+/// value is reported with its key (`acme.domains`) and line.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(try_from = "RawAcme")]
+#[serde(deny_unknown_fields)]
 pub struct AcmeConfig {
     /// The ACME directory URL (https).
+    #[serde(deserialize_with = "https_url")]
     pub directory: String,
     /// Contact address for the account (`mailto:` is added).
+    #[serde(default, deserialize_with = "opt_email")]
     pub email: Option<String>,
     /// DNS names of the certificate (the first names its files).
+    #[serde(deserialize_with = "dns_names")]
     pub domains: Vec<String>,
     /// Directory for the account, keys, certificates and the lock; may be shared by agents.
+    #[serde(deserialize_with = "dir_path")]
     pub storage: PathBuf,
     /// Renew when the certificate expires within this.
+    #[serde(default = "default_renew_before", with = "humantime_serde")]
     pub renew_before: Duration,
     /// How often the certificate's expiry is checked.
+    #[serde(
+        default = "default_check_interval",
+        deserialize_with = "positive_duration"
+    )]
     pub check_interval: Duration,
     /// PEM CA certificate trusted for the directory's HTTPS instead of the system roots (a test
     /// CA such as pebble's).
+    #[serde(default)]
     pub directory_ca: Option<PathBuf>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAcme {
-    directory: String,
-    #[serde(default)]
-    email: Option<String>,
-    domains: Vec<String>,
-    storage: PathBuf,
-    #[serde(default = "default_renew_before", with = "humantime_serde")]
-    renew_before: Duration,
-    #[serde(default = "default_check_interval", with = "humantime_serde")]
-    check_interval: Duration,
-    #[serde(default)]
-    directory_ca: Option<PathBuf>,
 }
 
 fn default_renew_before() -> Duration {
@@ -89,51 +84,60 @@ fn default_check_interval() -> Duration {
     Duration::from_secs(12 * 3600)
 }
 
-impl TryFrom<RawAcme> for AcmeConfig {
-    type Error = String;
-
-    fn try_from(raw: RawAcme) -> Result<Self, String> {
-        let url = raw.directory.trim();
-        if !url.starts_with("https://") || url.len() == "https://".len() {
-            return Err(format!(
-                "directory: `{url}` is not an https:// URL (ACME directories are served over HTTPS)"
-            ));
-        }
-        if let Some(email) = &raw.email {
-            if email.is_empty() || !email.contains('@') || email.contains(char::is_whitespace) {
-                return Err(format!("email: `{email}` is not an e-mail address"));
-            }
-        }
-        if raw.domains.is_empty() {
-            return Err("domains: needs at least one DNS name".into());
-        }
-        let mut domains: Vec<String> = Vec::with_capacity(raw.domains.len());
-        for d in &raw.domains {
-            let d = d.trim_end_matches('.').to_ascii_lowercase();
-            if let Err(why) = check_dns_name(&d) {
-                return Err(format!("domains: `{d}` {why}"));
-            }
-            if domains.contains(&d) {
-                return Err(format!("domains: `{d}` is listed twice"));
-            }
-            domains.push(d);
-        }
-        if raw.storage.as_os_str().is_empty() {
-            return Err("storage: must name a directory".into());
-        }
-        if raw.check_interval.is_zero() {
-            return Err("check_interval: must be more than 0".into());
-        }
-        Ok(AcmeConfig {
-            directory: url.to_string(),
-            email: raw.email,
-            domains,
-            storage: raw.storage,
-            renew_before: raw.renew_before,
-            check_interval: raw.check_interval,
-            directory_ca: raw.directory_ca,
-        })
+fn https_url<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let url = String::deserialize(d)?;
+    let url = url.trim();
+    if !url.starts_with("https://") || url.len() == "https://".len() {
+        return Err(de::Error::custom(format!(
+            "`{url}` is not an https:// URL (ACME directories are served over HTTPS)"
+        )));
     }
+    Ok(url.to_string())
+}
+
+fn opt_email<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let email = String::deserialize(d)?;
+    if !email.contains('@') || email.contains(char::is_whitespace) {
+        return Err(de::Error::custom(format!(
+            "`{email}` is not an e-mail address"
+        )));
+    }
+    Ok(Some(email))
+}
+
+fn dns_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let raw = Vec::<String>::deserialize(d)?;
+    if raw.is_empty() {
+        return Err(de::Error::custom("needs at least one DNS name"));
+    }
+    let mut domains: Vec<String> = Vec::with_capacity(raw.len());
+    for d in &raw {
+        let d = d.trim_end_matches('.').to_ascii_lowercase();
+        if let Err(why) = check_dns_name(&d) {
+            return Err(de::Error::custom(format!("`{d}` {why}")));
+        }
+        if domains.contains(&d) {
+            return Err(de::Error::custom(format!("`{d}` is listed twice")));
+        }
+        domains.push(d);
+    }
+    Ok(domains)
+}
+
+fn dir_path<'de, D: Deserializer<'de>>(d: D) -> Result<PathBuf, D::Error> {
+    let p = PathBuf::deserialize(d)?;
+    if p.as_os_str().is_empty() {
+        return Err(de::Error::custom("must name a directory"));
+    }
+    Ok(p)
+}
+
+fn positive_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let v = humantime_serde::deserialize(d)?;
+    if Duration::is_zero(&v) {
+        return Err(de::Error::custom("must be more than 0"));
+    }
+    Ok(v)
 }
 
 /// HTTP-01 proves control of one name at a time: wildcards, IP addresses and odd characters are
@@ -164,19 +168,18 @@ fn check_dns_name(d: &str) -> Result<(), &'static str> {
 }
 
 impl AcmeConfig {
-    /// Makes `storage` and `directory_ca` relative to the configuration file's directory and
-    /// checks that the CA file is a PEM certificate (`gopush check` reports it).
-    pub fn load_files(&mut self, base: &Path) -> Result<(), (String, String)> {
-        if self.storage.is_relative() {
-            self.storage = base.join(&self.storage);
+    /// This section with `storage` and `directory_ca` relative to `dir` (the configuration
+    /// file's directory); checks that the CA file is a PEM certificate (`gopush check` reports
+    /// it as `(key, problem)`).
+    pub fn resolved(&self, dir: &Path) -> Result<AcmeConfig, (String, String)> {
+        let mut c = self.clone();
+        c.storage = dir.join(&self.storage);
+        if let Some(ca) = &self.directory_ca {
+            let ca = dir.join(ca);
+            read_ca(&ca).map_err(|e| ("directory_ca".to_string(), e))?;
+            c.directory_ca = Some(ca);
         }
-        if let Some(ca) = &mut self.directory_ca {
-            if ca.is_relative() {
-                *ca = base.join(&*ca);
-            }
-            read_ca(ca).map_err(|e| ("directory_ca".to_string(), e))?;
-        }
-        Ok(())
+        Ok(c)
     }
 
     /// The name of the certificate's files: the first domain.
@@ -722,7 +725,7 @@ mod tests {
             ),
             (
                 "{directory: 'https://ca/dir', domains: [a.b], storage: s, check_interval: 0s}",
-                "check_interval",
+                "more than 0",
             ),
         ] {
             let e = parse(yaml).err().unwrap_or_default();

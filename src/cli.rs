@@ -123,11 +123,13 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
-            print_pools(&config);
-            // Build the very snapshot the agent would run (rings, uid sources, hooks, metrics
-            // children), so that what `check` accepts, `run` accepts.
+            // Build the very snapshot the agent would run (hooks, JWT keys, rings, uid
+            // sources, metrics children), so that what `check` accepts, `run` accepts.
             match crate::live::Live::new(config, Some(path)) {
-                Ok(_) => ExitCode::SUCCESS,
+                Ok(live) => {
+                    print_pools(&live.load());
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("gopush: configuration error: {e}");
                     ExitCode::FAILURE
@@ -180,7 +182,8 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn print_pools(config: &Config) {
+fn print_pools(snapshot: &crate::live::Snapshot) {
+    let config = &snapshot.config;
     let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
     say!("configuration ok; listen {}", listen.join(", "));
     if config.admin.enabled {
@@ -201,9 +204,9 @@ fn print_pools(config: &Config) {
             say!("  {} weight {}", b.addr, b.weight);
         }
     }
-    if let Some(program) = &config.hooks.program {
+    if let Some(hooks) = &snapshot.hooks {
         for kind in crate::hooks::HookKind::ALL {
-            if let Some(f) = program.file(kind) {
+            if let Some(f) = hooks.program().file(kind) {
                 println!("hook {}: {} (compiled)", kind.name(), f.name);
             }
         }
@@ -447,7 +450,8 @@ mod tests {
         let yaml = "pools: {default: {backends: [\"127.0.0.1:4000\", \"127.0.0.1:4001\"]}}\nhooks: {uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}\n";
         std::fs::write(dir.join("conf/hooks.yaml"), yaml).unwrap();
         let config = Config::load(&dir.join("conf/hooks.yaml")).unwrap_or_else(|e| panic!("{e}"));
-        assert!(config.hooks.program.is_some());
+        let live = crate::live::Live::new(config, None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(live.load().hooks.is_some());
         // init never overwrites.
         assert!(init(&dir).is_err());
         let _ = std::fs::remove_dir_all(&dir);

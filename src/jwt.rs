@@ -14,7 +14,6 @@ use serde::{de, Deserialize, Deserializer};
 use std::borrow::Cow;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Where the token travels.
@@ -29,7 +28,8 @@ pub enum TokenFrom {
     Header,
 }
 
-/// The `jwt` uid source as configured; [`JwtSource::load_key`] makes it usable.
+/// The `jwt` uid source as configured; [`JwtSource::verifier`] loads its key into a
+/// [`JwtVerifier`], which the snapshot's uid resolver holds.
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSource {
@@ -59,13 +59,22 @@ pub struct JwtSource {
     /// Clock skew tolerated on `exp` and `nbf`.
     #[serde(default, with = "humantime_serde")]
     pub leeway: Duration,
-    #[serde(skip)]
-    verifier: Option<Arc<Verifier>>,
 }
 
-struct Verifier {
+/// A [`JwtSource`] with its key loaded: what the request path verifies tokens with.
+pub struct JwtVerifier {
+    source: JwtSource,
     key: DecodingKey,
     validation: Validation,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The source's Debug redacts the key; the decoding key is not printed at all.
+        f.debug_struct("JwtVerifier")
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
 }
 
 fn default_claim() -> String {
@@ -126,7 +135,7 @@ impl JwtSource {
     /// Reads the key (from `key` or `key_file`, relative to `base`) and prepares verification.
     /// Errors are `(key suffix, message)`, e.g. `("key_file", "cannot read ...")`, and never
     /// contain key material.
-    pub fn load_key(&mut self, base: &Path) -> Result<(), (&'static str, String)> {
+    pub fn verifier(&self, base: &Path) -> Result<JwtVerifier, (&'static str, String)> {
         if self.name.is_empty() {
             return Err(("name", "must not be empty".into()));
         }
@@ -179,8 +188,11 @@ impl JwtSource {
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
         }
-        self.verifier = Some(Arc::new(Verifier { key, validation }));
-        Ok(())
+        Ok(JwtVerifier {
+            source: self.clone(),
+            key,
+            validation,
+        })
     }
 
     /// The token in `req`, if any (empty counts as absent).
@@ -209,19 +221,23 @@ impl JwtSource {
         };
         (!raw.is_empty()).then_some(raw)
     }
+}
+
+impl JwtVerifier {
+    /// The token in `req`, if any (see [`JwtSource::token`]).
+    pub fn token<'r>(&self, req: &'r RequestHeader) -> Option<Cow<'r, str>> {
+        self.source.token(req)
+    }
 
     /// Verifies `token` and returns the uid claim, or a fixed reason for the refusal.
     pub fn verify(&self, token: &str) -> Result<String, &'static str> {
-        let Some(v) = &self.verifier else {
-            return Err("token verification is not configured");
-        };
         let data = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
             token,
-            &v.key,
-            &v.validation,
+            &self.key,
+            &self.validation,
         )
         .map_err(|e| reason(e.kind()))?;
-        match data.claims.get(&self.claim) {
+        match data.claims.get(&self.source.claim) {
             Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
             Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
             _ => Err("the token has no usable uid claim"),

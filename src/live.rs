@@ -20,7 +20,7 @@ use bytes::Bytes;
 use pingora::lb::HealthRegistry;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -48,17 +48,20 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// Derives everything from a loaded configuration (hooks were read and checked by
-    /// [`Config::load`]; each worker thread compiles them once for this snapshot's generation).
-    /// `file` names the configuration in errors.
+    /// Derives everything from a parsed configuration: reads and checks the files it names
+    /// (hooks, JWT keys; each worker thread compiles the hooks once for this snapshot's
+    /// generation) and builds the rings. `gopush check`, the start and every reload come
+    /// through here, so what `check` accepts is what runs.
     fn build(
         config: Config,
         health: Arc<HealthRegistry>,
-        file: &Path,
         shared: &Shared,
     ) -> Result<Self, ConfigError> {
-        let resolver = UidResolver::new(&config.uid);
-        let hooks = config.hooks.program.clone().map(Hooks::new);
+        let invalid = |(key, message): (String, String)| config.invalid(key, message);
+        let resolver = UidResolver::build(&config.uid, config.dir()).map_err(invalid)?;
+        let hooks = crate::hooks::Program::load(&config.hooks, config.dir())
+            .map_err(invalid)?
+            .map(|p| Hooks::new(Arc::new(p)));
         let tried = match hooks.as_ref().and_then(|h| h.program().file(HookKind::Uid)) {
             // The file name only: the body goes to clients, the directory is nobody's business.
             Some(f) => format!(
@@ -71,13 +74,13 @@ impl Snapshot {
         };
         let missing_uid_body =
             Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
-        let router = Router::new(&config, &health, &shared.drain).map_err(|message| {
-            ConfigError::Invalid {
-                file: file.to_path_buf(),
-                key: "pools".into(),
-                message,
-            }
-        })?;
+        if let Some(acme) = &config.acme {
+            // Checked here so that `gopush check` reports an unreadable CA file.
+            acme.resolved(config.dir())
+                .map_err(|(key, message)| config.invalid(format!("acme.{key}"), message))?;
+        }
+        let router = Router::new(&config, &health, &shared.drain)
+            .map_err(|message| config.invalid("pools", message))?;
         // Dynamic pools are still empty here: their children are added as discovery fills them
         // (`ConfigStats::sync`).
         let stats = shared.metrics.resolve(&router, &config.uid.sources);
@@ -164,9 +167,8 @@ impl Live {
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
         let shared = Shared::new(&config);
-        let name = path.clone().unwrap_or_else(|| PathBuf::from("<embedded>"));
         Ok(Live {
-            current: ArcSwap::from_pointee(Snapshot::build(config, health, &name, &shared)?),
+            current: ArcSwap::from_pointee(Snapshot::build(config, health, &shared)?),
             path,
             reloading: tokio::sync::Mutex::new(()),
             shared,
@@ -264,7 +266,7 @@ impl Live {
             health_registry(&config.health_check)
         };
         let fresh_health = !Arc::ptr_eq(&health, &old.health);
-        let next = Snapshot::build(config, health, path, &self.shared)?;
+        let next = Snapshot::build(config, health, &self.shared)?;
         // Dynamic pools are empty until discovered: never swap in a pool without backends.
         next.router.refresh().await;
         next.stats.sync(&next.router);
@@ -378,13 +380,8 @@ mod tests {
         )
         .unwrap_or_else(|e| panic!("{e}"));
         let shared = Shared::new(&config);
-        Snapshot::build(
-            config,
-            Arc::new(HealthRegistry::new()),
-            std::path::Path::new("conf/x.yaml"),
-            &shared,
-        )
-        .unwrap_or_else(|e| panic!("{e}"))
+        Snapshot::build(config, Arc::new(HealthRegistry::new()), &shared)
+            .unwrap_or_else(|e| panic!("{e}"))
     }
 
     fn req(xff: Option<&str>) -> pingora::http::RequestHeader {

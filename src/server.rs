@@ -48,7 +48,10 @@ pub fn run(
     // signal that never comes (600 s).
     let bootstrap = server.bootstrap_as_a_service();
 
-    let live = Arc::new(Live::new(config.clone(), config_path)?);
+    let live = Arc::new(
+        Live::new(config.clone(), config_path)
+            .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?,
+    );
     if config.pools.values().any(|p| p.is_dynamic()) {
         // Discovered pools must have backends before the first request: resolve them now.
         tokio::runtime::Builder::new_current_thread()
@@ -98,11 +101,14 @@ pub fn run(
     ));
     server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
     if let Some(acme) = &config.acme {
+        let acme = acme
+            .resolved(config.dir())
+            .map_err(|(key, message)| config.invalid(format!("acme.{key}"), message))?;
         // Until a TLS listener serves it, an ACME certificate is only stored.
         let publish: crate::acme::Publish = Arc::new(|_, _| {});
         server.add_service(background_service(
             "acme",
-            crate::acme::AcmeService::new(acme.clone(), publish),
+            crate::acme::AcmeService::new(acme, publish),
         ));
     }
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));

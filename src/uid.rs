@@ -12,8 +12,10 @@
 
 use crate::callback::CallbackClient;
 use crate::config::{UidConfig, UidSource};
+use crate::jwt::JwtVerifier;
 use pingora::http::RequestHeader;
 use std::borrow::Cow;
+use std::path::Path;
 use std::sync::Arc;
 
 /// Why no uid could be used.
@@ -122,40 +124,55 @@ pub enum Step {
     Ask(usize),
 }
 
-/// The configured uid sources, checked once at start.
-#[derive(Debug, Clone)]
+/// The configured uid sources, built once per snapshot: signed-token sources hold their loaded
+/// key, callback sources their HTTP client.
+#[derive(Debug)]
 pub struct UidResolver {
-    sources: Box<[UidSource]>,
-    /// The client of each callback source, by source index.
-    callbacks: Box<[Option<Arc<CallbackClient>>]>,
+    sources: Box<[Source]>,
     max_len: usize,
     /// "cookie `uid`, query `uid`": for the 430 body, built once.
     described: String,
 }
 
+/// One source, ready for requests.
+#[derive(Debug)]
+enum Source {
+    /// A cookie, query or header source: the value as the client sent it.
+    Declared(UidSource),
+    /// A signed token, with its key.
+    Jwt(JwtVerifier),
+    /// An auth callback (the request path asks it; see [`Step::Ask`]).
+    Callback(Arc<CallbackClient>),
+}
+
 impl UidResolver {
-    /// Builds the resolver from the validated configuration.
-    pub fn new(config: &UidConfig) -> Self {
+    /// Builds the resolver from the validated configuration, reading key files relative to
+    /// `dir`. Errors are `(key, message)`: a key that cannot be read or parsed.
+    pub fn build(config: &UidConfig, dir: &Path) -> Result<Self, (String, String)> {
         let described = config
             .sources
             .iter()
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", ");
-        let callbacks = config
+        let sources = config
             .sources
             .iter()
-            .map(|s| match s {
-                UidSource::Callback(c) => Some(Arc::new(CallbackClient::new(c))),
-                _ => None,
+            .enumerate()
+            .map(|(i, s)| match s {
+                UidSource::Jwt(jwt) => jwt
+                    .verifier(dir)
+                    .map(Source::Jwt)
+                    .map_err(|(field, m)| (format!("uid.sources[{i}].jwt.{field}"), m)),
+                UidSource::Callback(c) => Ok(Source::Callback(Arc::new(CallbackClient::new(c)))),
+                other => Ok(Source::Declared(other.clone())),
             })
-            .collect();
-        UidResolver {
-            sources: config.sources.clone().into_boxed_slice(),
-            callbacks,
+            .collect::<Result<_, _>>()?;
+        Ok(UidResolver {
+            sources,
             max_len: config.max_len,
             described,
-        }
+        })
     }
 
     /// The longest accepted uid.
@@ -165,7 +182,10 @@ impl UidResolver {
 
     /// The client of the callback source at `index` (from [`Step::Ask`]).
     pub fn callback(&self, index: usize) -> Option<&CallbackClient> {
-        self.callbacks.get(index).and_then(|c| c.as_deref())
+        match self.sources.get(index) {
+            Some(Source::Callback(c)) => Some(c),
+            _ => None,
+        }
     }
 
     /// Tries the sources from `from` on, in order: the first that yields a value decides (a
@@ -173,7 +193,7 @@ impl UidResolver {
     pub fn next(&self, req: &RequestHeader, from: usize) -> Result<Step, UidError> {
         for (i, source) in self.sources.iter().enumerate().skip(from) {
             match source {
-                UidSource::Jwt(jwt) => {
+                Source::Jwt(jwt) => {
                     let Some(token) = jwt.token(req) else {
                         continue;
                     };
@@ -185,8 +205,8 @@ impl UidResolver {
                         Uid::from_value(&uid, self.max_len)?.with_source(i),
                     ));
                 }
-                UidSource::Callback(_) => return Ok(Step::Ask(i)),
-                _ => {
+                Source::Callback(_) => return Ok(Step::Ask(i)),
+                Source::Declared(source) => {
                     if let Some(raw) = declared(req, source) {
                         let uid = match source {
                             UidSource::Query(_) => Uid::from_query(raw, self.max_len),
@@ -286,10 +306,14 @@ mod tests {
     }
 
     fn resolver(sources: Vec<UidSource>) -> UidResolver {
-        UidResolver::new(&UidConfig {
-            sources,
-            ..UidConfig::default()
-        })
+        UidResolver::build(
+            &UidConfig {
+                sources,
+                ..UidConfig::default()
+            },
+            Path::new(""),
+        )
+        .unwrap()
     }
 
     /// What production does with a request: [`UidResolver::next`] from the first source; the

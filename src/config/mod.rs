@@ -104,10 +104,9 @@ impl Config {
             parse_error(name, text, key, e.into_inner())
         })?;
         let mut config = config;
-        let base = name.parent().unwrap_or(Path::new(""));
+        config.origin = name.to_path_buf();
         config
             .validate()
-            .and_then(|()| config.load_files(base))
             .map_err(|(key, message)| ConfigError::Invalid {
                 file: name.to_path_buf(),
                 key,
@@ -116,50 +115,18 @@ impl Config {
         Ok(config)
     }
 
-    /// Reads what the configuration points to (hook files, JWT keys), relative to `base` (the
-    /// configuration file's directory), and checks it: hooks are compiled and their top level
-    /// run once, so a syntax error is reported here with its file and line, not at the first
-    /// request.
-    fn load_files(&mut self, base: &Path) -> Result<(), (String, String)> {
-        if let Some(acme) = &mut self.acme {
-            acme.load_files(base)
-                .map_err(|(field, message)| (format!("acme.{field}"), message))?;
+    /// The directory relative paths in this configuration (hook files, key files) start from.
+    pub fn dir(&self) -> &Path {
+        self.origin.parent().unwrap_or(Path::new(""))
+    }
+
+    /// An error about `key` of this configuration (its file named).
+    pub fn invalid(&self, key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.origin.clone(),
+            key: key.into(),
+            message: message.into(),
         }
-        for (i, source) in self.uid.sources.iter_mut().enumerate() {
-            if let UidSource::Jwt(jwt) = source {
-                jwt.load_key(base).map_err(|(field, message)| {
-                    (format!("uid.sources[{i}].jwt.{field}"), message)
-                })?;
-            }
-        }
-        let mut files = Vec::new();
-        for (kind, path) in self.hooks.files() {
-            let key = format!("hooks.{}", kind.name());
-            let full = normalize(&base.join(path));
-            let text = std::fs::read_to_string(&full)
-                .map_err(|e| (key.clone(), format!("cannot read {}: {e}", full.display())))?;
-            files.push(crate::hooks::HookFile {
-                kind,
-                name: full.display().to_string().into(),
-                path: full,
-                source: text.into(),
-            });
-        }
-        if files.is_empty() {
-            self.hooks.program = None;
-            return Ok(());
-        }
-        let limits = crate::hooks::Limits {
-            timeout: self.hooks.timeout,
-            memory: self.hooks.memory_limit,
-            ..crate::hooks::Limits::default()
-        };
-        let program = crate::hooks::Program::new(files, limits);
-        program
-            .check()
-            .map_err(|(kind, e)| (format!("hooks.{}", kind.name()), e.detail().to_string()))?;
-        self.hooks.program = Some(std::sync::Arc::new(program));
-        Ok(())
     }
 
     /// Cross-field checks that a single value's deserializer cannot make.
@@ -279,28 +246,6 @@ impl Config {
         }
         Ok(())
     }
-}
-
-/// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
-/// logs and JS stack traces, where the short form reads better).
-fn normalize(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                let last = out.components().next_back();
-                if matches!(last, Some(Component::Normal(_))) {
-                    out.pop();
-                } else if !matches!(last, Some(Component::RootDir | Component::Prefix(_))) {
-                    out.push("..");
-                }
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
 }
 
 /// A [`ConfigError::Parse`] from a serde_yaml error at `key` (may be empty).

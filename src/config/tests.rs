@@ -4,6 +4,18 @@ fn parse(yaml: &str) -> Result<Config, ConfigError> {
     Config::from_str_named(yaml, Path::new("conf/x.yaml"))
 }
 
+/// What production does after parsing: build the snapshot (hook files, JWT keys, rings).
+fn build(c: Config) -> Result<std::sync::Arc<crate::live::Snapshot>, ConfigError> {
+    crate::live::Live::new(c, None).map(|live| live.load())
+}
+
+/// A file loaded and built; the error as text.
+fn load_built(path: &Path) -> Result<std::sync::Arc<crate::live::Snapshot>, String> {
+    Config::load(path)
+        .and_then(build)
+        .map_err(|e| e.to_string())
+}
+
 fn err(yaml: &str) -> String {
     parse(yaml).unwrap_err().to_string()
 }
@@ -104,7 +116,6 @@ fn every_default_is_the_documented_one() {
         );
         let h = &c.hooks;
         assert!(h.uid.is_none() && h.route.is_none() && h.admin.is_none());
-        assert!(h.program.is_none());
         assert_eq!(
             (h.timeout, h.memory_limit),
             (Duration::from_millis(50), 16 << 20)
@@ -324,8 +335,9 @@ fn hooks_load_relative_to_the_config_file() {
             ),
         ],
     );
-    let c = Config::load(&dir.join("conf/x.yaml")).unwrap();
-    let program = c.hooks.program.as_ref().unwrap();
+    let snap = load_built(&dir.join("conf/x.yaml")).unwrap();
+    let c = &snap.config;
+    let program = snap.hooks.as_ref().unwrap().program();
     let f = program.file(crate::hooks::HookKind::Uid).unwrap();
     assert!(f.name.ends_with("hooks/uid.js"), "{}", f.name);
     assert!(!f.name.contains(".."), "{}", f.name);
@@ -336,7 +348,7 @@ fn hooks_load_relative_to_the_config_file() {
     );
     assert!(c.hooks.route.is_none());
     // Without hooks there is no program: the request path does not look for one.
-    assert!(parse(MIN).unwrap().hooks.program.is_none());
+    assert!(build(parse(MIN).unwrap()).unwrap().hooks.is_none());
 }
 
 #[test]
@@ -354,9 +366,9 @@ fn hook_errors_name_the_key_file_and_line() {
             ),
         ],
     );
-    let e = Config::load(&dir.join("conf/x.yaml"))
-        .unwrap_err()
-        .to_string();
+    // Parsing alone does not read the files; building the snapshot does.
+    assert!(Config::load(&dir.join("conf/x.yaml")).is_ok());
+    let e = load_built(&dir.join("conf/x.yaml")).err().unwrap();
     assert!(e.contains("hooks.route"), "{e}");
     assert!(e.contains("hooks/route.js:"), "{e}");
     assert!(e.contains("SyntaxError"), "{e}");
@@ -368,9 +380,7 @@ fn hook_errors_name_the_key_file_and_line() {
             &format!("{MIN}hooks: {{admin: ../hooks/nope.js}}\n"),
         )],
     );
-    let e = Config::load(&dir.join("conf/x.yaml"))
-        .unwrap_err()
-        .to_string();
+    let e = load_built(&dir.join("conf/x.yaml")).err().unwrap();
     assert!(e.contains("hooks.admin"), "{e}");
     assert!(e.contains("nope.js"), "{e}");
 }
@@ -414,7 +424,8 @@ fn jwt_and_callback_sources_parse_and_load() {
             ),
         ],
     );
-    let c = Config::load(&dir.join("conf/x.yaml")).unwrap();
+    let snap = load_built(&dir.join("conf/x.yaml")).unwrap();
+    let c = &snap.config;
     assert!(matches!(c.uid.sources[0], UidSource::Jwt(_)));
     match &c.uid.sources[1] {
         UidSource::Callback(cb) => {
@@ -424,14 +435,23 @@ fn jwt_and_callback_sources_parse_and_load() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        crate::uid::UidResolver::new(&c.uid).describe_sources(),
+        snap.resolver.describe_sources(),
         "signed token in query `token`, auth callback http://127.0.0.1:3000/whoami, cookie `uid`"
     );
 
-    let e = err(&format!(
-        "{MIN}uid:\n  sources:\n    - jwt: {{from: query, name: t, key_file: nope.pem, alg: RS256}}\n"
-    ));
-    assert!(e.contains("uid.sources[0].jwt.key_file"), "{e}");
+    let e = build(
+        parse(&format!(
+            "{MIN}uid:\n  sources:\n    - jwt: {{from: query, name: t, key_file: nope.pem, alg: RS256}}\n"
+        ))
+        .unwrap(),
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(
+        e.starts_with("conf/x.yaml: uid.sources[0].jwt.key_file"),
+        "{e}"
+    );
     let e = err(&format!(
         "{MIN}uid:\n  sources:\n    - jwt: {{from: body, name: t, key: k, alg: HS256}}\n"
     ));
@@ -448,14 +468,15 @@ fn jwt_and_callback_sources_parse_and_load() {
 
 #[test]
 fn shipped_hooks_load_and_behave_like_the_original_gopush() {
-    use crate::hooks::{HookKind, HookRequest, Hooks, RouteDecision};
+    use crate::hooks::{HookKind, HookRequest, RouteDecision};
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let yaml = format!(
         "{MIN}hooks: {{uid: ../hooks/uid.js, route: ../hooks/route.js, admin: ../hooks/admin.js}}\n"
     );
     let c =
         Config::from_str_named(&yaml, &root.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let hooks = Hooks::new(c.hooks.program.clone().unwrap());
+    let snap = build(c).unwrap_or_else(|e| panic!("{e}"));
+    let hooks = snap.hooks.as_ref().unwrap();
     for k in HookKind::ALL {
         assert!(hooks.has(k));
     }
@@ -485,7 +506,7 @@ fn shipped_hooks_load_and_behave_like_the_original_gopush() {
 
 #[test]
 fn shipped_admin_hook_admits_its_secret_not_an_address() {
-    use crate::hooks::{HookRequest, Hooks};
+    use crate::hooks::HookRequest;
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let shipped = std::fs::read_to_string(root.join("hooks/admin.js")).unwrap();
     assert!(shipped.contains("const SECRET = '';"), "{shipped}");
@@ -503,8 +524,8 @@ fn shipped_admin_hook_admits_its_secret_not_an_address() {
             ),
         ],
     );
-    let c = Config::load(&dir.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
-    let hooks = Hooks::new(c.hooks.program.clone().unwrap());
+    let snap = load_built(&dir.join("conf/x.yaml")).unwrap_or_else(|e| panic!("{e}"));
+    let hooks = snap.hooks.as_ref().unwrap();
     let ask = |auth: Option<&str>, ip: &str| {
         let mut head = pingora::http::RequestHeader::build("GET", b"/api/status", None).unwrap();
         if let Some(a) = auth {

@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
 pub use crate::callback::CallbackSource;
@@ -65,6 +64,10 @@ pub struct Config {
     /// ACME certificates (HTTP-01, answered on the plain listeners).
     #[serde(default)]
     pub acme: Option<crate::acme::AcmeConfig>,
+    /// The file this configuration was read from (or the name it was given): errors name it,
+    /// and relative paths in it (hook files, key files) are read from its directory.
+    #[serde(skip)]
+    pub origin: PathBuf,
 }
 
 // `Config` has a required key (`pools`), so its other keys default one by one.
@@ -674,9 +677,6 @@ pub struct HooksConfig {
     pub memory_limit: usize,
     /// Status answered when a hook throws or returns a wrong value.
     pub on_throw: OnThrow,
-    /// The files, read and checked by [`Config::load`](crate::config::Config::load).
-    #[serde(skip)]
-    pub program: Option<Arc<crate::hooks::Program>>,
 }
 
 impl Default for HooksConfig {
@@ -688,7 +688,6 @@ impl Default for HooksConfig {
             timeout: Duration::from_millis(50),
             memory_limit: 16 << 20,
             on_throw: OnThrow::default(),
-            program: None,
         }
     }
 }

@@ -4,9 +4,9 @@
 //! Each hook is one file named in the configuration (`hooks.uid`, `hooks.route`, `hooks.admin`).
 //! A file is a classic script: it defines the function as `module.exports = function (req) {...}`
 //! (the original gopush's Node style), as `module.exports.uid = ...`, or as a global
-//! `function uid(req) {...}`. Files are read and checked when the configuration loads (so
+//! `function uid(req) {...}`. Files are read and checked when a snapshot is built (so
 //! `gopush check` and a SIGHUP reload catch syntax errors with file:line) and kept, as text, in a
-//! [`Program`] with a generation number.
+//! [`Program`] with a generation number; the parsed `Config` only names them.
 //!
 //! Engines are QuickJS runtimes (through `rquickjs`), one per worker thread, because a QuickJS
 //! runtime is single-threaded. A thread compiles the program the first time it runs a hook and
@@ -27,7 +27,7 @@ pub use request::{cookie_pairs, form_decode, query_pairs, HookRequest};
 use crate::metrics::counters;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -141,12 +141,69 @@ impl Program {
         self.limits
     }
 
+    /// Reads the files `config` names (relative to `dir`, the configuration file's directory)
+    /// and checks them: compiled and their top level run once, so a syntax error is reported
+    /// with its file and line when a snapshot is built (`gopush check`, start, reload), not at
+    /// the first request. `Ok(None)`: no hook is configured. Errors are `(key, message)`.
+    pub fn load(
+        config: &crate::config::HooksConfig,
+        dir: &Path,
+    ) -> Result<Option<Program>, (String, String)> {
+        let mut files = Vec::new();
+        for (kind, path) in config.files() {
+            let key = format!("hooks.{}", kind.name());
+            let full = normalize(&dir.join(path));
+            let text = std::fs::read_to_string(&full)
+                .map_err(|e| (key.clone(), format!("cannot read {}: {e}", full.display())))?;
+            files.push(HookFile {
+                kind,
+                name: full.display().to_string().into(),
+                path: full,
+                source: text.into(),
+            });
+        }
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let limits = Limits {
+            timeout: config.timeout,
+            memory: config.memory_limit,
+            ..Limits::default()
+        };
+        let program = Program::new(files, limits);
+        program
+            .check()
+            .map_err(|(kind, e)| (format!("hooks.{}", kind.name()), e.detail().to_string()))?;
+        Ok(Some(program))
+    }
+
     /// Compiles and runs every file's top level once, on this thread, and checks that each
-    /// defines its function. What configuration loading (and so `gopush check`) does; the
-    /// error names the file and line.
+    /// defines its function ([`Program::load`] does this); the error names the file and line.
     pub fn check(&self) -> Result<(), (HookKind, HookError)> {
         engine::check(self)
     }
+}
+
+/// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
+/// logs and JS stack traces, where the short form reads better).
+fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last = out.components().next_back();
+                if matches!(last, Some(Component::Normal(_))) {
+                    out.pop();
+                } else if !matches!(last, Some(Component::RootDir | Component::Prefix(_))) {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// What `route` decided.

@@ -15,13 +15,12 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn source(yaml: &str) -> JwtSource {
-    let mut s: JwtSource = serde_yaml::from_str(yaml).unwrap();
-    s.load_key(&fixtures()).unwrap();
-    s
+fn source(yaml: &str) -> JwtVerifier {
+    let s: JwtSource = serde_yaml::from_str(yaml).unwrap();
+    s.verifier(&fixtures()).unwrap()
 }
 
-fn hs256() -> JwtSource {
+fn hs256() -> JwtVerifier {
     source(&format!(
         "{{from: query, name: token, key: \"{SECRET}\", alg: HS256}}"
     ))
@@ -199,19 +198,19 @@ fn issuer_and_audience_when_configured() {
 
 #[test]
 fn key_errors_name_the_field_and_hide_the_key() {
-    let mut s: JwtSource =
+    let s: JwtSource =
         serde_yaml::from_str("{from: query, name: t, key: \"not a pem\", alg: RS256}").unwrap();
-    let (field, msg) = s.load_key(&fixtures()).unwrap_err();
+    let (field, msg) = s.verifier(&fixtures()).unwrap_err();
     assert_eq!(field, "key");
     assert!(msg.contains("RSA public key"), "{msg}");
     assert!(!msg.contains("not a pem"), "{msg}");
-    let mut s: JwtSource =
+    let s: JwtSource =
         serde_yaml::from_str("{from: query, name: t, key_file: nope.pem, alg: RS256}").unwrap();
-    let (field, msg) = s.load_key(&fixtures()).unwrap_err();
+    let (field, msg) = s.verifier(&fixtures()).unwrap_err();
     assert_eq!(field, "key_file");
     assert!(msg.contains("nope.pem"), "{msg}");
-    let mut s: JwtSource = serde_yaml::from_str("{from: query, name: t, alg: HS256}").unwrap();
-    assert_eq!(s.load_key(&fixtures()).unwrap_err().0, "key");
+    let s: JwtSource = serde_yaml::from_str("{from: query, name: t, alg: HS256}").unwrap();
+    assert_eq!(s.verifier(&fixtures()).unwrap_err().0, "key");
     assert!(serde_yaml::from_str::<JwtSource>("{from: query, name: t, key: k, alg: XX1}").is_err());
     assert!(format!("{s:?}").contains("JwtSource"));
     let s: JwtSource =
