@@ -140,7 +140,7 @@ enum Source {
     /// A cookie, query or header source: the value as the client sent it.
     Declared(UidSource),
     /// A signed token, with its key.
-    Jwt(JwtVerifier),
+    Jwt(Box<JwtVerifier>),
     /// An auth callback (the request path asks it; see [`Step::Ask`]).
     Callback(Arc<CallbackClient>),
 }
@@ -162,7 +162,7 @@ impl UidResolver {
             .map(|(i, s)| match s {
                 UidSource::Jwt(jwt) => jwt
                     .verifier(dir)
-                    .map(Source::Jwt)
+                    .map(|v| Source::Jwt(Box::new(v)))
                     .map_err(|(field, m)| (format!("uid.sources[{i}].jwt.{field}"), m)),
                 UidSource::Callback(c) => Ok(Source::Callback(Arc::new(CallbackClient::new(c)))),
                 other => Ok(Source::Declared(other.clone())),
