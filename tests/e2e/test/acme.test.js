@@ -234,6 +234,22 @@ describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => 
     }
   });
 
+  it('an order the CA refuses is logged with its ACME problem, counted and retried', async () => {
+    // dnsmasq answers only *.acme.test: pebble cannot resolve this name, so validation fails.
+    const storage = path.join(env.dir, 'storage-refused');
+    const agent = await startAgent(agentPort, { domains: ['nowhere.invalid-tld-gopush'], storage });
+    try {
+      await h.poll(async () => (await orders(agent)).error >= 2,
+        { attempts: 80, delayMs: 250, maxDelayMs: 500, what: 'two refused orders' })
+        .catch((e) => { throw new Error(`${e.message}\n--- agent:\n${agent.proc.tail()}`); });
+      assert.equal((await orders(agent)).ok, 0);
+      assert.match(agent.proc.out, /ERROR gopush::acme: acme: .*urn:ietf:params:acme:error:/);
+      assert.ok(!fs.existsSync(path.join(storage, 'nowhere.invalid-tld-gopush', 'cert.pem')));
+    } finally {
+      await stop(agent);
+    }
+  });
+
   it('pebble down: the agent starts and serves; the failed order is counted and retried', async () => {
     const closed = await h.freePort();
     const storage = path.join(env.dir, 'storage-down');
