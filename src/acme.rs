@@ -187,11 +187,13 @@ impl AcmeConfig {
         self.domains.first().map(String::as_str).unwrap_or("acme")
     }
 
-    fn cert_path(&self) -> PathBuf {
+    /// The stored chain (leaf first).
+    pub fn cert_path(&self) -> PathBuf {
         self.storage.join(self.name()).join("cert.pem")
     }
 
-    fn key_path(&self) -> PathBuf {
+    /// The stored private key.
+    pub fn key_path(&self) -> PathBuf {
         self.storage.join(self.name()).join("key.pem")
     }
 
