@@ -561,10 +561,18 @@ impl AcmeService {
             .iter()
             .map(|d| Identifier::Dns(d.clone()))
             .collect();
-        let mut order = account
-            .new_order(&NewOrder::new(&identifiers))
-            .await
-            .map_err(|e| format!("new order: {e}"))?;
+        let mut order = match account.new_order(&NewOrder::new(&identifiers)).await {
+            Ok(order) => order,
+            Err(e) => {
+                // The CA forgot the stored account (a reset test CA, a deactivated account):
+                // the next attempt registers a new one.
+                if matches!(&e, instant_acme::Error::Api(p) if p.r#type.as_deref().is_some_and(|t| t.ends_with(":accountDoesNotExist")))
+                {
+                    let _ = std::fs::remove_file(self.config.account_path());
+                }
+                return Err(format!("new order: {e}"));
+            }
+        };
         let mut tokens = Tokens {
             storage: &self.config.storage,
             tokens: Vec::new(),

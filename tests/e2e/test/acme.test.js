@@ -234,6 +234,26 @@ describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => 
     }
   });
 
+  it('a stored account the CA does not know is replaced by a new one', async () => {
+    // The account of the first case with another id: the CA answers accountDoesNotExist.
+    const stored = JSON.parse(fs.readFileSync(path.join(storage1(), 'account.json'), 'utf8'));
+    stored.credentials.id = stored.credentials.id.replace(/[^/]+$/, '0000000000000000');
+    const storage = path.join(env.dir, 'storage-forgotten');
+    fs.mkdirSync(storage);
+    fs.writeFileSync(path.join(storage, 'account.json'), JSON.stringify(stored));
+    const agent = await startAgent(agentPort, { domains: ['d.acme.test'], storage });
+    try {
+      await waitForSerial(agent, storage, 'd.acme.test');
+      assert.match(agent.proc.out, /acme: new order: .*accountDoesNotExist/);
+      await h.poll(async () => (await orders(agent)).ok === 1, { attempts: 40, delayMs: 100, what: 'orders{ok} = 1' });
+      assert.equal((await orders(agent)).error, 1);
+      const now = JSON.parse(fs.readFileSync(path.join(storage, 'account.json'), 'utf8'));
+      assert.notEqual(now.credentials.id, stored.credentials.id);
+    } finally {
+      await stop(agent);
+    }
+  });
+
   it('an order the CA refuses is logged with its ACME problem, counted and retried', async () => {
     // dnsmasq answers only *.acme.test: pebble cannot resolve this name, so validation fails.
     const storage = path.join(env.dir, 'storage-refused');
