@@ -127,7 +127,7 @@ pub fn main() -> ExitCode {
             // sources, metrics children), so that what `check` accepts, `run` accepts.
             match crate::live::Live::new(config, Some(path)) {
                 Ok(live) => {
-                    print_pools(&live.load());
+                    print_pools(&live);
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -182,10 +182,31 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-fn print_pools(snapshot: &crate::live::Snapshot) {
+fn print_pools(live: &crate::live::Live) {
+    let snapshot = live.load();
     let config = &snapshot.config;
-    let listen: Vec<String> = config.listen.0.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = config
+        .listen
+        .0
+        .iter()
+        .map(|e| match &e.tls {
+            Some(_) => format!("{} (tls)", e.addr),
+            None if e.redirect_https => format!("{} (redirects to https)", e.addr),
+            None => e.addr.to_string(),
+        })
+        .collect();
     say!("configuration ok; listen {}", listen.join(", "));
+    for listener in live.listeners().tls() {
+        for cert in &listener.resolver.table().certs {
+            say!(
+                "tls {}: {} for {} (expires {})",
+                listener.addr,
+                cert.cert_file.display(),
+                cert.names.join(", "),
+                humantime::format_rfc3339_seconds(crate::tls::unix_to_system(cert.not_after))
+            );
+        }
+    }
     if config.admin.enabled {
         let token = match (
             config.admin.has_authentication(),

@@ -237,10 +237,12 @@ impl EqStr for percent_encoding::PercentEncode<'_> {
 }
 
 /// Adds `X-Forwarded-For` (appending to a client-sent chain, as nginx's
-/// `$proxy_add_x_forwarded_for`), `X-Real-IP` and `X-Forwarded-Proto`.
+/// `$proxy_add_x_forwarded_for`), `X-Real-IP` and `X-Forwarded-Proto` (`https` when the request
+/// came over a TLS listener).
 pub fn set_proxy_headers(
     req: &mut RequestHeader,
     client_ip: Option<std::net::IpAddr>,
+    https: bool,
 ) -> Result<()> {
     if let Some(ip) = client_ip {
         let ip = http::HeaderValue::try_from(ip.to_string())
@@ -258,7 +260,7 @@ pub fn set_proxy_headers(
         req.insert_header("x-forwarded-for", xff)?;
         req.insert_header("x-real-ip", ip)?;
     }
-    req.insert_header("x-forwarded-proto", "http")?;
+    req.insert_header("x-forwarded-proto", if https { "https" } else { "http" })?;
     Ok(())
 }
 
@@ -380,9 +382,11 @@ mod tests {
     fn proxy_headers_chain_xff() {
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
         req.append_header("x-forwarded-for", "10.1.1.1").unwrap();
-        set_proxy_headers(&mut req, Some("127.0.0.2".parse().unwrap())).unwrap();
+        set_proxy_headers(&mut req, Some("127.0.0.2".parse().unwrap()), false).unwrap();
         assert_eq!(req.headers["x-forwarded-for"], "10.1.1.1, 127.0.0.2");
         assert_eq!(req.headers["x-real-ip"], "127.0.0.2");
         assert_eq!(req.headers["x-forwarded-proto"], "http");
+        set_proxy_headers(&mut req, None, true).unwrap();
+        assert_eq!(req.headers["x-forwarded-proto"], "https");
     }
 }

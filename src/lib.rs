@@ -32,5 +32,6 @@ pub mod metrics;
 pub mod proxy;
 pub mod routing;
 pub mod server;
+pub mod tls;
 pub mod uid;
 pub mod upgrade;

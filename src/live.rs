@@ -134,22 +134,28 @@ struct Shared {
     drain: Arc<Drain>,
     /// Session memory: a reload must not move live sessions (`None`: `affinity.enabled: false`).
     sessions: Option<Affinity>,
+    /// The listeners as started; a reload swaps their certificates.
+    tls: Arc<crate::tls::Listeners>,
 }
 
 impl Shared {
     /// Fixes the restart-only settings of the first configuration for the process's life.
-    fn new(config: &Config) -> Self {
+    fn new(config: &Config) -> Result<Self, (String, String)> {
+        let tls = Arc::new(crate::tls::Listeners::new(config)?);
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_certificates(&tls);
         let startup = Arc::new(Startup::of(config));
         let affinity = &startup.affinity;
         let sessions = affinity
             .enabled
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
-        Shared {
+        Ok(Shared {
             startup,
-            metrics: Arc::new(Metrics::new()),
+            metrics,
             drain: Arc::new(Drain::default()),
             sessions,
-        }
+            tls,
+        })
     }
 }
 
@@ -166,7 +172,7 @@ impl Live {
     /// DNS or file discovery are empty until [`Live::refresh_discovery`] has run once.
     pub fn new(config: Config, path: Option<PathBuf>) -> Result<Self, ConfigError> {
         let health = health_registry(&config.health_check);
-        let shared = Shared::new(&config);
+        let shared = Shared::new(&config).map_err(|(key, message)| config.invalid(key, message))?;
         Ok(Live {
             current: ArcSwap::from_pointee(Snapshot::build(config, health, &shared)?),
             path,
@@ -195,6 +201,11 @@ impl Live {
     /// The sid memory, shared by every snapshot (`None` when disabled).
     pub fn sessions(&self) -> Option<&Affinity> {
         self.shared.sessions.as_ref()
+    }
+
+    /// The listeners as started (which are TLS, with their current certificates).
+    pub fn listeners(&self) -> &Arc<crate::tls::Listeners> {
+        &self.shared.tls
     }
 
     /// The draining backends (kept across reloads for backends that stay).
@@ -274,6 +285,21 @@ impl Live {
             // New probes start out "healthy": learn the truth before taking traffic.
             next.health.run_health_check(true).await;
         }
+        // Certificates last: everything else is checked, so a failure here still keeps the
+        // running configuration whole.
+        let missing = self
+            .shared
+            .tls
+            .reload(&next.config)
+            .map_err(|(key, message)| ConfigError::Invalid {
+                file: path.clone(),
+                key,
+                message,
+            })?;
+        for addr in missing {
+            tracing::warn!(listen = %addr, "reload: the file has no TLS entry for this running TLS listener; it keeps its certificates");
+        }
+        self.shared.metrics.set_certificates(&self.shared.tls);
         let pools: Vec<String> = next.router.pools().map(|p| p.name().to_string()).collect();
         // Drain state survives the reload for backends that stay.
         self.shared.drain.retain(|a| next.router.has_backend(a));
@@ -379,7 +405,7 @@ mod tests {
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/x.yaml"),
         )
         .unwrap_or_else(|e| panic!("{e}"));
-        let shared = Shared::new(&config);
+        let shared = Shared::new(&config).unwrap_or_else(|(k, m)| panic!("{k}: {m}"));
         Snapshot::build(config, Arc::new(HealthRegistry::new()), &shared)
             .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -70,6 +70,7 @@ pub struct Metrics {
     pushes: IntCounterVec,
     reloads: IntCounterVec,
     config_loaded: IntGauge,
+    tls_expiry: IntGaugeVec,
 }
 
 /// Counters of events in code that holds no [`Metrics`] (the hook engine, the uid sources, the
@@ -105,6 +106,11 @@ pub struct Counters {
     /// notAfter of each ACME certificate in use (Unix seconds), by its first domain.
     pub acme_expiry: IntGaugeVec,
     acme_orders: IntCounterVec,
+    /// TLS handshakes that failed (bad or unknown client hello, no certificate for the name).
+    pub tls_handshake_errors: IntCounter,
+    /// TLS handshakes not complete within `tls.handshake_timeout`.
+    pub tls_handshake_timeouts: IntCounter,
+    tls_handshakes: IntCounterVec,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
 }
@@ -143,6 +149,14 @@ impl Counters {
             &["name"],
         )
         .unwrap_or_else(|e| panic!("metric gopush_acme_certificate_expiry_seconds: {e}"));
+        let tls_handshakes = IntCounterVec::new(
+            Opts::new(
+                "gopush_tls_handshake_failures_total",
+                "TLS handshakes that failed (error: bad hello, plain HTTP, unknown name without tls.default) or timed out (tls.handshake_timeout).",
+            ),
+            &["reason"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_tls_handshake_failures_total: {e}"));
         // Every child is created here, so each is exported (at 0) before its first event.
         let hook = |l: &str| hooks.with_label_values(&[l]);
         let auth = |l: &str| uid_auth.with_label_values(&[l]);
@@ -165,6 +179,9 @@ impl Counters {
             acme_orders_error: acme_orders.with_label_values(&["error"]),
             acme_orders,
             acme_expiry,
+            tls_handshake_errors: tls_handshakes.with_label_values(&["error"]),
+            tls_handshake_timeouts: tls_handshakes.with_label_values(&["timeout"]),
+            tls_handshakes,
             hooks,
             uid_auth,
         }
@@ -304,7 +321,14 @@ impl Metrics {
             )
             .unwrap_or_else(|e| panic!("metric gopush_config_loaded_timestamp_seconds: {e}")),
         );
+        let tls_expiry = gauge_vec(
+            &r,
+            "gopush_tls_certificate_expiry_seconds",
+            "Unix time of the notAfter of each certificate a TLS listener serves, by listener, certificate file and name.",
+            &["listen", "file", "name"],
+        );
         let c = counters();
+        register(&r, c.tls_handshakes.clone());
         register(&r, c.hooks.clone());
         register(&r, c.uid_auth.clone());
         register(&r, c.header_timeouts.clone());
@@ -325,6 +349,23 @@ impl Metrics {
             pushes,
             reloads,
             config_loaded,
+            tls_expiry,
+        }
+    }
+
+    /// Exports the certificates the TLS listeners serve now (replacing what was exported).
+    pub fn set_certificates(&self, listeners: &crate::tls::Listeners) {
+        self.tls_expiry.reset();
+        for l in listeners.tls() {
+            let listen = l.addr.to_string();
+            for cert in &l.resolver.table().certs {
+                let file = cert.cert_file.display().to_string();
+                for name in &cert.names {
+                    self.tls_expiry
+                        .with_label_values(&[listen.as_str(), file.as_str(), name.as_str()])
+                        .set(cert.not_after);
+                }
+            }
         }
     }
 

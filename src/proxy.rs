@@ -192,6 +192,50 @@ fn peer_ip(session: &Session) -> Option<std::net::IpAddr> {
         .map(|a| a.ip())
 }
 
+/// Did the request come over TLS? (Its connection's digest has the handshake's facts; an
+/// HTTP/2 stream shares its connection's digest.)
+fn is_tls(session: &Session) -> bool {
+    session.digest().is_some_and(|d| d.ssl_digest.is_some())
+}
+
+/// The 308 of a plain listener with `redirect_https`, unless the request is an ACME HTTP-01
+/// challenge (served over plain HTTP by definition). `None`: not redirected.
+fn https_redirect(snap: &Snapshot, session: &Session) -> Option<Result<String, &'static str>> {
+    let local = session.server_addr().and_then(|a| a.as_inet()).copied();
+    let entry = crate::tls::entry_for(&snap.config, local)?;
+    if !entry.redirect_https {
+        return None;
+    }
+    let req = session.req_header();
+    let path = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    if req.uri.path().starts_with(ACME_CHALLENGE) {
+        return None;
+    }
+    let host = req
+        .uri
+        .authority()
+        .map(|a| a.host().to_string())
+        .or_else(|| {
+            req.headers
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().to_string())
+        });
+    let Some(host) = host.filter(|h| !h.is_empty()) else {
+        return Some(Err(
+            "gopush: no Host in the request: cannot redirect to https\n",
+        ));
+    };
+    Some(Ok(match entry.https_port {
+        Some(port) => format!("https://{host}:{port}{path}"),
+        None => format!("https://{host}{path}"),
+    }))
+}
+
+/// Where ACME HTTP-01 challenges are served: never redirected.
+const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
 /// How a tunnel closed for a hand-over ends (not logged as an error).
 fn handed_over() -> Box<Error> {
     Error::explain(
@@ -265,6 +309,32 @@ impl ProxyHttp for Agent {
             if let Some(key_auth) = crate::acme::challenges().answer(req.uri.path()).await {
                 let body = Bytes::from(key_auth);
                 respond(session, 200, "OK", "application/octet-stream", body).await?;
+                return Ok(true);
+            }
+        }
+        match https_redirect(&ctx.snap, session) {
+            None => {}
+            Some(Ok(location)) => {
+                let mut header = ResponseHeader::build(308, Some(3))?;
+                header.insert_header(http::header::LOCATION, location)?;
+                header.insert_header("content-length", 0)?;
+                if !session.is_body_empty() {
+                    session.set_keepalive(None);
+                }
+                session
+                    .write_response_header(Box::new(header), true)
+                    .await?;
+                return Ok(true);
+            }
+            Some(Err(body)) => {
+                respond(
+                    session,
+                    400,
+                    "Bad Request",
+                    "text/plain; charset=utf-8",
+                    Bytes::from_static(body.as_bytes()),
+                )
+                .await?;
                 return Ok(true);
             }
         }
@@ -354,7 +424,7 @@ impl ProxyHttp for Agent {
         if let Some(uid) = &ctx.uid {
             crate::forward::set_uid(upstream_request, &ctx.snap.config.uid.forward, uid.as_str())?;
         }
-        crate::forward::set_proxy_headers(upstream_request, peer_ip(session))?;
+        crate::forward::set_proxy_headers(upstream_request, peer_ip(session), is_tls(session))?;
         if ctx.route.as_ref().is_some_and(|r| r.upgrade_guard) {
             upgrade::guard_upstream_request(upstream_request)?;
         }

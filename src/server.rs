@@ -70,13 +70,16 @@ pub fn run(
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, agent);
     let limits_of = live.clone();
-    let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout);
+    let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout)
+        .with_listeners(live.listeners().clone());
     let mut proxy =
         pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
     // Pingora keeps a 64 KiB read buffer in front of every accepted connection unless told
     // otherwise; see `server.read_buffer_bytes`.
     let l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
-    for addr in &config.listen.0 {
+    // TLS listeners too are plain TCP to Pingora: the handshake is done by the wrapper above
+    // (see `crate::tls`), so the graceful upgrade hands their sockets over like any other.
+    for addr in config.listen.addrs() {
         proxy.add_listener(ListenerConfig::tcp(addr.to_string()).l4_buffer(l4));
     }
     server.add_service(proxy).add_dependency(&bootstrap);
@@ -125,7 +128,7 @@ pub fn run(
     if daemon && config.server.daemon_wait_for_ready {
         early_ready_signal::install()?;
     }
-    tracing::info!(listen = ?config.listen.0, admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
+    tracing::info!(listen = ?config.listen.addrs(), tls = ?config.listen.0.iter().filter(|e| e.tls.is_some()).map(|e| e.addr).collect::<Vec<_>>(), admin = %config.admin.listen, admin_enabled = config.admin.enabled, pools = config.pools.len(), "gopush agent starting");
     server.run_forever()
 }
 

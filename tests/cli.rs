@@ -393,3 +393,122 @@ fn check_names_a_bad_acme_key_and_its_problem() {
         &["acme.directory_ca", "missing-ca.pem", "not a PEM certificate"],
     );
 }
+/// A self-signed ECDSA P-256 certificate for `names` and its key, written as `stem`.pem/.key.
+fn write_cert(dir: &TempDir, stem: &str, names: &[&str], expired: bool) {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let mut params =
+        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
+            .expect("params");
+    if expired {
+        params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    }
+    let cert = params.self_signed(&key).expect("certificate");
+    dir.write(&format!("{stem}.pem"), &cert.pem());
+    dir.write(&format!("{stem}.key"), &key.serialize_pem());
+}
+
+fn tls_yaml(cert: &str, key: &str) -> String {
+    format!(
+        "listen:\n  - \"127.0.0.1:21090\"\n  - addr: \"127.0.0.1:21091\"\n    tls:\n      certificates:\n        - {{cert: {cert}, key: {key}}}\npools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n"
+    )
+}
+
+#[test]
+fn check_names_a_bad_certificate_file_and_the_problem() {
+    let dir = TempDir::new("cli-tls");
+    write_cert(&dir, "good", &["good.test"], false);
+    write_cert(&dir, "other", &["other.test"], false);
+    write_cert(&dir, "old", &["old.test"], true);
+    dir.write("garbage.pem", "not PEM at all\n");
+    let cases: [(&str, &str, &str, &[&str]); 4] = [
+        (
+            "missing.yaml",
+            "missing.pem",
+            "good.key",
+            &[
+                "listen[1].tls.certificates[0].cert",
+                "cannot read",
+                "missing.pem",
+            ],
+        ),
+        (
+            "garbage.yaml",
+            "garbage.pem",
+            "good.key",
+            &[
+                "listen[1].tls.certificates[0].cert",
+                "garbage.pem: no CERTIFICATE block",
+            ],
+        ),
+        (
+            "mismatch.yaml",
+            "good.pem",
+            "other.key",
+            &[
+                "listen[1].tls.certificates[0].key",
+                "other.key does not match the certificate",
+                "good.pem",
+            ],
+        ),
+        (
+            "expired.yaml",
+            "old.pem",
+            "old.key",
+            &[
+                "listen[1].tls.certificates[0].cert",
+                "old.pem: the certificate expired on 2020-01-01T00:00:00Z",
+            ],
+        ),
+    ];
+    for (name, cert, key, needles) in cases {
+        let file = dir.write(name, &tls_yaml(cert, key));
+        let out = check(&file, &[]);
+        assert!(!out.ok(), "{name}: check should fail\n{}", out.stdout);
+        for n in needles.iter().chain([&&*file.to_string_lossy()]) {
+            assert!(
+                out.stderr.contains(n),
+                "{name}: stderr should contain {n:?}:\n{}",
+                out.stderr
+            );
+        }
+    }
+    let ok = check(
+        &dir.write("good.yaml", &tls_yaml("good.pem", "good.key")),
+        &[],
+    );
+    assert!(ok.ok(), "{}{}", ok.stdout, ok.stderr);
+    assert!(
+        ok.stdout.contains("127.0.0.1:21091 (tls)")
+            && ok.stdout.contains("for good.test (expires "),
+        "{}",
+        ok.stdout
+    );
+}
+
+#[test]
+fn run_refuses_to_start_with_a_bad_certificate() {
+    let dir = TempDir::new("cli-tls-run");
+    write_cert(&dir, "good", &["good.test"], false);
+    write_cert(&dir, "other", &["other.test"], false);
+    let port = common::free_port();
+    let yaml =
+        tls_yaml("good.pem", "other.key").replace("127.0.0.1:21090", &format!("127.0.0.1:{port}"));
+    let file = dir.write("bad.yaml", &yaml);
+    let log = dir.join("run.log");
+    let mut child = spawn_gopush(&["run", "-c", &file.to_string_lossy()], &log, &[]);
+    let status = child.wait_exit(Duration::from_secs(10));
+    let text = child.log_text();
+    let status = status
+        .unwrap_or_else(|| panic!("`run` with a bad certificate still running; log:\n{text}"));
+    assert!(!status.success(), "log:\n{text}");
+    assert!(
+        text.contains("listen[1].tls.certificates[0].key"),
+        "log:\n{text}"
+    );
+    assert!(
+        text.contains("does not match the certificate"),
+        "log:\n{text}"
+    );
+    assert!(!text.contains("gopush agent starting"), "log:\n{text}");
+}

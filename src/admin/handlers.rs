@@ -82,8 +82,38 @@ impl AdminApp {
                 },
                 "draining": drain.list().iter().map(ToString::to_string).collect::<Vec<_>>(),
                 "pools": pools,
+                "tls": self.tls_status(),
             }),
         )
+    }
+
+    /// Each TLS listener's certificates as its handshakes serve them now.
+    fn tls_status(&self) -> Vec<Value> {
+        self.live
+            .listeners()
+            .tls()
+            .map(|l| {
+                let table = l.resolver.table();
+                let certs: Vec<Value> = table
+                    .certs
+                    .iter()
+                    .map(|c| {
+                        json!({
+                            "cert": c.cert_file.display().to_string(),
+                            "key": c.key_file.display().to_string(),
+                            "names": c.names,
+                            "not_after": rfc3339(crate::tls::unix_to_system(c.not_after)),
+                            "not_after_unix": c.not_after,
+                        })
+                    })
+                    .collect();
+                json!({
+                    "listen": l.addr.to_string(),
+                    "default": table.default_name,
+                    "certificates": certs,
+                })
+            })
+            .collect()
     }
 
     pub(super) async fn reload(&self) -> Reply {

@@ -155,6 +155,18 @@ impl Config {
                 }
             }
         }
+        for (i, entry) in self.listen.0.iter().enumerate() {
+            if entry
+                .tls
+                .as_ref()
+                .is_some_and(|t| t.certificates.is_empty())
+            {
+                return Err((
+                    format!("listen[{i}].tls.certificates"),
+                    "needs at least one certificate".into(),
+                ));
+            }
+        }
         if self.uid.sources.is_empty() {
             return Err(("uid.sources".into(), "needs at least one source".into()));
         }
@@ -246,6 +258,28 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
+/// logs, JS stack traces and certificate reports, where the short form reads better).
+pub(crate) fn normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last = out.components().next_back();
+                if matches!(last, Some(Component::Normal(_))) {
+                    out.pop();
+                } else if !matches!(last, Some(Component::RootDir | Component::Prefix(_))) {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// A [`ConfigError::Parse`] from a serde_yaml error at `key` (may be empty).

@@ -3,14 +3,16 @@
 //! configuration and every snapshot shares that one value, so a reload cannot change them: a
 //! reloaded file that differs here is only reported ([`Startup::changed_keys`]).
 
-use super::{AffinityConfig, Config, Listen, LogFormat, ServerSection};
+use super::{AffinityConfig, Config, LogFormat, ServerSection};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// The restart-only part of a configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Startup {
-    /// `listen`: the proxy's sockets.
-    pub listen: Listen,
+    /// `listen`: the proxy's sockets, whether each is TLS, its ALPN and handshake bound. (A
+    /// listener's certificates, `tls.default` and `redirect_https` / `https_port` are reloadable.)
+    pub listen: Vec<ListenShape>,
     /// `server`: Pingora's server settings (threads, daemon, grace period, ...).
     pub server: ServerSection,
     /// `affinity`: the sid memory is sized once and outlives every snapshot.
@@ -25,11 +27,28 @@ pub struct Startup {
     pub acme: Option<crate::acme::AcmeConfig>,
 }
 
+/// The restart-only part of one `listen` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenShape {
+    /// The socket.
+    pub addr: SocketAddr,
+    /// TLS: `(tls.h2, tls.handshake_timeout)`; `None`: plain.
+    pub tls: Option<(bool, Duration)>,
+}
+
 impl Startup {
     /// The restart-only settings of `config`.
     pub fn of(config: &Config) -> Self {
         Startup {
-            listen: config.listen.clone(),
+            listen: config
+                .listen
+                .0
+                .iter()
+                .map(|e| ListenShape {
+                    addr: e.addr,
+                    tls: e.tls.as_ref().map(|t| (t.h2, t.handshake_timeout)),
+                })
+                .collect(),
             server: config.server.clone(),
             affinity: config.affinity.clone(),
             admin_enabled: config.admin.enabled,

@@ -25,7 +25,7 @@ const MIN: &str = "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\n";
 #[test]
 fn minimal_config_gets_defaults() {
     let c = parse(MIN).unwrap();
-    assert_eq!(c.listen.0, vec!["0.0.0.0:6003".parse().unwrap()]);
+    assert_eq!(c.listen.addrs(), vec!["0.0.0.0:6003".parse().unwrap()]);
     assert_eq!(c.product_param, "product");
     assert_eq!(
         c.uid.sources,
@@ -66,7 +66,7 @@ fn every_default_is_the_documented_one() {
     let empty: String = sections.iter().map(|s| format!("{s}: {{}}\n")).collect();
     for yaml in [MIN.to_string(), format!("{MIN}{empty}")] {
         let c = parse(&yaml).unwrap();
-        assert_eq!(c.listen.0, vec!["0.0.0.0:6003".parse().unwrap()]);
+        assert_eq!(c.listen.addrs(), vec!["0.0.0.0:6003".parse().unwrap()]);
         assert_eq!(c.product_param, "product");
         assert_eq!(
             c.uid.sources,

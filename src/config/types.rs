@@ -75,36 +75,170 @@ fn default_product_param() -> String {
     "product".into()
 }
 
-/// One address or a list of addresses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listen(pub Vec<SocketAddr>);
+/// One address or a list of listen entries (see [`ListenEntry`]).
+#[derive(Debug, Clone)]
+pub struct Listen(pub Vec<ListenEntry>);
+
+impl Listen {
+    /// The socket addresses, in order.
+    pub fn addrs(&self) -> Vec<SocketAddr> {
+        self.0.iter().map(|e| e.addr).collect()
+    }
+}
 
 impl Default for Listen {
     fn default() -> Self {
-        Listen(vec![SocketAddr::from(([0, 0, 0, 0], 6003))])
+        Listen(vec![ListenEntry::plain(SocketAddr::from((
+            [0, 0, 0, 0],
+            6003,
+        )))])
     }
 }
 
 impl<'de> Deserialize<'de> for Listen {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum OneOrMany {
-            One(String),
-            Many(Vec<String>),
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = Vec<ListenEntry>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an address \"IP:port\" or a list of listen entries")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                Ok(vec![ListenEntry::plain(
+                    parse_socket_addr(s).map_err(E::custom)?,
+                )])
+            }
+            fn visit_seq<S: de::SeqAccess<'de>>(self, seq: S) -> Result<Self::Value, S::Error> {
+                // In place, not through an untagged enum: errors inside keep their key path.
+                Vec::<ListenEntry>::deserialize(de::value::SeqAccessDeserializer::new(seq))
+            }
         }
-        let list = match OneOrMany::deserialize(d)? {
-            OneOrMany::One(s) => vec![s],
-            OneOrMany::Many(v) => v,
-        };
+        let list = d.deserialize_any(Visit)?;
         if list.is_empty() {
             return Err(de::Error::custom("needs at least one address"));
         }
-        list.iter()
-            .map(|s| parse_socket_addr(s).map_err(de::Error::custom))
-            .collect::<Result<_, _>>()
-            .map(Listen)
+        for (i, e) in list.iter().enumerate() {
+            if list[..i].iter().any(|o| o.addr == e.addr) {
+                return Err(de::Error::custom(format!(
+                    "listen[{i}]: {} is listed twice",
+                    e.addr
+                )));
+            }
+            if e.tls.is_some() && e.redirect_https {
+                return Err(de::Error::custom(format!(
+                    "listen[{i}]: `redirect_https` is for a plain listener; {} is TLS",
+                    e.addr
+                )));
+            }
+        }
+        Ok(Listen(list))
     }
+}
+
+/// One listening socket: plain HTTP (a string `"IP:port"`, or a map without `tls`), or TLS.
+#[derive(Debug, Clone)]
+pub struct ListenEntry {
+    /// The socket address.
+    pub addr: SocketAddr,
+    /// TLS on this socket (`None`: plain HTTP).
+    pub tls: Option<TlsListen>,
+    /// A plain listener answers every request (but ACME HTTP-01 challenges) with a 308 to https.
+    pub redirect_https: bool,
+    /// The port put in the redirect's `Location` (`None`: no port, i.e. 443).
+    pub https_port: Option<u16>,
+}
+
+impl ListenEntry {
+    /// A plain HTTP listener.
+    pub fn plain(addr: SocketAddr) -> Self {
+        ListenEntry {
+            addr,
+            tls: None,
+            redirect_https: false,
+            https_port: None,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ListenEntry {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Full {
+            addr: String,
+            #[serde(default)]
+            tls: Option<TlsListen>,
+            #[serde(default)]
+            redirect_https: bool,
+            #[serde(default)]
+            https_port: Option<u16>,
+        }
+        struct Visit;
+        impl<'de> de::Visitor<'de> for Visit {
+            type Value = Full;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("\"IP:port\" or {addr: \"IP:port\", tls: {...}, redirect_https: ...}")
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Full, E> {
+                Ok(Full {
+                    addr: s.to_string(),
+                    tls: None,
+                    redirect_https: false,
+                    https_port: None,
+                })
+            }
+            fn visit_map<M: de::MapAccess<'de>>(self, map: M) -> Result<Full, M::Error> {
+                // Deserialized in place (not through an untagged enum), so an error inside
+                // keeps its key path.
+                Full::deserialize(de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        let full = d.deserialize_any(Visit)?;
+        Ok(ListenEntry {
+            addr: parse_socket_addr(&full.addr).map_err(de::Error::custom)?,
+            tls: full.tls,
+            redirect_https: full.redirect_https,
+            https_port: full.https_port,
+        })
+    }
+}
+
+/// `listen[].tls`: certificates picked by SNI, HTTP/2 by ALPN, the handshake's time bound.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsListen {
+    /// PEM certificate chains (leaf first) with their keys; the names each one serves are read
+    /// from the leaf's subjectAltName.
+    pub certificates: Vec<CertificateFiles>,
+    /// A name (as a certificate covers it) whose certificate answers clients without SNI and
+    /// clients asking for a name no certificate has. Unset: no SNI gets the first certificate,
+    /// an unknown name fails the handshake.
+    #[serde(default)]
+    pub default: Option<String>,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`).
+    #[serde(default = "yes")]
+    pub h2: bool,
+    /// A TLS handshake not complete within this is dropped.
+    #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// One certificate: its PEM chain and its PEM private key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// The chain, leaf first (relative paths are from the configuration file's directory).
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
 }
 
 fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {

@@ -152,7 +152,7 @@ impl Program {
         let mut files = Vec::new();
         for (kind, path) in config.files() {
             let key = format!("hooks.{}", kind.name());
-            let full = normalize(&dir.join(path));
+            let full = crate::config::normalize(&dir.join(path));
             let text = std::fs::read_to_string(&full)
                 .map_err(|e| (key.clone(), format!("cannot read {}: {e}", full.display())))?;
             files.push(HookFile {
@@ -182,28 +182,6 @@ impl Program {
     pub fn check(&self) -> Result<(), (HookKind, HookError)> {
         engine::check(self)
     }
-}
-
-/// `conf/../hooks/uid.js` → `hooks/uid.js`, without touching the filesystem (the names appear in
-/// logs and JS stack traces, where the short form reads better).
-fn normalize(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut out = PathBuf::new();
-    for c in path.components() {
-        match c {
-            Component::CurDir => {}
-            Component::ParentDir => {
-                let last = out.components().next_back();
-                if matches!(last, Some(Component::Normal(_))) {
-                    out.pop();
-                } else if !matches!(last, Some(Component::RootDir | Component::Prefix(_))) {
-                    out.push("..");
-                }
-            }
-            other => out.push(other.as_os_str()),
-        }
-    }
-    out
 }
 
 /// What `route` decided.

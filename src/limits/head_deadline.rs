@@ -265,6 +265,8 @@ impl Peek for HeadDeadline {
 pub struct HeadDeadlineApp<A> {
     requests: Arc<NextRequest<A>>,
     timeout: Box<dyn Fn() -> Duration + Send + Sync>,
+    /// Which listeners are TLS: their connections are handshaken here first.
+    listeners: Option<Arc<crate::tls::Listeners>>,
 }
 
 impl<A> HeadDeadlineApp<A> {
@@ -274,8 +276,54 @@ impl<A> HeadDeadlineApp<A> {
         HeadDeadlineApp {
             requests: Arc::new(NextRequest(Arc::new(app))),
             timeout: Box::new(timeout),
+            listeners: None,
         }
     }
+
+    /// Connections to the TLS listeners among `listeners` get their TLS handshake here, within
+    /// its `tls.handshake_timeout` (see [`crate::tls`]).
+    pub fn with_listeners(mut self, listeners: Arc<crate::tls::Listeners>) -> Self {
+        self.listeners = Some(listeners);
+        self
+    }
+}
+
+/// The TLS handshake of an accepted connection, bounded; `None` (connection dropped) on a failed
+/// or late handshake, which is counted and logged at debug level only: scanners and floods of
+/// half-open handshakes are routine on a public port.
+async fn tls_handshake(tls: &crate::tls::TlsListener, stream: Stream) -> Option<Stream> {
+    // Pingora's plain TCP listener hands over its own L4 stream; the rustls acceptor wants it
+    // by value (a `Box<dyn IO>` is not itself `IO`).
+    let l4 = match stream
+        .into_any()
+        .downcast::<pingora::protocols::l4::stream::Stream>()
+    {
+        Ok(l4) => *l4,
+        Err(_) => {
+            tracing::error!("TLS listener: the accepted connection is not a TCP stream");
+            return None;
+        }
+    };
+    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.tls_handshake(l4)).await {
+        Ok(Ok(tls_stream)) => Some(Box::new(tls_stream)),
+        Ok(Err(e)) => {
+            crate::metrics::counters().tls_handshake_errors.inc();
+            tracing::debug!(listen = %tls.addr, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            crate::metrics::counters().tls_handshake_timeouts.inc();
+            tracing::debug!(listen = %tls.addr, "TLS handshake not complete within tls.handshake_timeout: connection closed");
+            None
+        }
+    }
+}
+
+/// The local address a connection was accepted on.
+fn local_addr(stream: &Stream) -> Option<std::net::SocketAddr> {
+    stream
+        .get_socket_digest()
+        .and_then(|d| d.local_addr().and_then(|a| a.as_inet()).copied())
 }
 
 #[async_trait]
@@ -288,6 +336,21 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
+        let mut stream = stream;
+        // Plain listeners only (the usual case): no address lookup per accept.
+        let tls = self
+            .listeners
+            .as_ref()
+            .and_then(|l| l.tls().next().and_then(|_| l.tls_for(local_addr(&stream))));
+        if let Some(tls) = tls {
+            stream = tls_handshake(tls, stream).await?;
+            if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+                // HTTP/2 frames its headers and the h2 crate bounds them; the deadline below
+                // reads HTTP/1.1 heads (one request per connection at a time) and would cut a
+                // multiplexed connection whose streams never lift it.
+                return self.requests.process_new(stream, shutdown).await;
+            }
+        }
         let timeout = (self.timeout)();
         if timeout.is_zero() {
             return self.requests.process_new(stream, shutdown).await;

@@ -425,6 +425,53 @@ async function admin(agent, method, path, { token, body, raw, headers = {}, time
   return { status: res.status, text, json, headers: res.headers };
 }
 
+/** The first listen address of a config (`listen` is a string or a list of strings / entries). */
+function firstListen(cfg) {
+  const first = Array.isArray(cfg.listen) ? cfg.listen[0] : cfg.listen;
+  return typeof first === 'string' ? first : first.addr;
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS: a test CA and certificates made with the openssl CLI (ECDSA P-256)
+
+function opensslRun(args, cwd) {
+  return new Promise((resolve, reject) => {
+    execFile('openssl', args, { cwd, timeout: 10000 }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`openssl ${args.join(' ')}: ${err.message}\n${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
+/** A throw-away CA in `dir`: {dir, cert (path), key (path), pem (its PEM text)}. */
+async function makeTestCa(dir) {
+  const cert = path.join(dir, 'ca.pem');
+  const key = path.join(dir, 'ca.key');
+  await opensslRun(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-keyout', key, '-out', cert, '-days', '2', '-subj', '/CN=gopush e2e test CA'], dir);
+  return { dir, cert, key, pem: fs.readFileSync(cert, 'utf8') };
+}
+
+/**
+ * A leaf certificate for `names` (subjectAltNames: DNS names, or IP addresses) signed by `ca`, written as `stem`.pem
+ * (leaf then CA) and `stem`.key; resolves {cert, key, pem}.
+ */
+async function issueCert(ca, stem, names) {
+  const key = path.join(ca.dir, `${stem}.key`);
+  const csr = path.join(ca.dir, `${stem}.csr`);
+  const leaf = path.join(ca.dir, `${stem}.leaf.pem`);
+  const ext = path.join(ca.dir, `${stem}.ext`);
+  const cert = path.join(ca.dir, `${stem}.pem`);
+  fs.writeFileSync(ext, `subjectAltName=${names.map((n) => (net.isIP(n) ? `IP:${n}` : `DNS:${n}`)).join(',')}\n`);
+  await opensslRun(['req', '-new', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:P-256', '-nodes',
+    '-keyout', key, '-out', csr, '-subj', `/CN=${names[0]}`], ca.dir);
+  await opensslRun(['x509', '-req', '-in', csr, '-CA', ca.cert, '-CAkey', ca.key, '-CAcreateserial',
+    '-days', '1', '-extfile', ext, '-out', leaf], ca.dir);
+  const pem = fs.readFileSync(leaf, 'utf8');
+  fs.writeFileSync(cert, pem + ca.pem);
+  return { cert, key, pem };
+}
+
 // ---------------------------------------------------------------------------------------------
 // socket.io client
 
@@ -576,7 +623,7 @@ class TestEnv {
   }
 
   writeConfig(cfg, file) {
-    const f = path.join(this.dir, file || `gopush-${cfg.listen.split(':').pop()}.yaml`);
+    const f = path.join(this.dir, file || `gopush-${firstListen(cfg).split(':').pop()}.yaml`);
     fs.writeFileSync(f, toYaml(cfg));
     return f;
   }
@@ -592,7 +639,8 @@ class TestEnv {
     // Set on the caller's object, so that a test rewriting the file for a reload keeps it.
     if (cfg.admin === undefined) cfg.admin = { listen: `127.0.0.1:${await freePort()}` };
     const configFile = this.writeConfig(cfg, file);
-    const port = portOf(cfg.listen);
+    // With several listen entries the first must be plain HTTP: readiness is probed there.
+    const port = portOf(firstListen(cfg));
     const p = new Proc(`gopush:${port}`, GOPUSH_BIN, ['run', '-c', configFile], {
       logFile: path.join(this.dir, `gopush-${port}.log`),
       env: { RUST_LOG: process.env.RUST_LOG || 'info' },
@@ -740,6 +788,9 @@ function rawEngineIo(url, uid) {
 }
 
 module.exports = {
+  makeTestCa,
+  issueCert,
+  firstListen,
   rawEngineIo,
   recorder,
   startStandard,
