@@ -12,6 +12,7 @@
 //! See docs/ARCHITECTURE.md.
 
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod affinity;
 pub mod callback;

@@ -75,6 +75,11 @@ impl Snapshot {
         };
         let missing_uid_body =
             Bytes::from(format!("gopush: no uid in the request (tried {tried})\n"));
+        if let Some(acme) = &config.acme {
+            // Checked here so that `gopush check` reports an unreadable CA file.
+            acme.resolved(config.dir())
+                .map_err(|(key, message)| config.invalid(format!("acme.{key}"), message))?;
+        }
         let router = Router::new(&config, &health, &shared.drain)
             .map_err(|message| config.invalid("pools", message))?;
         // Dynamic pools are still empty here: their children are added as discovery fills them

@@ -99,6 +99,13 @@ pub struct Counters {
     /// Connections closed because their request head was not complete within
     /// `limits.header_timeout`.
     pub header_timeouts: IntCounter,
+    /// ACME orders that ended with a certificate.
+    pub acme_orders_ok: IntCounter,
+    /// ACME orders (or account registrations) that failed.
+    pub acme_orders_error: IntCounter,
+    /// notAfter of each ACME certificate in use (Unix seconds), by its first domain.
+    pub acme_expiry: IntGaugeVec,
+    acme_orders: IntCounterVec,
     /// TLS handshakes that failed (bad or unknown client hello, no certificate for the name).
     pub tls_handshake_errors: IntCounter,
     /// TLS handshakes not complete within `tls.handshake_timeout`.
@@ -141,6 +148,22 @@ impl Counters {
             &["event"],
         )
         .unwrap_or_else(|e| panic!("metric gopush_uid_auth_total: {e}"));
+        let acme_orders = IntCounterVec::new(
+            Opts::new(
+                "gopush_acme_orders_total",
+                "ACME certificate orders by result (ok, error); a stored certificate reused is no order.",
+            ),
+            &["result"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_acme_orders_total: {e}"));
+        let acme_expiry = IntGaugeVec::new(
+            Opts::new(
+                "gopush_acme_certificate_expiry_seconds",
+                "notAfter (Unix seconds) of the ACME certificate in use, by its first domain.",
+            ),
+            &["name"],
+        )
+        .unwrap_or_else(|e| panic!("metric gopush_acme_certificate_expiry_seconds: {e}"));
         let tls_handshakes = IntCounterVec::new(
             Opts::new(
                 "gopush_tls_handshake_failures_total",
@@ -167,6 +190,10 @@ impl Counters {
                 "Connections closed because their request head was not complete within limits.header_timeout (slow clients, slowloris).",
             )
             .unwrap_or_else(|e| panic!("metric gopush_header_timeouts_total: {e}")),
+            acme_orders_ok: acme_orders.with_label_values(&["ok"]),
+            acme_orders_error: acme_orders.with_label_values(&["error"]),
+            acme_orders,
+            acme_expiry,
             tls_handshake_errors: tls_handshakes.with_label_values(&["error"]),
             tls_handshake_timeouts: tls_handshakes.with_label_values(&["timeout"]),
             tls_handshakes,
@@ -354,6 +381,8 @@ impl Metrics {
         register(&r, c.hooks.clone());
         register(&r, c.uid_auth.clone());
         register(&r, c.header_timeouts.clone());
+        register(&r, c.acme_orders.clone());
+        register(&r, c.acme_expiry.clone());
         Metrics {
             registry: r,
             requests,

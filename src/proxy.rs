@@ -366,6 +366,17 @@ impl ProxyHttp for Agent {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        // An ACME HTTP-01 validation carries no uid and goes to no backend.
+        let req = session.req_header();
+        if req.method == http::Method::GET
+            && req.uri.path().starts_with(crate::acme::CHALLENGE_PREFIX)
+        {
+            if let Some(key_auth) = crate::acme::challenges().answer(req.uri.path()).await {
+                let body = Bytes::from(key_auth);
+                respond(session, 200, "OK", "application/octet-stream", body).await?;
+                return Ok(true);
+            }
+        }
         match https_redirect(&ctx.snap, session) {
             None => {}
             Some(Ok(location)) => {

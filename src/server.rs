@@ -109,6 +109,20 @@ pub fn run(
             crate::cluster::DirectoryService(dir.clone()),
         ));
     }
+    if let Some(acme) = &config.acme {
+        let acme = acme
+            .resolved(config.dir())
+            .map_err(|(key, message)| config.invalid(format!("acme.{key}"), message))?;
+        // Every TLS listener serves it for its names, from the files the service just wrote.
+        let listeners = live.listeners().clone();
+        let publish: crate::acme::Publish = Arc::new(move |acme, _| {
+            crate::tls::publish_acme(&listeners, &acme.cert_path(), &acme.key_path());
+        });
+        server.add_service(background_service(
+            "acme",
+            crate::acme::AcmeService::new(acme, publish),
+        ));
+    }
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));
     let daemon = mode.daemon || config.server.daemon;
     let reopen = crate::logging::ReopenOnUsr1 {

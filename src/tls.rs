@@ -256,10 +256,35 @@ impl CertTable {
     }
 }
 
-/// The rustls resolver of one listener: a lookup in the current table.
+/// Serves the certificate the `acme` service stored (`cert`, `key` files) on every TLS listener
+/// of `listeners`; a certificate that does not load is logged and the served one stays.
+pub fn publish_acme(listeners: &Listeners, cert: &Path, key: &Path) {
+    let files = CertificateFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+    };
+    let now = crate::live::unix_seconds(std::time::SystemTime::now());
+    match load_cert(&files, Path::new(""), now) {
+        Ok(loaded) => {
+            let loaded = Arc::new(loaded);
+            for listener in listeners.tls() {
+                listener.resolver.set_acme(loaded.clone());
+            }
+        }
+        Err((_, message)) => {
+            tracing::error!(%message, "acme: the stored certificate does not load; serving the previous one")
+        }
+    }
+}
+
+/// The rustls resolver of one listener: the ACME certificate for its names, else a lookup in
+/// the current table of configured certificates.
 #[derive(Debug)]
 pub struct CertResolver {
     table: ArcSwap<CertTable>,
+    /// The certificate the `acme` service keeps valid (`None` until it has one). Set by the
+    /// service, not by reloads: a reload swaps the table and leaves this as it is.
+    acme: arc_swap::ArcSwapOption<LoadedCert>,
 }
 
 impl CertResolver {
@@ -267,7 +292,38 @@ impl CertResolver {
     pub fn new(table: CertTable) -> Self {
         CertResolver {
             table: ArcSwap::from_pointee(table),
+            acme: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// New handshakes for the ACME certificate's names get `cert` from now on.
+    pub fn set_acme(&self, cert: Arc<LoadedCert>) {
+        self.acme.store(Some(cert));
+    }
+
+    /// The ACME certificate served now, if any.
+    pub fn acme(&self) -> Option<Arc<LoadedCert>> {
+        self.acme.load_full()
+    }
+
+    /// What a client asking for `sni` gets: the ACME certificate for its names (and for clients
+    /// without SNI when no configured certificate answers them), else the table's answer.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let table = self.table.load();
+        let acme = self.acme.load();
+        if let Some(acme) = acme.as_ref() {
+            let ours = match sni {
+                Some(name) => {
+                    let name = name.trim_end_matches('.');
+                    acme.names.iter().any(|n| n.eq_ignore_ascii_case(name))
+                }
+                None => table.lookup(None).is_none(),
+            };
+            if ours {
+                return Some(acme.key.clone());
+            }
+        }
+        table.lookup(sni)
     }
 
     /// New handshakes use `table` from now on; open connections keep what they had.
@@ -284,7 +340,7 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // `None` fails the handshake (rustls sends an alert).
-        self.table.load().lookup(hello.server_name())
+        self.lookup(hello.server_name())
     }
 }
 

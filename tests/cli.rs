@@ -389,6 +389,32 @@ fn run_refuses_to_start_with_a_bad_config() {
     drop(held);
 }
 
+#[test]
+fn check_names_a_bad_acme_key_and_its_problem() {
+    let base = "pools:\n  default:\n    backends: [\"127.0.0.1:4000\"]\nacme:\n";
+    assert_check_fails(
+        "acme-http.yaml",
+        &format!(
+            "{base}  directory: http://ca.example/dir\n  domains: [a.example]\n  storage: acme\n"
+        ),
+        &["acme.directory", ":5:", "https://"],
+    );
+    assert_check_fails(
+        "acme-wildcard.yaml",
+        &format!("{base}  directory: https://ca.example/dir\n  domains: [\"*.example.com\"]\n  storage: acme\n"),
+        &["acme.domains", "wildcard"],
+    );
+    assert_check_fails(
+        "acme-unknown.yaml",
+        &format!("{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n  renew: 10d\n"),
+        &["acme", "renew", "unknown field"],
+    );
+    assert_check_fails(
+        "acme-ca.yaml",
+        &format!("{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n  directory_ca: missing-ca.pem\n"),
+        &["acme.directory_ca", "missing-ca.pem", "not a PEM certificate"],
+    );
+}
 /// A self-signed ECDSA P-256 certificate for `names` and its key, written as `stem`.pem/.key.
 fn write_cert(dir: &TempDir, stem: &str, names: &[&str], expired: bool) {
     let key = rcgen::KeyPair::generate().expect("key");

@@ -160,10 +160,11 @@ impl Config {
                 .tls
                 .as_ref()
                 .is_some_and(|t| t.certificates.is_empty())
+                && self.acme.is_none()
             {
                 return Err((
                     format!("listen[{i}].tls.certificates"),
-                    "needs at least one certificate".into(),
+                    "needs at least one certificate (or an `acme` section to obtain one)".into(),
                 ));
             }
         }

@@ -26,6 +26,8 @@ pub struct Startup {
     /// `cluster`: the directory's agent id and writer live as long as the process (`None`:
     /// absent or disabled). Its Redis URL is resolved here (`push.redis` by default).
     pub cluster: Option<(ClusterConfig, String)>,
+    /// `acme`: its service is started once.
+    pub acme: Option<crate::acme::AcmeConfig>,
 }
 
 /// The restart-only part of one `listen` entry.
@@ -60,6 +62,7 @@ impl Startup {
                 .as_ref()
                 .filter(|c| c.enabled)
                 .map(|c| (c.clone(), c.redis_url(&config.push).to_string())),
+            acme: config.acme.clone(),
         }
     }
 
@@ -81,6 +84,7 @@ impl Startup {
             "access_log.format",
         );
         check(self.cluster != next.cluster, "cluster");
+        check(self.acme != next.acme, "acme");
         keys
     }
 }

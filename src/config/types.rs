@@ -61,6 +61,9 @@ pub struct Config {
     /// Pushing events into the Socket.IO cluster through its Redis adapter.
     #[serde(default)]
     pub push: PushConfig,
+    /// ACME certificates (HTTP-01, answered on the plain listeners).
+    #[serde(default)]
+    pub acme: Option<crate::acme::AcmeConfig>,
     /// The file this configuration was read from (or the name it was given): errors name it,
     /// and relative paths in it (hook files, key files) are read from its directory.
     #[serde(skip)]

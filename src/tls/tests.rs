@@ -331,3 +331,37 @@ fn bad_tls_config_names_file_key_and_problem() {
         "{e}"
     );
 }
+
+#[test]
+fn the_acme_certificate_answers_its_names_and_survives_a_table_swap() {
+    let d = dir("acme");
+    let site = write_cert(&d, "site", &["site.test"], false);
+    let other = write_cert(&d, "other", &["other.test"], false);
+    let acme_files = write_cert(&d, "acme", &["a.acme.test", "www.a.acme.test"], false);
+    let acme = Arc::new(load_cert(&acme_files, Path::new(""), now()).unwrap());
+    let is = |got: Option<Arc<CertifiedKey>>, want: &Arc<CertifiedKey>| {
+        got.is_some_and(|k| Arc::ptr_eq(&k, want))
+    };
+
+    // A listener with no configured certificate: nothing until ACME has one, then it for its
+    // names and for clients without SNI, and still nothing for other names.
+    let empty = CertResolver::new(table_of(&[], None).unwrap());
+    assert!(empty.lookup(Some("a.acme.test")).is_none());
+    empty.set_acme(acme.clone());
+    assert!(is(empty.lookup(Some("A.acme.test.")), &acme.key));
+    assert!(is(empty.lookup(Some("www.a.acme.test")), &acme.key));
+    assert!(is(empty.lookup(None), &acme.key));
+    assert!(empty.lookup(Some("site.test")).is_none());
+
+    // Beside configured certificates: each answers its own names; no SNI gets the table's.
+    let mixed = CertResolver::new(table_of(&[site], None).unwrap());
+    mixed.set_acme(acme.clone());
+    assert!(is(mixed.lookup(Some("a.acme.test")), &acme.key));
+    let site_key = mixed.lookup(Some("site.test")).unwrap();
+    assert!(!Arc::ptr_eq(&site_key, &acme.key));
+    assert!(is(mixed.lookup(None), &site_key));
+    // A reload swaps the table; the ACME certificate stays.
+    mixed.store(table_of(&[other], None).unwrap());
+    assert!(is(mixed.lookup(Some("a.acme.test")), &acme.key));
+    assert!(mixed.lookup(Some("site.test")).is_none());
+}
