@@ -35,3 +35,4 @@ pub mod server;
 pub mod tls;
 pub mod uid;
 pub mod upgrade;
+pub mod webhooks;
