@@ -129,6 +129,8 @@ struct State {
     /// Writes were lost (dropped, or failed): publish the whole table again.
     resync: bool,
     dropped: u64,
+    /// Presence webhooks (`cluster.webhooks`), fed under this lock so events keep its order.
+    hooks: Option<Arc<crate::webhooks::Webhooks>>,
 }
 
 impl State {
@@ -140,6 +142,7 @@ impl State {
             cap,
             resync: true,
             dropped: 0,
+            hooks: None,
         }
     }
 
@@ -156,13 +159,29 @@ impl State {
     fn put(&mut self, agent: &str, id: &str, conn: Conn) {
         let json = entry_json(agent, &conn);
         let uid = conn.uid.clone();
-        if let Some(old) = self.conns.insert(id.to_string(), conn) {
+        let transport = conn.transport;
+        let existed = if let Some(old) = self.conns.insert(id.to_string(), conn) {
             // Same id again (an upgrade of a polling session): the uid is counted once.
             if let Some(n) = self.by_uid.get_mut(&old.uid) {
                 *n = n.saturating_sub(1);
             }
+            true
+        } else {
+            false
+        };
+        let n = self.by_uid.entry(uid.clone()).or_insert(0);
+        *n += 1;
+        // An upgrade is the same connection: no event (no open, no online).
+        if let (Some(h), false) = (&self.hooks, existed) {
+            h.emit(
+                crate::webhooks::Event::ConnectionOpen,
+                &uid,
+                Some((id, transport_name(transport))),
+            );
+            if *n == 1 {
+                h.online(&uid);
+            }
         }
-        *self.by_uid.entry(uid.clone()).or_insert(0) += 1;
         self.push(Write::Put {
             id: id.to_string(),
             uid,
@@ -184,6 +203,16 @@ impl State {
                 true
             }
         };
+        if let Some(h) = &self.hooks {
+            h.emit(
+                crate::webhooks::Event::ConnectionClose,
+                &conn.uid,
+                Some((id, transport_name(conn.transport))),
+            );
+            if last {
+                h.offline_later(&conn.uid);
+            }
+        }
         self.push(Write::Del {
             id: id.to_string(),
             uid: conn.uid,
@@ -216,6 +245,13 @@ impl State {
             .filter(|c| c.transport == Transport::Websocket)
             .count();
         (ws, self.conns.len() - ws)
+    }
+}
+
+fn transport_name(t: Transport) -> &'static str {
+    match t {
+        Transport::Websocket => "websocket",
+        Transport::Polling => "polling",
     }
 }
 
@@ -302,6 +338,9 @@ impl Directory {
             // The start time makes a restarted process (same pid after a reboot) a new agent.
             format!("{host}-{}-{:x}", std::process::id(), started_ms)
         });
+        let mut state = State::new(cfg.queue);
+        state.hooks =
+            crate::webhooks::Webhooks::new(&agent, &cfg.webhooks, cfg.offline_after).map(Arc::new);
         Directory {
             agent,
             key: cfg.key.clone(),
@@ -309,7 +348,7 @@ impl Directory {
             url: url.to_string(),
             sid_ttl,
             started_ms,
-            state: Mutex::new(State::new(cfg.queue)),
+            state: Mutex::new(state),
             wake: tokio::sync::Notify::new(),
             conn: ArcSwapOption::empty(),
             synced: AtomicBool::new(false),
@@ -1003,6 +1042,10 @@ impl BackgroundService for DirectoryService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let dir = &self.0;
         tracing::info!(agent = %dir.agent, "cluster: directory writer started");
+        let hooks = dir.state().hooks.clone();
+        if let Some(h) = hooks {
+            h.spawn();
+        }
         let mut last_beat: Option<Instant> = None;
         let mut last_tick: Option<Instant> = None;
         let mut next_connect = Instant::now();
@@ -1014,6 +1057,12 @@ impl BackgroundService for DirectoryService {
                 let expired = dir.state().expire(Instant::now());
                 if expired > 0 {
                     tracing::debug!(expired, "cluster: idle polling sessions ended");
+                }
+                {
+                    let st = dir.state();
+                    if let Some(h) = &st.hooks {
+                        h.due(Instant::now(), |uid| st.by_uid.contains_key(uid));
+                    }
                 }
                 let (ws, polling) = dir.state().counts();
                 crate::metrics::counters()

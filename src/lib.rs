@@ -36,3 +36,4 @@ pub mod server;
 pub mod tls;
 pub mod uid;
 pub mod upgrade;
+pub mod webhooks;

@@ -126,6 +126,12 @@ pub struct Counters {
     /// 1 while this agent's part of the directory is not known to be in Redis.
     pub cluster_stale: IntGauge,
     cluster_sid_lookups: IntCounterVec,
+    /// Webhook deliveries dropped (oldest first) because a receiver's queue was full.
+    pub webhook_dropped: IntCounter,
+    /// Webhook deliveries the receiver accepted (2xx).
+    pub webhook_sent: IntCounter,
+    /// Failed webhook attempts (each is retried).
+    pub webhook_errors: IntCounter,
     hooks: IntCounterVec,
     uid_auth: IntCounterVec,
 }
@@ -200,6 +206,18 @@ impl Counters {
             cluster_dropped: plain_counter(
                 "gopush_cluster_queue_dropped_total",
                 "Directory writes dropped (oldest first) because the queue was full; the agent re-publishes its state afterwards.",
+            ),
+            webhook_dropped: plain_counter(
+                "gopush_webhook_dropped_total",
+                "Webhook deliveries dropped (oldest first) because a receiver's queue was full.",
+            ),
+            webhook_sent: plain_counter(
+                "gopush_webhook_sent_total",
+                "Webhook deliveries accepted by the receiver (2xx).",
+            ),
+            webhook_errors: plain_counter(
+                "gopush_webhook_errors_total",
+                "Failed webhook attempts (each is retried with backoff).",
             ),
             cluster_errors: plain_counter(
                 "gopush_cluster_redis_errors_total",
@@ -424,6 +442,9 @@ impl Metrics {
         let c = counters();
         let r = &self.registry;
         register(r, c.cluster_dropped.clone());
+        register(r, c.webhook_dropped.clone());
+        register(r, c.webhook_sent.clone());
+        register(r, c.webhook_errors.clone());
         register(r, c.cluster_errors.clone());
         register(r, c.cluster_agents.clone());
         register(r, c.cluster_connections.clone());

@@ -392,6 +392,20 @@ impl ClusterConfig {
         if self.queue == 0 {
             return Err(("cluster.queue".into(), "must be at least 1".into()));
         }
+        for (i, w) in self.webhooks.iter().enumerate() {
+            if w.secret.is_empty() {
+                return Err((
+                    format!("cluster.webhooks[{i}].secret"),
+                    "must not be empty (every delivery is signed)".into(),
+                ));
+            }
+            if w.queue == 0 {
+                return Err((
+                    format!("cluster.webhooks[{i}].queue"),
+                    "must be at least 1".into(),
+                ));
+            }
+        }
         Ok(())
     }
 }

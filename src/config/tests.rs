@@ -782,3 +782,65 @@ fn the_cluster_section_is_optional_defaults_as_documented_and_checks_its_keys() 
         assert!(e.contains(key) && e.contains("conf/x.yaml"), "{yaml}: {e}");
     }
 }
+
+#[test]
+fn cluster_webhooks_default_and_check_their_keys() {
+    use crate::webhooks::Event;
+    use std::time::Duration;
+    let c = parse(&format!("{MIN}cluster: {{}}\n")).unwrap();
+    let k = c.cluster.as_ref().unwrap();
+    assert!(k.webhooks.is_empty());
+    assert_eq!(k.offline_after, Duration::from_secs(5));
+    let c = parse(&format!(
+        "{MIN}cluster: {{offline_after: 2s, webhooks: [{{url: \"http://127.0.0.1:9000/h\", secret: s}}, {{url: \"http://10.0.0.2/\", secret: t, events: [user.offline], queue: 5}}]}}\n"
+    ))
+    .unwrap();
+    let k = c.cluster.as_ref().unwrap();
+    assert_eq!(k.offline_after, Duration::from_secs(2));
+    assert_eq!(k.webhooks.len(), 2);
+    assert_eq!(k.webhooks[0].events.len(), 4);
+    assert_eq!(k.webhooks[0].queue, 10_000);
+    assert_eq!(k.webhooks[0].url.path, "/h");
+    assert_eq!(k.webhooks[1].events, vec![Event::UserOffline]);
+    assert_eq!(k.webhooks[1].queue, 5);
+    // The secret never reaches a log.
+    assert!(!format!("{:?}", k.webhooks[0]).contains("secret: \"s\""));
+    for (yaml, key, what) in [
+        (
+            "{url: \"http://hooks.local/\", secret: s}",
+            "cluster.webhooks[0].url",
+            "literal IP",
+        ),
+        (
+            "{url: \"https://127.0.0.1/\", secret: s}",
+            "cluster.webhooks[0].url",
+            "http://",
+        ),
+        (
+            "{url: \"http://127.0.0.1/\", secret: \"\"}",
+            "cluster.webhooks[0].secret",
+            "empty",
+        ),
+        (
+            "{url: \"http://127.0.0.1/\"}",
+            "cluster.webhooks[0]",
+            "secret",
+        ),
+        (
+            "{url: \"http://127.0.0.1/\", secret: s, events: [user.away]}",
+            "cluster.webhooks[0].events",
+            "user.away",
+        ),
+        (
+            "{url: \"http://127.0.0.1/\", secret: s, queue: 0}",
+            "cluster.webhooks[0].queue",
+            "at least 1",
+        ),
+    ] {
+        let e = err(&format!("{MIN}cluster: {{webhooks: [{yaml}]}}\n"));
+        assert!(
+            e.contains(key) && e.contains(what) && e.contains("conf/x.yaml"),
+            "{yaml}: {e}"
+        );
+    }
+}

@@ -784,6 +784,13 @@ pub struct ClusterConfig {
     /// Most directory writes queued while Redis is slow or down; past it the oldest are dropped
     /// (counted) and the agent re-publishes its whole state once Redis answers.
     pub queue: usize,
+    /// Receivers of presence events (`user.online`, `user.offline`, `connection.open`,
+    /// `connection.close`), signed with HMAC-SHA256.
+    pub webhooks: Vec<crate::webhooks::WebhookConfig>,
+    /// `user.offline` waits this long after the uid's last connection closed, so that a quick
+    /// reconnect or a hand-over does not flap.
+    #[serde(with = "humantime_serde")]
+    pub offline_after: Duration,
 }
 
 impl Default for ClusterConfig {
@@ -798,6 +805,8 @@ impl Default for ClusterConfig {
             timeout: Duration::from_secs(1),
             sid_lookup_timeout: Duration::from_millis(50),
             queue: 65_536,
+            webhooks: Vec::new(),
+            offline_after: Duration::from_secs(5),
         }
     }
 }
