@@ -584,16 +584,21 @@ impl Directory {
             .await
     }
 
+    /// The live agents, as a set (`Err` when Redis cannot be read).
+    async fn live_set(&self, conn: &mut MultiplexedConnection) -> Result<HashSet<String>, ()> {
+        Ok(self
+            .live_agents(conn)
+            .await
+            .map_err(|_| ())?
+            .into_iter()
+            .collect())
+    }
+
     /// `GET /api/users/{uid}`.
     pub async fn user(&self, uid: &str) -> Value {
         let read = async {
             let mut conn = self.reader().await.ok_or(())?;
-            let live: HashSet<String> = self
-                .live_agents(&mut conn)
-                .await
-                .map_err(|_| ())?
-                .into_iter()
-                .collect();
+            let live = self.live_set(&mut conn).await?;
             let all: HashMap<String, String> = redis::cmd("HGETALL")
                 .arg(self.conns_key(uid))
                 .query_async(&mut conn)
@@ -635,12 +640,7 @@ impl Directory {
     pub async fn users(&self, cursor: Option<&str>, limit: usize) -> Value {
         let read = async {
             let mut conn = self.reader().await.ok_or(())?;
-            let live: HashSet<String> = self
-                .live_agents(&mut conn)
-                .await
-                .map_err(|_| ())?
-                .into_iter()
-                .collect();
+            let live = self.live_set(&mut conn).await?;
             let start = cursor.map_or("-".to_string(), |c| format!("({c}"));
             let uids: Vec<String> = redis::cmd("ZRANGEBYLEX")
                 .arg(self.users_key())
