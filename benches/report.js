@@ -365,7 +365,7 @@ ports, nginx as the proxy, bare Pingora and gopush. Each scenario runs its targe
 | Socket.IO websocket | N clients, transport \`websocket\` only, each a closed loop of acked \`echo\` for S seconds | acks/s, ack round trip p50/p99, errors |
 | idle WebSockets | 5,000 then 20,000 (where \`ulimit -n\` allows) Engine.IO WebSocket sessions through each proxy, answering pings | (proxy RSS after − before) / connections |
 | connect storm | 2,000 WebSocket clients started in the same event-loop turn | time until the last one has its Socket.IO CONNECT acknowledged, connect p50/p99, failures |
-| HTTPS static | the HTTP static load against each proxy's TLS listener (one ECDSA P-256 certificate, TLS 1.2/1.3, h2 offered; wrk speaks HTTP/1.1); nginx and gopush only (bare Pingora is built without TLS) | req/s, latency, proxy CPU per 10k requests |
+| HTTPS static | the HTTP static load against each proxy's TLS listener (one ECDSA P-256 certificate, TLS 1.2/1.3, h2 offered; wrk speaks HTTP/1.1); nginx and gopush only (the bare Pingora example has no TLS listener) | req/s, latency, proxy CPU per 10k requests |
 | TLS handshakes | the same with \`Connection: close\`: every request is a new connection and a full handshake (no session resumption) | handshakes/s = req/s, proxy CPU per 10k handshakes |
 | Socket.IO over wss | the websocket scenario over \`wss://\` (the load generator trusts the test CA) | acks/s, ack round trip, proxy CPU |
 | idle wss | the idle scenario over \`wss://\` (5,000) | (proxy RSS after − before) / connections |

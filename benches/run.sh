@@ -617,35 +617,30 @@ sc_storm() {
   return $rc
 }
 
-# TLS scenarios: nginx and gopush only (bare Pingora is built without TLS), alternating order.
+# TLS scenarios: nginx and gopush only (the bare Pingora example has no TLS listener),
+# alternating order.
 tls_order() { if [ $(( $1 % 2 )) = 1 ]; then echo nginx gopush; else echo gopush nginx; fi; }
 tls_url_of() { case $1 in nginx) echo "$NGX_TLS_URL" ;; gopush) echo "$GP_TLS_URL" ;; esac; }
 
-sc_https() {
-  local rc=0 r t
+# tls_http SCENARIO WHAT [LOAD OPTION...]: wrk against each proxy's TLS listener (static backend).
+tls_http() {
+  local scenario=$1 what=$2 rc=0 r t
+  shift 2
   for r in $(seq 1 "$ROUNDS"); do for t in $(tls_order "$r"); do
-    log "https keep-alive (static backend) round $r: $t"
-    rec https "$t" "$r"
-    LOAD http --url "$(tls_url_of "$t")/whoami?product=static" --pids "$(pids_of "$t")" --secs "$HTTP_SECS" \
+    log "$what round $r: $t"
+    rec "$scenario" "$t" "$r"
+    LOAD http "$@" --url "$(tls_url_of "$t")/whoami?product=static" --pids "$(pids_of "$t")" --secs "$HTTP_SECS" \
       --warm "$HTTP_WARM" --conns "$WRK_CONNS" --uid u123 --timeout-ms $(( (HTTP_SECS + HTTP_WARM) * 1000 + 30000 )) \
       "${REC[@]}" || rc=1
   done; done
   return $rc
 }
 
+sc_https() { tls_http https "https keep-alive (static backend)"; }
+
 # A new TLS connection per request (`Connection: close`): requests per second are full
 # handshakes per second (ECDSA P-256; wrk resumes no session).
-sc_handshake() {
-  local rc=0 r t
-  for r in $(seq 1 "$ROUNDS"); do for t in $(tls_order "$r"); do
-    log "TLS handshakes (a new connection per request) round $r: $t"
-    rec handshake "$t" "$r"
-    LOAD http --close 1 --url "$(tls_url_of "$t")/whoami?product=static" --pids "$(pids_of "$t")" --secs "$HTTP_SECS" \
-      --warm "$HTTP_WARM" --conns "$WRK_CONNS" --uid u123 --timeout-ms $(( (HTTP_SECS + HTTP_WARM) * 1000 + 30000 )) \
-      "${REC[@]}" || rc=1
-  done; done
-  return $rc
-}
+sc_handshake() { tls_http handshake "TLS handshakes (a new connection per request)" --close 1; }
 
 sc_wss() {
   local rc=0 r t
