@@ -2,9 +2,10 @@
 //! that a reload swaps whole, and the handshake itself (bounded by `tls.handshake_timeout`).
 //!
 //! Pingora's listeners are all plain TCP here; the agent's connection wrapper
-//! ([`crate::limits::head_deadline::HeadDeadlineApp`]) does the TLS handshake with Pingora's own
-//! rustls [`Acceptor`] (so the session digest, ALPN and HTTP/2 work as with Pingora's TLS
-//! listeners). Doing it there, not in Pingora's listener, gives the handshake a configurable
+//! ([`crate::limits::head_deadline::HeadDeadlineApp`]) does the TLS handshake with tokio-rustls
+//! and hands Pingora a [`TlsConn`], which reports the ALPN choice (HTTP/2) and a TLS digest as
+//! Pingora's own TLS streams do; Pingora's `rustls` feature is not compiled in (see [`conn`] for
+//! its per-connection memory cost). Doing it there, not in Pingora's listener, gives the handshake a configurable
 //! bound (Pingora 0.9.1 hard-codes 60 s), keeps failed handshakes out of the error log (Pingora
 //! logs each at error level: a scan or a flood of half-open handshakes would become a flood of
 //! lines) and counts them, and leaves the graceful upgrade's socket hand-over untouched (the
@@ -12,7 +13,6 @@
 
 use crate::config::{CertificateFiles, Config, ListenEntry, TlsListen};
 use arc_swap::ArcSwap;
-use pingora::listeners::tls::Acceptor;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -351,7 +351,7 @@ pub struct TlsListener {
     /// Its certificates (swapped by a reload).
     pub resolver: Arc<CertResolver>,
     /// The handshake.
-    pub acceptor: Acceptor,
+    pub acceptor: tokio_rustls::TlsAcceptor,
     /// `tls.handshake_timeout` (restart-only).
     pub handshake_timeout: Duration,
 }
@@ -372,7 +372,7 @@ impl TlsListener {
         Ok(TlsListener {
             addr: entry.addr,
             resolver,
-            acceptor: Acceptor::from_server_config(Arc::new(config)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             handshake_timeout: tls.handshake_timeout,
         })
     }
@@ -464,6 +464,9 @@ pub fn entry_for(config: &Config, local: Option<SocketAddr>) -> Option<&ListenEn
     let i = index_for(config.listen.0.iter().map(|e| e.addr), local?)?;
     config.listen.0.get(i)
 }
+
+mod conn;
+pub use conn::TlsConn;
 
 #[cfg(test)]
 mod tests;

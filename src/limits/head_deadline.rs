@@ -292,20 +292,13 @@ impl<A> HeadDeadlineApp<A> {
 /// or late handshake, which is counted and logged at debug level only: scanners and floods of
 /// half-open handshakes are routine on a public port.
 async fn tls_handshake(tls: &crate::tls::TlsListener, stream: Stream) -> Option<Stream> {
-    // Pingora's plain TCP listener hands over its own L4 stream; the rustls acceptor wants it
-    // by value (a `Box<dyn IO>` is not itself `IO`).
-    let l4 = match stream
-        .into_any()
-        .downcast::<pingora::protocols::l4::stream::Stream>()
+    match tokio::time::timeout(
+        tls.handshake_timeout,
+        crate::tls::TlsConn::accept(&tls.acceptor, stream),
+    )
+    .await
     {
-        Ok(l4) => *l4,
-        Err(_) => {
-            tracing::error!("TLS listener: the accepted connection is not a TCP stream");
-            return None;
-        }
-    };
-    match tokio::time::timeout(tls.handshake_timeout, tls.acceptor.tls_handshake(l4)).await {
-        Ok(Ok(tls_stream)) => Some(Box::new(tls_stream)),
+        Ok(Ok(conn)) => Some(Box::new(conn)),
         Ok(Err(e)) => {
             crate::metrics::counters().tls_handshake_errors.inc();
             tracing::debug!(listen = %tls.addr, "TLS handshake failed: {e}");
