@@ -263,10 +263,10 @@ RUN_START=$(date +%s)
 # ------------------------------------------------------------------------------------------------
 # servers
 
-mapfile -t P < <(LOAD ports 11)
-[ "${#P[@]}" -eq 11 ] || die "could not find free ports"
+mapfile -t P < <(LOAD ports 12)
+[ "${#P[@]}" -eq 12 ] || die "could not find free ports"
 REDIS_PORT=${P[0]} B1_PORT=${P[1]} B2_PORT=${P[2]} S1_PORT=${P[3]} S2_PORT=${P[4]} NGX_PORT=${P[5]} GP_PORT=${P[6]}
-BARE_PORT=${P[7]} NGX_TLS_PORT=${P[8]} GP_TLS_PORT=${P[9]} GPC_PORT=${P[10]}
+BARE_PORT=${P[7]} NGX_TLS_PORT=${P[8]} GP_TLS_PORT=${P[9]} GPC_PORT=${P[10]} GPC_ADMIN_PORT=${P[11]}
 
 # One test CA and one ECDSA P-256 leaf (localhost, 127.0.0.1) for both TLS proxies; the Node
 # load generator trusts the CA (NODE_EXTRA_CA_CERTS), wrk does not verify.
@@ -478,6 +478,10 @@ sed -e "/^listen:/,/^uid:/{/^uid:/!d}" -e "s#^uid:#listen: \"127.0.0.1:$GPC_PORT
   -e "s#$WORK/gopush.pid#$WORK/gopush-cluster.pid#; s#$WORK/gopush_upgrade.sock#$WORK/gopush-cluster_upgrade.sock#" \
   "$GP_CONF" >"$GPC_CONF"
 printf 'cluster: { redis: "redis://127.0.0.1:%s", agent_id: bench }\n' "$REDIS_PORT" >>"$GPC_CONF"
+# Its own admin port: with the first gopush's 127.0.0.1:6004 taken, Pingora's admin service gave up
+# binding after 30 s and panicked mid-run, and symbolising that backtrace added ~170 MB to the
+# process's RSS, which the idle scenario then counted as connection memory.
+printf 'admin: { listen: "127.0.0.1:%s" }\n' "$GPC_ADMIN_PORT" >>"$GPC_CONF"
 "$GOPUSH_BIN" check -c "$GPC_CONF" >"$WORK/gopush-cluster-check.log" 2>&1 \
   || { cat "$WORK/gopush-cluster-check.log" >&2; die "gopush rejected its cluster config"; }
 start gopush-cluster "$WORK/gopush-cluster.log" env RUST_LOG=warn "$GOPUSH_BIN" run -c "$GPC_CONF"

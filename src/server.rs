@@ -28,6 +28,26 @@ pub struct RunMode {
     pub upgrade: bool,
 }
 
+/// Every address the agent will listen on can be bound now.
+fn check_bindable(config: &Config) -> anyhow::Result<()> {
+    let mut addrs: Vec<(String, std::net::SocketAddr)> = config
+        .listen
+        .addrs()
+        .into_iter()
+        .enumerate()
+        .map(|(i, a)| (format!("listen[{i}]"), a))
+        .collect();
+    if config.admin.enabled {
+        addrs.push(("admin.listen".into(), config.admin.listen));
+    }
+    for (key, addr) in addrs {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!("cannot listen on {addr} ({key}): {e}");
+        }
+    }
+    Ok(())
+}
+
 /// Runs the agent; returns only if the server could not be set up.
 pub fn run(
     config: &Config,
@@ -52,6 +72,12 @@ pub fn run(
         Live::new(config.clone(), config_path)
             .map_err(|e| anyhow::anyhow!("configuration error: {e}"))?,
     );
+    if !mode.upgrade {
+        // Pingora retries a busy address for ~30 s and then panics that service's thread while
+        // the rest of the process runs on (an agent without its admin API, say): refuse to
+        // start instead. (An upgrade takes the sockets over from the old process: not checked.)
+        check_bindable(config)?;
+    }
     if config.pools.values().any(|p| p.is_dynamic()) {
         // Discovered pools must have backends before the first request: resolve them now.
         tokio::runtime::Builder::new_current_thread()

@@ -534,3 +534,36 @@ fn run_refuses_to_start_with_a_bad_certificate() {
     );
     assert!(!text.contains("gopush agent starting"), "log:\n{text}");
 }
+
+#[test]
+fn run_refuses_to_start_when_its_admin_port_is_taken() {
+    let dir = TempDir::new("cli-run-busy");
+    let port = common::free_port();
+    let admin = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("hold a port");
+    let admin_port = admin.local_addr().expect("held port").port();
+    let file = dir.write(
+        "busy.yaml",
+        &format!(
+            "listen: \"127.0.0.1:{port}\"\npools:\n  default:\n    backends: [\"127.0.0.1:9\"]\n\
+             admin: {{ listen: \"127.0.0.1:{admin_port}\" }}\n"
+        ),
+    );
+    let log = dir.join("run.log");
+    let started = Instant::now();
+    let mut child = spawn_gopush(&["run", "-c", &file.to_string_lossy()], &log, &[]);
+    // Pingora alone would retry for ~30 s, then lose the admin service and keep running.
+    let status = child.wait_exit(Duration::from_secs(10));
+    let text = child.log_text();
+    let status = status.unwrap_or_else(|| panic!("`run` kept running; log:\n{text}"));
+    assert!(!status.success(), "exited 0; log:\n{text}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?} to refuse",
+        started.elapsed()
+    );
+    assert!(
+        text.contains(&format!("127.0.0.1:{admin_port}")) && text.contains("admin.listen"),
+        "the message names the address and its key; log:\n{text}"
+    );
+    drop(admin);
+}
