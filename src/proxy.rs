@@ -357,6 +357,11 @@ impl ProxyHttp for Agent {
         }
     }
 
+    /// No downstream modules. Pingora's default is a response-compression module with
+    /// compression off, whose filters still run on every request and every body chunk (a
+    /// relayed WebSocket message included); gopush leaves compression to the backends.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
+
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
         // The head is in: lift `limits.header_timeout` until the connection's next request.
         if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
