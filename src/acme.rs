@@ -1,4 +1,5 @@
-//! ACME certificates (RFC 8555) with the HTTP-01 challenge, through the `instant-acme` client.
+//! ACME certificates (RFC 8555) with the HTTP-01 or TLS-ALPN-01 (RFC 8737) challenge, through the
+//! `instant-acme` client.
 //!
 //! ```text
 //! AcmeService (a Pingora background service, never on the request path)
@@ -24,6 +25,7 @@ use instant_acme::{
 };
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use rustls::sign::CertifiedKey;
 use serde::{de, Deserialize, Deserializer, Serialize};
 use std::collections::HashMap;
 use std::fs::File;
@@ -74,6 +76,22 @@ pub struct AcmeConfig {
     /// CA such as pebble's).
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
+    /// How the CA checks that the agent serves the domains.
+    #[serde(default)]
+    pub challenge: ChallengeKind,
+}
+
+/// `acme.challenge`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum ChallengeKind {
+    /// An HTTP request to port 80 (a plain listener) for `/.well-known/acme-challenge/{token}`.
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A TLS handshake on port 443 (a TLS listener) offering ALPN `acme-tls/1` (RFC 8737): for
+    /// agents that expose no plain port.
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 fn default_renew_before() -> Duration {
@@ -220,6 +238,8 @@ fn read_ca(path: &Path) -> Result<(), String> {
 #[derive(Default)]
 pub struct Challenges {
     pending: RwLock<HashMap<String, String>>,
+    /// TLS-ALPN-01 certificates of the orders in progress, by domain.
+    alpn: RwLock<HashMap<String, Arc<CertifiedKey>>>,
     /// The storage directories of this process's ACME services.
     storages: RwLock<Vec<PathBuf>>,
 }
@@ -241,6 +261,23 @@ fn is_token(t: &str) -> bool {
 
 fn challenge_file(storage: &Path, token: &str) -> PathBuf {
     storage.join("challenges").join(token)
+}
+
+/// A TLS-ALPN-01 certificate's file (certificate and key in one PEM, so a reader never pairs
+/// one with another's key). `domain` is checked by [`is_domain`]: no `/`, so it stays a file name.
+fn alpn_file(storage: &Path, domain: &str) -> PathBuf {
+    storage
+        .join("challenges")
+        .join(format!("tls-alpn-01.{domain}.pem"))
+}
+
+/// A lower-case DNS name as a client's SNI may carry it; anything else is never a file name.
+fn is_domain(d: &str) -> bool {
+    !d.is_empty()
+        && d.len() <= 253
+        && !d.starts_with('.')
+        && d.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
 }
 
 impl Challenges {
@@ -272,6 +309,52 @@ impl Challenges {
             t.remove(token);
         }
         let _ = std::fs::remove_file(challenge_file(storage, token));
+    }
+
+    fn insert_alpn(
+        &self,
+        storage: &Path,
+        domain: &str,
+        pem: &str,
+        key: Arc<CertifiedKey>,
+    ) -> Result<(), String> {
+        if !is_domain(domain) {
+            return Err(format!("cannot answer tls-alpn-01 for `{domain}`"));
+        }
+        if let Ok(mut t) = self.alpn.write() {
+            t.insert(domain.to_string(), key);
+        }
+        let dir = storage.join("challenges");
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        write_private(&alpn_file(storage, domain), pem.as_bytes())
+    }
+
+    fn remove_alpn(&self, storage: &Path, domain: &str) {
+        if let Ok(mut t) = self.alpn.write() {
+            t.remove(domain);
+        }
+        if is_domain(domain) {
+            let _ = std::fs::remove_file(alpn_file(storage, domain));
+        }
+    }
+
+    /// The TLS-ALPN-01 certificate for a validation handshake naming `sni`, if an order of this
+    /// process or of another agent sharing a storage directory is pending for it. (Read from
+    /// the storage synchronously: the certificate resolver is not async, and only a validator's
+    /// handshake, offering `acme-tls/1`, gets here.)
+    pub fn alpn_certificate(&self, sni: &str) -> Option<Arc<CertifiedKey>> {
+        let domain = sni.trim_end_matches('.').to_ascii_lowercase();
+        if !is_domain(&domain) {
+            return None;
+        }
+        if let Some(k) = self.alpn.read().ok()?.get(&domain).cloned() {
+            return Some(k);
+        }
+        let storages = self.storages.read().ok()?.clone();
+        storages.iter().find_map(|storage| {
+            let pem = std::fs::read(alpn_file(storage, &domain)).ok()?;
+            crate::tls::certified_from_pem(&pem).ok()
+        })
     }
 
     /// The key authorization to answer `GET path` with, if `path` is a pending challenge of this
@@ -576,6 +659,7 @@ impl AcmeService {
         let mut tokens = Tokens {
             storage: &self.config.storage,
             tokens: Vec::new(),
+            domains: Vec::new(),
         };
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
@@ -590,15 +674,36 @@ impl AcmeService {
                     ))
                 }
             }
-            let mut challenge = authz
-                .challenge(ChallengeType::Http01)
-                .ok_or_else(|| "the CA offers no http-01 challenge".to_string())?;
-            tokens.tokens.push(challenge.token.clone());
-            challenges().insert(
-                &self.config.storage,
-                &challenge.token,
-                challenge.key_authorization().as_str(),
-            )?;
+            let domain = match authz.identifier().identifier {
+                Identifier::Dns(d) => d.to_ascii_lowercase(),
+                other => return Err(format!("authorization for {other:?}: not a DNS name")),
+            };
+            let mut challenge = match self.config.challenge {
+                ChallengeKind::Http01 => {
+                    let challenge = authz
+                        .challenge(ChallengeType::Http01)
+                        .ok_or_else(|| "the CA offers no http-01 challenge".to_string())?;
+                    tokens.tokens.push(challenge.token.clone());
+                    challenges().insert(
+                        &self.config.storage,
+                        &challenge.token,
+                        challenge.key_authorization().as_str(),
+                    )?;
+                    challenge
+                }
+                ChallengeKind::TlsAlpn01 => {
+                    let challenge = authz
+                        .challenge(ChallengeType::TlsAlpn01)
+                        .ok_or_else(|| "the CA offers no tls-alpn-01 challenge".to_string())?;
+                    let (pem, key) = crate::tls::acme_alpn_certificate(
+                        &domain,
+                        challenge.key_authorization().digest().as_ref(),
+                    )?;
+                    tokens.domains.push(domain.clone());
+                    challenges().insert_alpn(&self.config.storage, &domain, &pem, key)?;
+                    challenge
+                }
+            };
             challenge
                 .set_ready()
                 .await
@@ -634,12 +739,17 @@ impl AcmeService {
 struct Tokens<'a> {
     storage: &'a Path,
     tokens: Vec<String>,
+    /// TLS-ALPN-01 challenges, by domain.
+    domains: Vec<String>,
 }
 
 impl Drop for Tokens<'_> {
     fn drop(&mut self) {
         for t in &self.tokens {
             challenges().remove(self.storage, t);
+        }
+        for d in &self.domains {
+            challenges().remove_alpn(self.storage, d);
         }
     }
 }
@@ -766,11 +876,43 @@ mod tests {
         drop(Tokens {
             storage: &dir,
             tokens: vec!["tok-1".into(), "tok-2".into()],
+            domains: Vec::new(),
         });
         assert_eq!(challenges().answer(&url("tok-1")).await, None);
         assert_eq!(challenges().answer(&url("tok-2")).await, None);
         assert_eq!(challenges().answer("/tok-1").await, None);
         assert_eq!(challenges().answer(&url("../account.json")).await, None);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_tls_alpn_certificate_is_found_in_a_shared_storage_and_only_for_a_domain() {
+        let dir = std::env::temp_dir().join(format!("gopush-acme-alpn-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("challenges")).unwrap_or_else(|e| panic!("{e}"));
+        let digest = [7u8; 32];
+        let (pem, _) = crate::tls::acme_alpn_certificate("x.example", &digest)
+            .unwrap_or_else(|e| panic!("{e}"));
+        // Another agent sharing the storage wrote it; this process has no order of its own.
+        write_private(&alpn_file(&dir, "x.example"), pem.as_bytes())
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            challenges().alpn_certificate("x.example").is_none(),
+            "storage not known yet"
+        );
+        challenges().add_storage(&dir);
+        assert!(
+            challenges().alpn_certificate("X.Example.").is_some(),
+            "SNI is case-insensitive"
+        );
+        for bad in ["../x.example", "x.example/..", "", "y.example"] {
+            assert!(challenges().alpn_certificate(bad).is_none(), "{bad:?}");
+        }
+        challenges().remove_alpn(&dir, "x.example");
+        assert!(
+            challenges().alpn_certificate("x.example").is_none(),
+            "removed with the order"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

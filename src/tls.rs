@@ -172,6 +172,50 @@ pub fn self_signed(names: &[&str]) -> Result<(String, String), String> {
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The ALPN protocol of ACME's TLS-ALPN-01 validation (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A TLS-ALPN-01 challenge certificate for `domain`: self-signed, with the acmeIdentifier
+/// extension holding `digest` (the SHA-256 of the key authorization). Returns it as one PEM
+/// (certificate, then key: what other agents sharing the ACME storage read) and as served.
+pub fn acme_alpn_certificate(
+    domain: &str,
+    digest: &[u8],
+) -> Result<(String, Arc<CertifiedKey>), String> {
+    if digest.len() != 32 {
+        return Err(format!(
+            "key authorization digest of {} bytes",
+            digest.len()
+        ));
+    }
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("key: {e}"))?;
+    let mut params = rcgen::CertificateParams::new(vec![domain.to_string()])
+        .map_err(|e| format!("name {domain}: {e}"))?;
+    params.custom_extensions = vec![rcgen::CustomExtension::new_acme_identifier(digest)];
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("certificate: {e}"))?;
+    let pem = format!("{}{}", cert.pem(), key.serialize_pem());
+    let certified = certified_from_pem(pem.as_bytes())?;
+    Ok((pem, certified))
+}
+
+/// A certificate and its key from one PEM text (the certificate blocks, then the key).
+pub fn certified_from_pem(pem: &[u8]) -> Result<Arc<CertifiedKey>, String> {
+    let chain = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad PEM: {e}"))?;
+    if chain.is_empty() {
+        return Err("no CERTIFICATE block".into());
+    }
+    let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("no private key: {e}"))?;
+    let signer = provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("unusable key: {e}"))?;
+    Ok(Arc::new(CertifiedKey::new(chain, signer)))
+}
+
 /// Which certificate answers which name, for one listener.
 #[derive(Debug, Default)]
 pub struct CertTable {
@@ -340,6 +384,13 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // `None` fails the handshake (rustls sends an alert).
+        if hello
+            .alpn()
+            .is_some_and(|mut offered| offered.any(|p| p == ACME_TLS_ALPN))
+        {
+            // A TLS-ALPN-01 validation (RFC 8737): only the challenge certificate answers it.
+            return crate::acme::challenges().alpn_certificate(hello.server_name()?);
+        }
         self.lookup(hello.server_name())
     }
 }
@@ -369,6 +420,9 @@ impl TlsListener {
         } else {
             vec![b"http/1.1".to_vec()]
         };
+        // Last: rustls picks the first of ours the client offers, and only an ACME validator
+        // offers this one (it is answered only while a challenge is pending).
+        config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
         Ok(TlsListener {
             addr: entry.addr,
             resolver,

@@ -414,6 +414,22 @@ fn check_names_a_bad_acme_key_and_its_problem() {
         &format!("{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n  directory_ca: missing-ca.pem\n"),
         &["acme.directory_ca", "missing-ca.pem", "not a PEM certificate"],
     );
+    // The default listen entry is plain: tls-alpn-01 has nowhere to be answered.
+    assert_check_fails(
+        "acme-alpn-no-tls.yaml",
+        &format!("{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n  challenge: tls-alpn-01\n"),
+        &["acme.challenge", "TLS listener"],
+    );
+    assert_check_fails(
+        "acme-challenge.yaml",
+        &format!("{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n  challenge: dns-01\n"),
+        &["acme.challenge", "dns-01"],
+    );
+    assert_check_fails(
+        "acme-http-no-plain.yaml",
+        &format!("listen:\n  - addr: \"127.0.0.1:8443\"\n    tls: {{ certificates: [] }}\n{base}  directory: https://ca.example/dir\n  domains: [a.example]\n  storage: acme\n"),
+        &["acme.challenge", "plain listener", "tls-alpn-01"],
+    );
 }
 /// A self-signed ECDSA P-256 certificate for `names` and its key, written as `stem`.pem/.key.
 fn write_cert(dir: &TempDir, stem: &str, names: &[&str], expired: bool) {

@@ -168,6 +168,24 @@ impl Config {
                 ));
             }
         }
+        if let Some(acme) = &self.acme {
+            let tls = self.listen.0.iter().any(|e| e.tls.is_some());
+            let plain = self.listen.0.iter().any(|e| e.tls.is_none());
+            match acme.challenge {
+                crate::acme::ChallengeKind::TlsAlpn01 if !tls => return Err((
+                    "acme.challenge".into(),
+                    "tls-alpn-01 is answered on a TLS listener (port 443), and `listen` has none"
+                        .into(),
+                )),
+                crate::acme::ChallengeKind::Http01 if !plain => return Err((
+                    "acme.challenge".into(),
+                    "http-01 is answered on a plain listener (port 80), and `listen` has none: \
+                         add one or use `challenge: tls-alpn-01`"
+                        .into(),
+                )),
+                _ => {}
+            }
+        }
         if self.uid.sources.is_empty() {
             return Err(("uid.sources".into(), "needs at least one source".into()));
         }

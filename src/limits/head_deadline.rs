@@ -298,6 +298,10 @@ async fn tls_handshake(tls: &crate::tls::TlsListener, stream: Stream) -> Option<
     )
     .await
     {
+        Ok(Ok(mut conn)) if conn.is_acme_validation() => {
+            Shutdown::shutdown(&mut conn).await;
+            None
+        }
         Ok(Ok(conn)) => Some(Box::new(conn)),
         Ok(Err(e)) => {
             crate::metrics::counters().tls_handshake_errors.inc();

@@ -30,6 +30,7 @@ pub struct TlsConn {
     digest: Arc<SslDigest>,
     established: SystemTime,
     handshake: Duration,
+    acme_validation: bool,
 }
 
 impl TlsConn {
@@ -39,6 +40,7 @@ impl TlsConn {
         let inner = acceptor.accept(stream).await?;
         let session = inner.get_ref().1;
         // The listener offers only these two (tls.h2 decides whether h2 is among them).
+        let acme_validation = session.alpn_protocol() == Some(super::ACME_TLS_ALPN);
         let alpn = match session.alpn_protocol() {
             Some(b"h2") => Some(ALPN::H2),
             Some(b"http/1.1") => Some(ALPN::H1),
@@ -60,7 +62,14 @@ impl TlsConn {
             digest,
             established: SystemTime::now(),
             handshake: started.elapsed(),
+            acme_validation,
         })
+    }
+
+    /// An ACME TLS-ALPN-01 validation: the handshake was all of it (RFC 8737 3: no data
+    /// follows), so the connection is closed rather than served.
+    pub fn is_acme_validation(&self) -> bool {
+        self.acme_validation
     }
 
     fn tcp(&self) -> &Stream {

@@ -72,7 +72,7 @@ function servedOverTls(port, servername) {
   }), 5000, `a TLS handshake for ${servername} on :${port}`);
 }
 
-describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => {
+describe('ACME certificates from pebble (HTTP-01, TLS-ALPN-01)', { timeout: 300_000 }, () => {
   let env;
   let pki;
   let pebble;
@@ -80,6 +80,7 @@ describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => 
   let directory;
   let mgmt;
   let agentPort; // pebble's httpPort: where it validates HTTP-01
+  let alpnPort; // pebble's tlsPort: where it validates TLS-ALPN-01
   let root; // pebble's issuing root
 
   before(async () => {
@@ -88,6 +89,7 @@ describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => 
     backend = await env.startBackend();
     const [dnsPort, pebblePort, mgmtPort, tlsPort, port] = await h.freePorts(5);
     agentPort = port;
+    alpnPort = tlsPort;
     const dns = new h.Proc('dnsmasq', DNSMASQ, ['--keep-in-foreground', '--no-resolv', '--no-hosts',
       '--address=/acme.test/127.0.0.1', '--listen-address=127.0.0.1', '--bind-interfaces',
       `--port=${dnsPort}`, '--user=root', '--pid-file', '--log-facility=-'], {});
@@ -201,6 +203,37 @@ describe('ACME certificates from pebble (HTTP-01)', { timeout: 300_000 }, () => 
       assert.equal(r.status, 200, r.body);
       const miss = await h.httpGet(`${agent.url}/.well-known/acme-challenge/not-a-pending-token`);
       assert.notEqual(miss.status, 200, 'an unknown token is not answered');
+    } finally {
+      await stop(agent);
+    }
+  });
+
+  it('tls-alpn-01: validated on the TLS listener alone (no plain port for pebble), then served there', async () => {
+    const storage = path.join(env.dir, 'storage-alpn');
+    const domain = 'alpn.acme.test';
+    // The plain listener is not pebble's httpPort, and no agent listens there: HTTP-01 could not
+    // succeed, so an issued certificate was validated over tls-alpn-01.
+    const port = await h.freePort();
+    const cfg = acmeConfig(port, { domains: [domain], storage, challenge: 'tls-alpn-01' });
+    cfg.listen = [`127.0.0.1:${port}`, { addr: `127.0.0.1:${alpnPort}`, tls: { certificates: [] } }];
+    const agent = await env.startAgent(cfg);
+    try {
+      const serial = await waitForSerial(agent, storage, domain);
+      await waitServed(alpnPort, domain, serial);
+      const chain = storedChain(storage, domain);
+      assert.ok(chain[chain.length - 1].verify(root.publicKey), 'the chain ends at pebble\'s root');
+      // The challenge certificate is gone with the order: a validator's handshake now fails.
+      const left = fs.readdirSync(path.join(storage, 'challenges')).filter((f) => f.startsWith('tls-alpn-01'));
+      assert.deepEqual(left, [], 'no challenge certificate left in the storage');
+      const late = await h.withTimeout(new Promise((resolve) => {
+        const s = tls.connect({ host: '127.0.0.1', port: alpnPort, servername: domain, ALPNProtocols: ['acme-tls/1'], rejectUnauthorized: false },
+          () => { s.destroy(); resolve('handshake completed'); });
+        s.once('error', (e) => resolve(e.code || e.message));
+      }), 5000, 'an acme-tls/1 handshake');
+      assert.notEqual(late, 'handshake completed', 'no challenge pending: no certificate for acme-tls/1');
+      // Ordinary clients on the same listener are served as before.
+      const r = await h.httpGet(`${agent.url}/whoami`, { headers: { cookie: 'uid=u1' } });
+      assert.equal(r.status, 200, r.body);
     } finally {
       await stop(agent);
     }
