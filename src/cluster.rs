@@ -141,9 +141,17 @@ struct State {
     dropped: u64,
     /// Presence webhooks (`cluster.webhooks`), fed under this lock so events keep its order.
     hooks: Option<Arc<crate::webhooks::Webhooks>>,
-    /// Polling sessions this agent closed, until the client's pending or next poll is answered
-    /// with the goodbye payload (or for [`KICKED_FOR`], if it never comes): sid → (when, EIO).
-    kicked: HashMap<String, (Instant, u8)>,
+    /// Polling sessions this agent closed, until the client's polls got the goodbye (or for
+    /// [`KICKED_FOR`], if they never come).
+    kicked: HashMap<String, Kicked>,
+}
+
+/// A polling session this agent closed.
+struct Kicked {
+    at: Instant,
+    eio: u8,
+    /// The Socket.IO DISCONNECT was sent (the next poll gets the Engine.IO close).
+    disconnect_sent: bool,
 }
 
 /// How long a closed polling session's goodbye waits for the client's next poll.
@@ -253,7 +261,7 @@ impl State {
             self.remove(id);
         }
         self.kicked
-            .retain(|_, (at, _)| now.duration_since(*at) < KICKED_FOR);
+            .retain(|_, k| now.duration_since(k.at) < KICKED_FOR);
         idle.len()
     }
 
@@ -579,13 +587,21 @@ impl Directory {
         }
         all.sort();
         for (_, agent, id) in all.into_iter().take(over) {
-            tracing::info!(uid, agent, id, "limits.per_uid.max_connections: closing the oldest connection");
+            tracing::info!(
+                uid,
+                agent,
+                id,
+                "limits.per_uid.max_connections: closing the oldest connection"
+            );
             if agent == self.agent {
                 self.kick_local(&id, crate::kick::Reason::CloseOldest);
             } else {
                 let dir = self.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = dir.publish(&agent, &id, crate::kick::Reason::CloseOldest).await {
+                    if let Err(e) = dir
+                        .publish(&agent, &id, crate::kick::Reason::CloseOldest)
+                        .await
+                    {
                         tracing::warn!(agent, id, "close_oldest: could not ask the agent: {e}");
                     }
                 });
@@ -610,7 +626,12 @@ impl Directory {
     }
 
     /// Asks `agent` to close `id`; answers how many listeners got the command (0 or 1).
-    async fn publish(&self, agent: &str, id: &str, reason: crate::kick::Reason) -> Result<i64, String> {
+    async fn publish(
+        &self,
+        agent: &str,
+        id: &str,
+        reason: crate::kick::Reason,
+    ) -> Result<i64, String> {
         let Some(conn) = self.conn.load_full() else {
             return Err("redis unavailable".into());
         };
@@ -643,17 +664,29 @@ impl Directory {
             }
             Transport::Polling => {
                 let (backend, eio) = (c.backend.clone(), c.eio);
-                st.kicked.insert(id.to_string(), (Instant::now(), eio));
+                st.kicked.insert(
+                    id.to_string(),
+                    Kicked {
+                        at: Instant::now(),
+                        eio,
+                        disconnect_sent: false,
+                    },
+                );
                 st.remove(id);
                 drop(st);
                 self.changed();
                 // The backend's session ends with an Engine.IO close, as if the client had
                 // posted it; its answer to a pending poll is then rewritten into the goodbye
-                // (see `take_kicked`), a later poll is answered by the agent itself.
-                let (path, sid, timeout) = (self.eio_path.clone(), id.to_string(), self.cfg.timeout);
+                // (see `goodbye`), a later poll is answered by the agent itself.
+                let (path, sid, timeout) =
+                    (self.eio_path.clone(), id.to_string(), self.cfg.timeout);
                 tokio::spawn(async move {
                     if let Err(e) = post_close(&backend, &path, &sid, eio, timeout).await {
-                        tracing::warn!(backend, sid, "kick: could not close the session on its backend: {e}");
+                        tracing::warn!(
+                            backend,
+                            sid,
+                            "kick: could not close the session on its backend: {e}"
+                        );
                     }
                 });
                 true
@@ -661,20 +694,31 @@ impl Directory {
         };
         if done {
             crate::metrics::counters().connection_closed(reason);
-            tracing::info!(id, reason = reason.label(), "connection closed by the agent");
+            tracing::info!(
+                id,
+                reason = reason.label(),
+                "connection closed by the agent"
+            );
         }
         done
     }
 
-    /// A request of polling session `sid` that this agent closed: `Some(eio)` until a poll's
-    /// answer took the goodbye (`take`: this request's answer does).
-    pub fn kicked(&self, sid: &str, take: bool) -> Option<u8> {
+    /// The agent's own answer to a request of polling session `sid` if this agent closed it:
+    /// to a poll (`poll`), the goodbye of [`crate::kick::polling_goodbye`] (the first, then
+    /// the close, after which the session is forgotten); to a POST, `ok`.
+    pub fn goodbye(&self, sid: &str, poll: bool) -> Option<bytes::Bytes> {
         let mut st = self.state();
-        if take {
-            st.kicked.remove(sid).map(|(_, eio)| eio)
-        } else {
-            st.kicked.get(sid).map(|(_, eio)| *eio)
+        let k = st.kicked.get_mut(sid)?;
+        if !poll {
+            return Some(bytes::Bytes::from_static(b"ok"));
         }
+        let eio = k.eio;
+        if !k.disconnect_sent {
+            k.disconnect_sent = true;
+            return Some(crate::kick::polling_goodbye(eio, true));
+        }
+        st.kicked.remove(sid);
+        Some(crate::kick::polling_goodbye(eio, false))
     }
 
     fn cmd_channel(&self, agent: &str) -> String {
@@ -1216,7 +1260,9 @@ async fn post_close(
         let mut s = tokio::net::TcpStream::connect(backend)
             .await
             .map_err(|e| e.to_string())?;
-        s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
         s.write_all(body).await.map_err(|e| e.to_string())?;
         // The status line is enough ("HTTP/1.1 200 OK").
         let mut head = [0u8; 12];
@@ -1413,7 +1459,10 @@ impl Directory {
             return;
         };
         if !self.kick_local(&cmd.id, reason) {
-            tracing::debug!(id = cmd.id, "cluster: close command for a connection not (or no longer) here");
+            tracing::debug!(
+                id = cmd.id,
+                "cluster: close command for a connection not (or no longer) here"
+            );
         }
     }
 }

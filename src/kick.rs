@@ -13,7 +13,8 @@
 //!   [`FrameTracker`] follows (headers only, payloads skipped); mid-frame, the tunnel just ends.
 //! - **Long-polling session.** See [`crate::cluster::Directory::kick`]: the agent posts the
 //!   backend an Engine.IO close for the sid, and answers the client's pending or next poll
-//!   itself with `41` + close (`41\x1e1`).
+//!   with a Socket.IO DISCONNECT, a poll after that with an Engine.IO close
+//!   ([`polling_goodbye`] says why not both at once).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
@@ -91,7 +92,10 @@ impl Cut {
             // Through std's TcpStream (it owns the duplicate and closes it when dropped).
             let s = std::net::TcpStream::from(fd);
             if let Err(e) = s.shutdown(std::net::Shutdown::Both) {
-                tracing::debug!(fd = s.as_raw_fd(), "kick: shutdown of the backend socket: {e}");
+                tracing::debug!(
+                    fd = s.as_raw_fd(),
+                    "kick: shutdown of the backend socket: {e}"
+                );
             }
         }
         true
@@ -207,14 +211,21 @@ pub fn closing_frames(tracker: &FrameTracker, eio4: bool, reason: Reason) -> Opt
     Some(out.freeze())
 }
 
-/// The long-polling payload that ends a session for the client: a Socket.IO DISCONNECT of the
-/// main namespace and an Engine.IO close, in the payload encoding of Engine.IO `eio`.
-pub fn polling_goodbye(eio: u8) -> Bytes {
-    if eio == 3 {
+/// The long-polling answers of a session the agent closed, in the payload encoding of Engine.IO
+/// `eio`: to the first poll, a Socket.IO DISCONNECT of the main namespace (`41`) alone; to a
+/// later one, if any, the Engine.IO close (`1`). Not both at once (`41\x1e1`): socket.io-client
+/// 4.8 hands a decoded packet on in a later tick (`Manager::ondecoded`'s nextTick) but acts on
+/// the close packet at once, so it would report "transport close" and schedule a reconnection
+/// before it sees the DISCONNECT. With `41` alone it reports "io server disconnect", does not
+/// reconnect and closes its Engine.IO session itself (a plain Engine.IO client, which ignores
+/// `41`, gets the close at its next poll).
+pub fn polling_goodbye(eio: u8, first: bool) -> Bytes {
+    match (eio == 3, first) {
         // Engine.IO 3 payloads prefix each packet with its length.
-        Bytes::from_static(b"2:411:1")
-    } else {
-        Bytes::from_static(b"41\x1e1")
+        (true, true) => Bytes::from_static(b"2:41"),
+        (true, false) => Bytes::from_static(b"1:1"),
+        (false, true) => Bytes::from_static(b"41"),
+        (false, false) => Bytes::from_static(b"1"),
     }
 }
 

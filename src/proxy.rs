@@ -18,10 +18,10 @@
 use crate::access_log;
 use crate::affinity;
 use crate::cluster::{Directory, TunnelEntry};
+use crate::config::OnExceed;
 use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
 use crate::kick::{Cut, FrameTracker};
-use crate::config::OnExceed;
 use crate::limits::head_deadline::HeadDeadline;
 use crate::limits::{Exceeded, Limiter, Slots};
 use crate::live::{Live, Snapshot};
@@ -261,11 +261,7 @@ impl Agent {
         let dir = self.directory.as_ref()?;
         let eio = ctx.eio.as_ref().filter(|e| e.polling)?;
         let sid = eio.sid.as_deref()?;
-        if session.req_header().method == http::Method::GET {
-            dir.kicked(sid, true).map(crate::kick::polling_goodbye)
-        } else {
-            dir.kicked(sid, false).map(|_| Bytes::from_static(b"ok"))
-        }
+        dir.goodbye(sid, session.req_header().method == http::Method::GET)
     }
 }
 
@@ -611,15 +607,15 @@ impl ProxyHttp for Agent {
         if let (Some(dir), Some(eio)) = (&self.directory, &ctx.eio) {
             let poll = eio.polling && session.req_header().method == http::Method::GET;
             if let (true, Some(sid)) = (poll, &eio.sid) {
-                if let Some(version) = dir.kicked(sid, true) {
+                if let Some(body) = dir.goodbye(sid, true) {
                     // A poll that was pending when the agent closed its session: the backend
                     // answers it with a noop (or 400, if it raced the close); the client gets
                     // the goodbye instead, so that it does not reconnect.
-                    let body = crate::kick::polling_goodbye(version);
                     upstream_response.set_status(200)?;
                     upstream_response.remove_header(&http::header::CONTENT_ENCODING);
                     upstream_response.remove_header(&http::header::TRANSFER_ENCODING);
-                    upstream_response.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8")?;
+                    upstream_response
+                        .insert_header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8")?;
                     upstream_response.insert_header(http::header::CONTENT_LENGTH, body.len())?;
                     route.decision.learn_sid = false;
                     ctx.goodbye = Some(Goodbye { body, sent: false });

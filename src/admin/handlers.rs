@@ -160,11 +160,19 @@ impl AdminApp {
         let Some(dir) = self.live.directory() else {
             return no_cluster();
         };
-        let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-        let Some((agent, id)) = rest.split_once('/').map(|(a, i)| (decode(a), decode(i))) else {
-            return Reply::error(StatusCode::BAD_REQUEST, "path: /api/connections/{agent}/{id}");
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
         };
-        if agent.is_empty() || id.is_empty() || format!("{agent}{id}").chars().any(char::is_control) {
+        let Some((agent, id)) = rest.split_once('/').map(|(a, i)| (decode(a), decode(i))) else {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "path: /api/connections/{agent}/{id}",
+            );
+        };
+        if agent.is_empty() || id.is_empty() || format!("{agent}{id}").chars().any(char::is_control)
+        {
             return Reply::error(
                 StatusCode::BAD_REQUEST,
                 "agent and id: non-empty, without control characters",
@@ -181,7 +189,9 @@ impl AdminApp {
             ),
             Ok(false) => Reply::error(
                 StatusCode::NOT_FOUND,
-                format!("agent {agent} is not listening for commands (gone, or not connected to redis)"),
+                format!(
+                    "agent {agent} is not listening for commands (gone, or not connected to redis)"
+                ),
             ),
             Err(e) => Reply::error(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -134,7 +134,12 @@ fn writes_are_batched_into_pipelines_of_the_right_commands() {
         agent_id: Some("ag1".into()),
         ..ClusterConfig::default()
     };
-    let dir = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(60), "/socket.io/");
+    let dir = Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(60),
+        "/socket.io/",
+    );
     let b = Backend::new("127.0.0.1:4000").unwrap();
     dir.open_polling("sid1", "alice", &b, 45_000, None, 4);
     let dir = Arc::new(dir);
@@ -191,7 +196,12 @@ fn readers_keep_only_live_agents_entries() {
 #[test]
 fn default_agent_ids_differ_per_process_start() {
     let cfg = ClusterConfig::default();
-    let a = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(1), "/socket.io/");
+    let a = Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(1),
+        "/socket.io/",
+    );
     assert!(a.agent().contains(&std::process::id().to_string()));
     assert!(!a.agent().contains('/'));
 }
