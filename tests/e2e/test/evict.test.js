@@ -7,7 +7,8 @@
 // - `limits.per_uid.max_connections: 1, on_exceed: close_oldest`: a second connection of a uid
 //   through the other agent closes the first (WebSocket, then polling), the second stays.
 // - `DELETE /api/connections/{agent}/{id}` for a WebSocket and a polling connection, asked
-//   from the agent that holds it and from the other one.
+//   from the agent that does not hold it (a command through Redis).
+// - With Redis down, close_oldest falls back to the agent's own connections.
 // Every wait is a poll with a deadline; "does not reconnect" is watched over a bounded window.
 
 const { describe, it, before, after } = require('node:test');
@@ -141,7 +142,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
   }
 
   for (const transport of ['websocket', 'polling']) {
-    it(`DELETE /api/connections/{agent}/{id} closes one ${transport} connection, from either agent`, async () => {
+    it(`DELETE /api/connections/{agent}/{id} closes one ${transport} connection, asked from the agent that does not hold it`, async () => {
       const uid = `admin-${transport}`;
       const other = `bystander-${transport}`;
       const before = await closed(a2, 'admin');
@@ -169,4 +170,23 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       bystander.socket.close();
     });
   }
+
+  // Last: it stops Redis for good.
+  it('with Redis down, close_oldest sees and closes only the agent\'s own connections', async () => {
+    const uid = 'offline-redis';
+    await env.redis.proc.kill('SIGKILL');
+    for (const a of [a1, a2]) {
+      await until(async () => (await api(a, '/api/status')).cluster.stale === true, 5000, 'the agent to notice Redis is gone');
+    }
+    const first = await client(a1, uid, ['websocket']);
+    // Through the other agent: it cannot see the first, so nothing is closed.
+    const elsewhere = await client(a2, uid, ['websocket']);
+    // Through the same agent: its own oldest is closed.
+    const second = await client(a1, uid, ['websocket']);
+    await kickedForGood(first, 'first, closed by its own agent');
+    assert.equal(second.socket.connected, true);
+    assert.equal(elsewhere.socket.connected, true, 'per agent: the other agent\'s connection stays');
+    assert.deepEqual(elsewhere.seen.disconnects, []);
+    for (const c of [second, elsewhere]) c.socket.close();
+  });
 });
