@@ -1,14 +1,19 @@
 //! The one [`ProxyHttp`] implementation: the request path from accept to backend.
 //!
 //! ```text
-//! request_filter           limits (head size, per IP) → decide::resolve_uid → limits (per uid)
-//!                          → decide::route → Route (gauge on the backend, #946 guard, see `upgrade`)
+//! request_filter           limits (head size, per IP) → decide::resolve_uid → limits (per uid,
+//!                          max_connections: reject or close_oldest) → decide::route → Route
+//!                          (gauge on the backend, #946 guard, see `upgrade`); a poll of a session
+//!                          the agent closed is answered here (`kick`)
 //! upstream_peer            the decision's backend → HttpPeer
+//! connected_to_upstream    a listed upgrade keeps a duplicate of the backend socket (`kick::Cut`)
 //! fail_to_connect          a ring decision retries once on the next ring backend
 //! upstream_request_filter  forward::set_uid, forward::set_proxy_headers, upgrade: Connection close
-//! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted
+//! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted;
+//!                          a pending poll of a session the agent closed: its answer is replaced
 //! response_body_filter     sid memory: learn sid → (uid, backend) from a polling handshake;
-//!                          hand-over: close tunnels one by one
+//!                          hand-over: close tunnels one by one; a tunnel the agent cut: its
+//!                          closing frames at the upstream EOF (`kick`)
 //! logging                  status and duration metrics, access_log::write
 //! ```
 //!
@@ -699,6 +704,10 @@ impl ProxyHttp for Agent {
                 }
                 // The agent cut the backend socket (`kick`): this is the upstream EOF.
                 if let (true, Some(reason)) = (end_of_stream, listed.kicked()) {
+                    if tunnel.going_away {
+                        // The hand-over's close frame went out already: no second one.
+                        return Ok(None);
+                    }
                     let engine = ctx.eio.as_ref().is_some_and(|e| matches!(e.version, 3 | 4));
                     if let Some(bye) = crate::kick::closing_frames(frames, engine, reason) {
                         *body = Some(match body.take() {
