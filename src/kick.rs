@@ -11,7 +11,7 @@
 //!   socket.io-client reports "io server disconnect" and does not reconnect) and a close frame
 //!   1008 naming the reason. Only at a frame boundary of the server→client stream, which
 //!   [`FrameTracker`] follows (headers only, payloads skipped); mid-frame, the tunnel just ends.
-//! - **Long-polling session.** See [`crate::cluster::Directory::kick`]: the agent posts the
+//! - **Long-polling session.** See [`crate::cluster::Directory::kick_local`]: the agent posts the
 //!   backend an Engine.IO close for the sid, and answers the client's pending or next poll
 //!   with a Socket.IO DISCONNECT, a poll after that with an Engine.IO close
 //!   ([`polling_goodbye`] says why not both at once).
