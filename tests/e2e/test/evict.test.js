@@ -8,6 +8,7 @@
 //   through the other agent closes the first (WebSocket, then polling), the second stays.
 // - `DELETE /api/connections/{agent}/{id}` for a WebSocket and a polling connection, asked
 //   from the agent that does not hold it (a command through Redis).
+// - A closed polling session on the wire (raw Engine.IO requests): what each poll gets.
 // - With Redis down, close_oldest falls back to the agent's own connections.
 // Every wait is a poll with a deadline; "does not reconnect" is watched over a bounded window.
 
@@ -170,6 +171,45 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       bystander.socket.close();
     });
   }
+
+  it('a closed polling session, on the wire: the pending poll gets 41, the next the close, the backend forgets it', async () => {
+    const base = `${a1.url}/socket.io/?EIO=4&transport=polling&uid=raw`;
+    const get = async (q = '') => {
+      const r = await fetch(`${base}${q}`, { signal: AbortSignal.timeout(10000) });
+      return { status: r.status, body: await r.text() };
+    };
+    const open = await get();
+    assert.equal(open.status, 200, open.body);
+    const { sid } = JSON.parse(open.body.slice(1));
+    const [id] = await until(async () => {
+      const v = await user(a2, 'raw');
+      return v.connections.length === 1 && v.connections.map((c) => c.id);
+    }, 5000, 'the session listed');
+    assert.equal(id, `${await agentId(a1)}/${sid}`);
+    // A poll the backend holds (it has nothing to say yet)...
+    const pending = get(`&sid=${sid}`);
+    // ... is pending at the backend once the agent counts it as an active request.
+    await until(async () => {
+      const st = await api(a1, '/api/status');
+      return st.pools[0].backends.some((x) => x.active_requests > 0);
+    }, 5000, 'the poll to be held by the backend');
+    const r = await h.admin(a1, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
+    assert.equal(r.status, 202, r.text);
+    // The backend answered the held poll (a noop after the Engine.IO close the agent posted); the
+    // client got the Socket.IO DISCONNECT instead.
+    assert.deepEqual(await pending, { status: 200, body: '41' });
+    // A POST (socket.io-client posts its own close then) is acknowledged by the agent.
+    const post = await fetch(`${base}&sid=${sid}`, { method: 'POST', body: '1', signal: AbortSignal.timeout(5000) });
+    assert.equal(post.status, 200);
+    assert.equal(await post.text(), 'ok');
+    // The next poll: the Engine.IO close, from the agent.
+    assert.deepEqual(await get(`&sid=${sid}`), { status: 200, body: '1' });
+    // After that the agent forgets the session: the backend no longer knows it.
+    const after = await get(`&sid=${sid}`);
+    assert.equal(after.status, 400, after.body);
+    assert.match(after.body, /Session ID unknown/);
+    await until(async () => (await user(a2, 'raw')).connections.length === 0, 5000, 'the directory to drop it');
+  });
 
   // Last: it stops Redis for good.
   it('with Redis down, close_oldest sees and closes only the agent\'s own connections', async () => {
