@@ -220,18 +220,21 @@ fi
 
 # Idle WebSockets need many descriptors: raise the soft limit to the hard one (inherited by
 # everything started below). A proxy holds 2 descriptors per proxied connection (client side +
-# backend side), so a tier above (limit - 512) / 2 cannot run here and is lowered to what fits.
+# backend side), gopush with `cluster` 3 (plus the duplicate of the backend socket that closing a
+# tunnel on purpose shuts down, src/kick.rs), so a tier above (limit - 512) / 3 cannot run here and
+# is lowered to what fits (for every target alike, so that the rows stay comparable).
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 [ "$NOFILE" = unlimited ] && NOFILE=1048576
-MAX_IDLE=$(( (NOFILE - 512) / 2 ))
+FDS_PER_IDLE=3
+MAX_IDLE=$(( (NOFILE - 512) / FDS_PER_IDLE ))
 IDLE_ACTUAL=() IDLE_NOTE="" last_tier=0
 for t in $IDLE_TIERS; do
   if [ "$t" -le "$MAX_IDLE" ]; then
     IDLE_ACTUAL+=("$t") last_tier=$t
   else
     fit=$(( MAX_IDLE / 1000 * 1000 ))
-    IDLE_NOTE="$t idle connections need ~$((2 * t + 512)) descriptors in one proxy process but ulimit -n is $NOFILE here (hard limit)"
+    IDLE_NOTE="$t idle connections need ~$((FDS_PER_IDLE * t + 512)) descriptors in one proxy process but ulimit -n is $NOFILE here (hard limit)"
     if [ "$fit" -gt "$last_tier" ]; then
       IDLE_ACTUAL+=("$fit") last_tier=$fit IDLE_NOTE="$IDLE_NOTE, so that tier was lowered to $fit"
     else

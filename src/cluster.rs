@@ -19,7 +19,13 @@
 //! P:agents             ZSET  agent → deadline (unix ms): alive while the deadline is ahead
 //! P:agentinfo          HASH  agent → {"connections","websocket","polling","started"}
 //! P:agent:<agent>:uids SET   uids the agent has connections of (what to reap when it dies)
+//! P:agent:<agent>:cmd  pub/sub channel: {"id","reason"} asks the agent to close a connection
 //! ```
+//!
+//! Closing a connection on purpose (`limits.per_uid.on_exceed: close_oldest`, the admin's
+//! `DELETE /api/connections/{agent}/{id}`) is done by the agent that holds it: directly when
+//! that is this one ([`Directory::kick_local`]), else by a command on that agent's channel,
+//! which each agent reads from a dedicated pub/sub connection ([`CommandService`]).
 //!
 //! Readers ignore connections of agents whose deadline passed (`cluster.ttl` after their last
 //! heartbeat), so a crashed agent's connections leave the view within the TTL; the next
@@ -83,6 +89,10 @@ struct Conn {
     /// A polling session ends after this long without a request (`pingInterval + pingTimeout`).
     idle: Duration,
     last_seen: Instant,
+    /// The Engine.IO protocol version of the connection (`EIO` in its query; 0: none).
+    eio: u8,
+    /// A tunnel's way to be closed from outside its request.
+    cut: Option<Arc<crate::kick::Cut>>,
 }
 
 /// A connection as stored in Redis and shown by the API.
@@ -131,7 +141,21 @@ struct State {
     dropped: u64,
     /// Presence webhooks (`cluster.webhooks`), fed under this lock so events keep its order.
     hooks: Option<Arc<crate::webhooks::Webhooks>>,
+    /// Polling sessions this agent closed, until the client's polls got the goodbye (or for
+    /// [`KICKED_FOR`], if they never come).
+    kicked: HashMap<String, Kicked>,
 }
+
+/// A polling session this agent closed.
+struct Kicked {
+    at: Instant,
+    eio: u8,
+    /// The Socket.IO DISCONNECT was sent (the next poll gets the Engine.IO close).
+    disconnect_sent: bool,
+}
+
+/// How long a closed polling session's goodbye waits for the client's next poll.
+const KICKED_FOR: Duration = Duration::from_secs(120);
 
 impl State {
     fn new(cap: usize) -> Self {
@@ -143,6 +167,7 @@ impl State {
             resync: true,
             dropped: 0,
             hooks: None,
+            kicked: HashMap::new(),
         }
     }
 
@@ -235,6 +260,8 @@ impl State {
         for id in &idle {
             self.remove(id);
         }
+        self.kicked
+            .retain(|_, k| now.duration_since(k.at) < KICKED_FOR);
         idle.len()
     }
 
@@ -305,23 +332,36 @@ pub struct Directory {
     totals: Mutex<Totals>,
     /// The live agents as of the last heartbeat (for counting a uid's connections).
     live: Mutex<HashSet<String>>,
+    /// The Socket.IO path (`affinity.path`), for the Engine.IO close posted to a backend.
+    eio_path: String,
 }
 
 /// A WebSocket tunnel in the directory until it is dropped.
 pub struct TunnelEntry {
     dir: Arc<Directory>,
     id: String,
+    cut: Option<Arc<crate::kick::Cut>>,
+}
+
+impl TunnelEntry {
+    /// Why the agent closed this tunnel, if it did.
+    pub fn kicked(&self) -> Option<crate::kick::Reason> {
+        self.cut.as_ref().and_then(|c| c.reason())
+    }
 }
 
 impl Drop for TunnelEntry {
     fn drop(&mut self) {
         self.dir.close(&self.id);
+        if let Some(c) = &self.cut {
+            c.release();
+        }
     }
 }
 
 impl Directory {
     /// A directory for this process. `url` is the Redis URL (validated by the configuration).
-    pub fn new(cfg: &ClusterConfig, url: &str, sid_ttl: Duration) -> Self {
+    pub fn new(cfg: &ClusterConfig, url: &str, sid_ttl: Duration, eio_path: &str) -> Self {
         let started_ms = now_ms();
         let agent = cfg.agent_id.clone().unwrap_or_else(|| {
             let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -357,6 +397,7 @@ impl Directory {
             next_id: AtomicU64::new(0),
             totals: Mutex::new(Totals::default()),
             live: Mutex::new(HashSet::new()),
+            eio_path: eio_path.to_string(),
         }
     }
 
@@ -382,6 +423,7 @@ impl Directory {
         backend: &Backend,
         idle_ms: u64,
         client: Option<IpAddr>,
+        eio: u8,
     ) {
         let backend = backend_string(backend);
         let conn = Conn {
@@ -393,6 +435,8 @@ impl Directory {
             sid: true,
             idle: Duration::from_millis(idle_ms.max(1000)),
             last_seen: Instant::now(),
+            eio,
+            cut: None,
         };
         let mut st = self.state();
         let uid = conn.uid.clone();
@@ -429,14 +473,17 @@ impl Directory {
     }
 
     /// A WebSocket tunnel opened (for session `sid` when it is an upgrade); it stays in the
-    /// directory until the returned entry is dropped.
+    /// directory until the returned entry is dropped. `cut` closes it on purpose.
     pub fn open_tunnel(
         self: &Arc<Self>,
         sid: Option<&str>,
         uid: &str,
         backend: &Backend,
         client: Option<IpAddr>,
+        eio: u8,
+        cut: Option<crate::kick::Cut>,
     ) -> TunnelEntry {
+        let cut = cut.map(Arc::new);
         let mut st = self.state();
         // An upgraded polling session is the same connection, now a WebSocket.
         let (id, since_ms) = match sid.and_then(|s| st.conns.get(s).map(|c| (s, c.since_ms))) {
@@ -455,6 +502,8 @@ impl Directory {
             sid: sid.is_some_and(|s| s == id),
             idle: Duration::MAX,
             last_seen: Instant::now(),
+            eio,
+            cut: cut.clone(),
         };
         st.put(&self.agent, &id, conn);
         drop(st);
@@ -462,6 +511,7 @@ impl Directory {
         TunnelEntry {
             dir: self.clone(),
             id,
+            cut,
         }
     }
 
@@ -492,6 +542,187 @@ impl Directory {
             .filter(|e| e.agent != self.agent && live.contains(&e.agent))
             .count();
         cluster + local
+    }
+
+    // ------------------------------------------------------------------------------------
+    // closing connections on purpose
+
+    /// `limits.per_uid.on_exceed: close_oldest`: a new connection of `uid` is about to open;
+    /// closes the uid's oldest connections so that `max` remain, the new one included. The
+    /// uid's connections are read as [`Directory::count_uid`] reads them (bounded; this agent's
+    /// own alone while Redis is down or slow: the policy falls back to per agent); the closing
+    /// is never waited for. Answers how many it asked to close.
+    pub async fn close_oldest(self: &Arc<Self>, uid: &str, max: usize) -> usize {
+        // (since, agent, id), this agent's own from its table (its newest may not be written).
+        let mut all: Vec<(i64, String, String)> = self
+            .state()
+            .conns
+            .iter()
+            .filter(|(_, c)| &*c.uid == uid)
+            // A tunnel being closed is on its way out: not a candidate again.
+            .filter(|(_, c)| c.cut.as_ref().is_none_or(|k| k.reason().is_none()))
+            .map(|(id, c)| (c.since_ms, self.agent.clone(), id.clone()))
+            .collect();
+        if let Some(conn) = self.conn.load_full() {
+            let mut conn = (*conn).clone();
+            let cmd = redis::cmd("HGETALL").arg(self.conns_key(uid)).clone();
+            let read = cmd.query_async::<HashMap<String, String>>(&mut conn);
+            if let Ok(Ok(map)) = tokio::time::timeout(self.cfg.sid_lookup_timeout, read).await {
+                let live = self.live.lock().map(|l| l.clone()).unwrap_or_default();
+                for (field, json) in map {
+                    let Ok(e) = serde_json::from_str::<Entry>(&json) else {
+                        continue;
+                    };
+                    let id = field.split_once('/').map(|(_, id)| id.to_string());
+                    if let (Some(id), true) = (id, e.agent != self.agent && live.contains(&e.agent))
+                    {
+                        all.push((e.since, e.agent, id));
+                    }
+                }
+            }
+        }
+        let over = all.len().saturating_sub(max.saturating_sub(1));
+        if over == 0 {
+            return 0;
+        }
+        all.sort();
+        for (_, agent, id) in all.into_iter().take(over) {
+            tracing::info!(
+                uid,
+                agent,
+                id,
+                "limits.per_uid.max_connections: closing the oldest connection"
+            );
+            if agent == self.agent {
+                self.kick_local(&id, crate::kick::Reason::CloseOldest);
+            } else {
+                let dir = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = dir
+                        .publish(&agent, &id, crate::kick::Reason::CloseOldest)
+                        .await
+                    {
+                        tracing::warn!(agent, id, "close_oldest: could not ask the agent: {e}");
+                    }
+                });
+            }
+        }
+        over
+    }
+
+    /// Closes connection `id` of agent `agent` (the admin's DELETE): `Ok(true)` when this agent
+    /// closed it or the agent's command channel has a listener, `Ok(false)` when it is not
+    /// there (no such local connection, or no agent listening), `Err` when Redis is unreachable.
+    pub async fn kick(
+        self: &Arc<Self>,
+        agent: &str,
+        id: &str,
+        reason: crate::kick::Reason,
+    ) -> Result<bool, String> {
+        if agent == self.agent {
+            return Ok(self.kick_local(id, reason));
+        }
+        self.publish(agent, id, reason).await.map(|n| n > 0)
+    }
+
+    /// Asks `agent` to close `id`; answers how many listeners got the command (0 or 1).
+    async fn publish(
+        &self,
+        agent: &str,
+        id: &str,
+        reason: crate::kick::Reason,
+    ) -> Result<i64, String> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err("redis unavailable".into());
+        };
+        let mut conn = (*conn).clone();
+        let msg = json!({"id": id, "reason": reason.label()}).to_string();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(self.cmd_channel(agent))
+            .arg(msg)
+            .clone();
+        match tokio::time::timeout(self.cfg.timeout, cmd.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
+    }
+
+    /// Closes this agent's connection `id`; `false` when it has none by that id (or the tunnel
+    /// is already being closed). A tunnel leaves the directory when it has ended; a polling
+    /// session at once (see [`crate::kick`] for what the client and the backend see).
+    pub fn kick_local(self: &Arc<Self>, id: &str, reason: crate::kick::Reason) -> bool {
+        let mut st = self.state();
+        let Some(c) = st.conns.get(id) else {
+            return false;
+        };
+        let done = match c.transport {
+            Transport::Websocket => {
+                let cut = c.cut.clone();
+                drop(st);
+                cut.is_some_and(|k| k.fire(reason))
+            }
+            Transport::Polling => {
+                let (backend, eio) = (c.backend.clone(), c.eio);
+                st.kicked.insert(
+                    id.to_string(),
+                    Kicked {
+                        at: Instant::now(),
+                        eio,
+                        disconnect_sent: false,
+                    },
+                );
+                st.remove(id);
+                drop(st);
+                self.changed();
+                // The backend's session ends with an Engine.IO close, as if the client had
+                // posted it; its answer to a pending poll is then rewritten into the goodbye
+                // (see `goodbye`), a later poll is answered by the agent itself.
+                let (path, sid, timeout) =
+                    (self.eio_path.clone(), id.to_string(), self.cfg.timeout);
+                tokio::spawn(async move {
+                    if let Err(e) = post_close(&backend, &path, &sid, eio, timeout).await {
+                        tracing::warn!(
+                            backend,
+                            sid,
+                            "kick: could not close the session on its backend: {e}"
+                        );
+                    }
+                });
+                true
+            }
+        };
+        if done {
+            crate::metrics::counters().connection_closed(reason);
+            tracing::info!(
+                id,
+                reason = reason.label(),
+                "connection closed by the agent"
+            );
+        }
+        done
+    }
+
+    /// The agent's own answer to a request of polling session `sid` if this agent closed it:
+    /// to a poll (`poll`), the goodbye of [`crate::kick::polling_goodbye`] (the first, then
+    /// the close, after which the session is forgotten); to a POST, `ok`.
+    pub fn goodbye(&self, sid: &str, poll: bool) -> Option<bytes::Bytes> {
+        let mut st = self.state();
+        let k = st.kicked.get_mut(sid)?;
+        if !poll {
+            return Some(bytes::Bytes::from_static(b"ok"));
+        }
+        let eio = k.eio;
+        if !k.disconnect_sent {
+            k.disconnect_sent = true;
+            return Some(crate::kick::polling_goodbye(eio, true));
+        }
+        st.kicked.remove(sid);
+        Some(crate::kick::polling_goodbye(eio, false))
+    }
+
+    fn cmd_channel(&self, agent: &str) -> String {
+        format!("{}:agent:{agent}:cmd", self.key)
     }
 
     fn sid_key(&self, uid: &str, sid: &str) -> String {
@@ -1007,6 +1238,48 @@ impl Directory {
     }
 }
 
+/// Posts the Engine.IO close of session `sid` to `backend` (`host:port`), as its client would
+/// (`POST <path>?EIO=..&transport=polling&sid=..` with the close packet), within `timeout`.
+async fn post_close(
+    backend: &str,
+    path: &str,
+    sid: &str,
+    eio: u8,
+    timeout: Duration,
+) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = crate::kick::polling_close(eio);
+    let sid = percent_encoding::utf8_percent_encode(sid, percent_encoding::NON_ALPHANUMERIC);
+    let eio = if eio == 0 { 4 } else { eio };
+    let req = format!(
+        "POST {path}?EIO={eio}&transport=polling&sid={sid} HTTP/1.1\r\nHost: {backend}\r\n\
+         Content-Type: text/plain;charset=UTF-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    let exchange = async {
+        let mut s = tokio::net::TcpStream::connect(backend)
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(body).await.map_err(|e| e.to_string())?;
+        // The status line is enough ("HTTP/1.1 200 OK").
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.map_err(|e| e.to_string())?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|c| c.parse::<u16>().ok())
+            .ok_or_else(|| "not an HTTP answer".to_string())
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(Ok(200)) => Ok(200),
+        Ok(Ok(code)) => Err(format!("HTTP {code}")),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("no answer in time".into()),
+    }
+}
+
 fn backend_string(b: &Backend) -> String {
     crate::routing::backend_addr(b).map_or_else(|| format!("{:?}", b.addr), |a| a.to_string())
 }
@@ -1117,6 +1390,79 @@ impl BackgroundService for DirectoryService {
                 pipe.cmd("HDEL").arg(dir.info_key()).arg(&agent).ignore();
                 let _ = dir.send(&mut conn, &pipe).await;
             }
+        }
+    }
+}
+
+/// Reads this agent's command channel (`P:agent:<agent>:cmd`) on a dedicated pub/sub
+/// connection and carries the commands out. Pub/sub is fire-and-forget: a command sent while
+/// the connection is down is lost (the sender's admin answer says no agent listened).
+pub struct CommandService(pub Arc<Directory>);
+
+#[async_trait]
+impl BackgroundService for CommandService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        use futures::StreamExt;
+        let dir = &self.0;
+        let channel = dir.cmd_channel(&dir.agent);
+        loop {
+            let connect = async {
+                let client = redis::Client::open(dir.url.as_str()).map_err(|e| e.to_string())?;
+                let mut ps = tokio::time::timeout(dir.cfg.timeout, client.get_async_pubsub())
+                    .await
+                    .map_err(|_| "connect timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                tokio::time::timeout(dir.cfg.timeout, ps.subscribe(&channel))
+                    .await
+                    .map_err(|_| "subscribe timed out".to_string())?
+                    .map_err(|e| e.to_string())?;
+                Ok::<_, String>(ps)
+            };
+            match connect.await {
+                Ok(ps) => {
+                    tracing::debug!(channel, "cluster: listening for commands");
+                    let mut messages = ps.into_on_message();
+                    loop {
+                        tokio::select! {
+                            _ = shutdown.changed() => return,
+                            m = messages.next() => match m {
+                                Some(m) => dir.command(m.get_payload_bytes()),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::debug!(channel, "cluster: command connection lost");
+                }
+                Err(e) => tracing::debug!(channel, "cluster: command channel: {e}"),
+            }
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(RECONNECT) => {}
+            }
+        }
+    }
+}
+
+impl Directory {
+    /// One command from the channel: `{"id": "...", "reason": "close_oldest" | "admin"}`.
+    fn command(self: &Arc<Self>, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Cmd {
+            id: String,
+            reason: String,
+        }
+        let Some((cmd, reason)) = serde_json::from_slice::<Cmd>(payload)
+            .ok()
+            .and_then(|c| crate::kick::Reason::parse(&c.reason).map(|r| (c, r)))
+        else {
+            tracing::warn!("cluster: unreadable command ignored");
+            return;
+        };
+        if !self.kick_local(&cmd.id, reason) {
+            tracing::debug!(
+                id = cmd.id,
+                "cluster: close command for a connection not (or no longer) here"
+            );
         }
     }
 }

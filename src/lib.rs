@@ -26,6 +26,7 @@ pub mod forward;
 pub mod handover;
 pub mod hooks;
 pub mod jwt;
+pub mod kick;
 pub mod limits;
 pub mod live;
 pub mod logging;

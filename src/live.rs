@@ -154,7 +154,7 @@ impl Shared {
             .then(|| Affinity::new(affinity.max_sessions, affinity.ttl));
         let directory = startup.cluster.as_ref().map(|(cfg, url)| {
             metrics.register_cluster();
-            Arc::new(Directory::new(cfg, url, affinity.ttl))
+            Arc::new(Directory::new(cfg, url, affinity.ttl, &affinity.path))
         });
         Ok(Shared {
             directory,

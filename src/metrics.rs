@@ -126,6 +126,7 @@ pub struct Counters {
     /// 1 while this agent's part of the directory is not known to be in Redis.
     pub cluster_stale: IntGauge,
     cluster_sid_lookups: IntCounterVec,
+    connections_closed: IntCounterVec,
     /// Webhook deliveries dropped (oldest first) because a receiver's queue was full.
     pub webhook_dropped: IntCounter,
     /// Webhook deliveries the receiver accepted (2xx).
@@ -236,6 +237,14 @@ impl Counters {
                 &["result"],
             )
             .unwrap_or_else(|e| panic!("metric gopush_cluster_sid_lookups_total: {e}")),
+            connections_closed: IntCounterVec::new(
+                Opts::new(
+                    "gopush_connections_closed_total",
+                    "Connections this agent closed on purpose (limits.per_uid.on_exceed: close_oldest, or an admin's DELETE /api/connections), by reason.",
+                ),
+                &["reason"],
+            )
+            .unwrap_or_else(|e| panic!("metric gopush_connections_closed_total: {e}")),
             hooks,
             uid_auth,
         }
@@ -244,6 +253,13 @@ impl Counters {
     /// Counts a shared sid memory lookup (`hit`, `miss`, `error`, `unavailable`).
     pub fn cluster_sid_lookup(&self, result: &str) {
         self.cluster_sid_lookups.with_label_values(&[result]).inc();
+    }
+
+    /// Counts a connection this agent closed on purpose.
+    pub fn connection_closed(&self, reason: crate::kick::Reason) {
+        self.connections_closed
+            .with_label_values(&[reason.label()])
+            .inc();
     }
 }
 
@@ -454,6 +470,10 @@ impl Metrics {
         register(r, c.cluster_sid_lookups.clone());
         for l in ["hit", "miss", "error", "unavailable"] {
             c.cluster_sid_lookups.with_label_values(&[l]);
+        }
+        register(r, c.connections_closed.clone());
+        for l in ["close_oldest", "admin"] {
+            c.connections_closed.with_label_values(&[l]);
         }
         c.cluster_stale.set(1);
     }

@@ -1,14 +1,19 @@
 //! The one [`ProxyHttp`] implementation: the request path from accept to backend.
 //!
 //! ```text
-//! request_filter           limits (head size, per IP) → decide::resolve_uid → limits (per uid)
-//!                          → decide::route → Route (gauge on the backend, #946 guard, see `upgrade`)
+//! request_filter           limits (head size, per IP) → decide::resolve_uid → limits (per uid,
+//!                          max_connections: reject or close_oldest) → decide::route → Route
+//!                          (gauge on the backend, #946 guard, see `upgrade`); a poll of a session
+//!                          the agent closed is answered here (`kick`)
 //! upstream_peer            the decision's backend → HttpPeer
+//! connected_to_upstream    a listed upgrade keeps a duplicate of the backend socket (`kick::Cut`)
 //! fail_to_connect          a ring decision retries once on the next ring backend
 //! upstream_request_filter  forward::set_uid, forward::set_proxy_headers, upgrade: Connection close
-//! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted
+//! response_filter          101: the gauge becomes a tunnel gauge, the idle timeout is lifted;
+//!                          a pending poll of a session the agent closed: its answer is replaced
 //! response_body_filter     sid memory: learn sid → (uid, backend) from a polling handshake;
-//!                          hand-over: close tunnels one by one
+//!                          hand-over: close tunnels one by one; a tunnel the agent cut: its
+//!                          closing frames at the upstream EOF (`kick`)
 //! logging                  status and duration metrics, access_log::write
 //! ```
 //!
@@ -18,8 +23,10 @@
 use crate::access_log;
 use crate::affinity;
 use crate::cluster::{Directory, TunnelEntry};
+use crate::config::OnExceed;
 use crate::decide::{self, Decision, Refusal, Target};
 use crate::handover::{self, HandOver};
+use crate::kick::{Cut, FrameTracker};
 use crate::limits::head_deadline::HeadDeadline;
 use crate::limits::{Exceeded, Limiter, Slots};
 use crate::live::{Live, Snapshot};
@@ -69,6 +76,16 @@ pub struct Ctx {
     route: Option<Route>,
     /// With a cluster directory: this request's part in an Engine.IO session.
     eio: Option<Eio>,
+    /// An upgrade's backend socket, duplicated when connected (becomes the tunnel's [`Cut`]).
+    upstream: Option<Cut>,
+    /// A poll of a session the agent closed: its answer is this goodbye instead.
+    goodbye: Option<Goodbye>,
+}
+
+/// The answer of a poll of a closed session (see [`crate::kick`]).
+struct Goodbye {
+    body: Bytes,
+    sent: bool,
 }
 
 /// What the directory needs to know about a request under the Socket.IO path.
@@ -81,6 +98,8 @@ struct Eio {
     polling: bool,
     /// The client address the directory shows.
     client: Option<std::net::IpAddr>,
+    /// The Engine.IO protocol version (`EIO` in the query; 0: none).
+    version: u8,
 }
 
 /// A decided request.
@@ -96,6 +115,9 @@ struct Route {
     tunnel: Option<Tunnel>,
     /// The tunnel in the cluster directory until it ends.
     listed: Option<TunnelEntry>,
+    /// Where the tunnel's server→client frames start (listed tunnels only): where the agent may
+    /// write its own frames when it closes the tunnel.
+    frames: Option<FrameTracker>,
 }
 
 /// An open WebSocket tunnel (its `limits.max_tunnels` slot is in [`Ctx::slots`]).
@@ -208,8 +230,17 @@ impl Agent {
             // A new connection: a polling handshake, or a WebSocket that is not an upgrade of
             // a session (those are counted already).
             let opens = eio.handshake || (upgrade && eio.sid.is_none());
-            if max > 0 && opens && dir.count_uid(uid.as_str()).await >= max as usize {
-                return Err(Refusal::Limit(Exceeded::UidConnections));
+            if max > 0 && opens {
+                match limits.per_uid.on_exceed {
+                    OnExceed::Reject => {
+                        if dir.count_uid(uid.as_str()).await >= max as usize {
+                            return Err(Refusal::Limit(Exceeded::UidConnections));
+                        }
+                    }
+                    OnExceed::CloseOldest => {
+                        dir.close_oldest(uid.as_str(), max as usize).await;
+                    }
+                }
             }
             ctx.eio = Some(eio);
         }
@@ -224,8 +255,18 @@ impl Agent {
             upgrade_guard: upgrade::guard_request(session),
             tunnel: None,
             listed: None,
+            frames: None,
         });
         Ok(())
+    }
+
+    /// A request of a polling session this agent closed: the agent answers it itself (a GET
+    /// with the goodbye payload, once; a POST with `ok`), without asking the backend.
+    fn kicked_answer(&self, session: &Session, ctx: &Ctx) -> Option<Bytes> {
+        let dir = self.directory.as_ref()?;
+        let eio = ctx.eio.as_ref().filter(|e| e.polling)?;
+        let sid = eio.sid.as_deref()?;
+        dir.goodbye(sid, session.req_header().method == http::Method::GET)
     }
 }
 
@@ -245,6 +286,11 @@ fn eio_of(snap: &Snapshot, req: &RequestHeader, peer: Option<std::net::IpAddr>) 
         polling: polling && sid.is_some(),
         sid,
         client: crate::client_ip::of_request(&snap.config.trusted_proxies, peer, req),
+        version: under
+            .then(|| crate::uid::query_value(query, "EIO"))
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0),
     }
 }
 
@@ -354,6 +400,8 @@ impl ProxyHttp for Agent {
             uid: None,
             route: None,
             eio: None,
+            upstream: None,
+            goodbye: None,
         }
     }
 
@@ -417,6 +465,12 @@ impl ProxyHttp for Agent {
             }
         }
         let Err(why) = self.admit(session, ctx).await else {
+            if let Some(body) = self.kicked_answer(session, ctx) {
+                // Not the backend's answer: not counted as one.
+                ctx.route = None;
+                respond(session, 200, "OK", "text/plain; charset=UTF-8", body).await?;
+                return Ok(true);
+            }
             return Ok(false);
         };
         self.metrics.refused(why.kind());
@@ -445,6 +499,22 @@ impl ProxyHttp for Agent {
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(ctx.snap.config.upstream.connect_timeout);
         Ok(Box::new(peer))
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        session: &mut Session,
+        _reused: bool,
+        _peer: &HttpPeer,
+        fd: std::os::unix::io::RawFd,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut Ctx,
+    ) -> Result<()> {
+        // A listed tunnel's way to be closed from outside (see `kick`): only upgrades pay the dup.
+        if self.directory.is_some() && ctx.eio.is_some() && session.is_upgrade_req() {
+            ctx.upstream = Cut::dup(fd);
+        }
+        Ok(())
     }
 
     fn fail_to_connect(
@@ -535,7 +605,32 @@ impl ProxyHttp for Agent {
                     uid.as_str(),
                     route.decision.target.backend(),
                     eio.client,
+                    eio.version,
+                    ctx.upstream.take(),
                 ));
+                route.frames = Some(FrameTracker::default());
+            }
+        } else {
+            // No tunnel: the duplicate must not keep the backend connection open.
+            ctx.upstream = None;
+        }
+        if let (Some(dir), Some(eio)) = (&self.directory, &ctx.eio) {
+            let poll = eio.polling && session.req_header().method == http::Method::GET;
+            if let (true, Some(sid)) = (poll, &eio.sid) {
+                if let Some(body) = dir.goodbye(sid, true) {
+                    // A poll that was pending when the agent closed its session: the backend
+                    // answers it with a noop (or 400, if it raced the close); the client gets
+                    // the goodbye instead, so that it does not reconnect.
+                    upstream_response.set_status(200)?;
+                    upstream_response.remove_header(&http::header::CONTENT_ENCODING);
+                    upstream_response.remove_header(&http::header::TRANSFER_ENCODING);
+                    upstream_response
+                        .insert_header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8")?;
+                    upstream_response.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+                    route.decision.learn_sid = false;
+                    ctx.goodbye = Some(Goodbye { body, sent: false });
+                    return Ok(());
+                }
             }
         }
         if status != http::StatusCode::OK {
@@ -591,13 +686,43 @@ impl ProxyHttp for Agent {
         &self,
         _session: &mut Session,
         body: &mut Option<Bytes>,
-        _end_of_stream: bool,
+        end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
+        if let Some(g) = &mut ctx.goodbye {
+            // The backend's answer is replaced whole (its length was set in response_filter).
+            if g.sent {
+                *body = None;
+            } else if body.is_some() || end_of_stream {
+                *body = Some(g.body.clone());
+                g.sent = true;
+            }
+            return Ok(None);
+        }
         let Some(route) = &mut ctx.route else {
             return Ok(None);
         };
         if let Some(tunnel) = &mut route.tunnel {
+            if let (Some(frames), Some(listed)) = (&mut route.frames, &route.listed) {
+                if let Some(b) = body.as_deref() {
+                    frames.feed(b);
+                }
+                // The agent cut the backend socket (`kick`): this is the upstream EOF.
+                if let (true, Some(reason)) = (end_of_stream, listed.kicked()) {
+                    if tunnel.going_away {
+                        // The hand-over's close frame went out already: no second one.
+                        return Ok(None);
+                    }
+                    let engine = ctx.eio.as_ref().is_some_and(|e| matches!(e.version, 3 | 4));
+                    if let Some(bye) = crate::kick::closing_frames(frames, engine, reason) {
+                        *body = Some(match body.take() {
+                            Some(b) => [b, bye].concat().into(),
+                            None => bye,
+                        });
+                    }
+                    return Ok(None);
+                }
+            }
             let Some(at) = tunnel.close_at else {
                 return Ok(None);
             };
@@ -624,6 +749,7 @@ impl ProxyHttp for Agent {
                         route.decision.target.backend(),
                         open.idle_ms,
                         eio.client,
+                        eio.version,
                     );
                 }
             } else if eio.polling && affinity::has_close_packet(chunk) {
@@ -729,6 +855,11 @@ impl ProxyHttp for Agent {
             .as_ref()
             .and_then(|r| r.tunnel.as_ref())
             .is_some_and(|t| t.going_away);
-        going_away || matches!(error.esource(), pingora::ErrorSource::Downstream)
+        let kicked = ctx
+            .route
+            .as_ref()
+            .and_then(|r| r.listed.as_ref())
+            .is_some_and(|l| l.kicked().is_some());
+        going_away || kicked || matches!(error.esource(), pingora::ErrorSource::Downstream)
     }
 }

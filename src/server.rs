@@ -134,6 +134,10 @@ pub fn run(
             "cluster directory",
             crate::cluster::DirectoryService(dir.clone()),
         ));
+        server.add_service(background_service(
+            "cluster commands",
+            crate::cluster::CommandService(dir.clone()),
+        ));
     }
     if let Some(acme) = &config.acme {
         let acme = acme

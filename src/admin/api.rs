@@ -66,6 +66,12 @@ impl AdminApp {
                 Some(uid) if get => self.user(uid).await,
                 _ => method_not_allowed(),
             },
+            _ if path.starts_with("/api/connections/") => {
+                match path.strip_prefix("/api/connections/") {
+                    Some(rest) if method == Method::DELETE => self.close_connection(rest).await,
+                    _ => method_not_allowed(),
+                }
+            }
             _ => match drain_path(&path) {
                 Some((addr, draining)) if post => self.drain(&snap, addr, draining),
                 Some(_) => method_not_allowed(),

@@ -154,6 +154,52 @@ impl AdminApp {
         Reply::json(StatusCode::OK, &dir.users(cursor.as_deref(), limit).await)
     }
 
+    /// `DELETE /api/connections/{agent}/{id}` (the `id` of `GET /api/users/{uid}`, each part
+    /// percent-encoded): the agent that holds the connection closes it (see [`crate::kick`]).
+    pub(super) async fn close_connection(&self, rest: &str) -> Reply {
+        let Some(dir) = self.live.directory() else {
+            return no_cluster();
+        };
+        let decode = |s: &str| {
+            percent_encoding::percent_decode_str(s)
+                .decode_utf8_lossy()
+                .into_owned()
+        };
+        let Some((agent, id)) = rest.split_once('/').map(|(a, i)| (decode(a), decode(i))) else {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "path: /api/connections/{agent}/{id}",
+            );
+        };
+        if agent.is_empty() || id.is_empty() || format!("{agent}{id}").chars().any(char::is_control)
+        {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                "agent and id: non-empty, without control characters",
+            );
+        }
+        match dir.kick(&agent, &id, crate::kick::Reason::Admin).await {
+            Ok(true) => Reply::json(
+                StatusCode::ACCEPTED,
+                &json!({"agent": agent, "id": id, "closing": true}),
+            ),
+            Ok(false) if agent == dir.agent() => Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("no connection {id} on this agent ({agent})"),
+            ),
+            Ok(false) => Reply::error(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "agent {agent} is not listening for commands (gone, or not connected to redis)"
+                ),
+            ),
+            Err(e) => Reply::error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("cannot reach agent {agent}: {e}"),
+            ),
+        }
+    }
+
     pub(super) async fn reload(&self) -> Reply {
         match self.live.reload().await {
             Ok(()) => {

@@ -10,6 +10,8 @@ fn conn(uid: &str, transport: Transport, idle: Duration, last_seen: Instant) -> 
         sid: transport == Transport::Polling,
         idle,
         last_seen,
+        eio: 4,
+        cut: None,
     }
 }
 
@@ -132,11 +134,16 @@ fn writes_are_batched_into_pipelines_of_the_right_commands() {
         agent_id: Some("ag1".into()),
         ..ClusterConfig::default()
     };
-    let dir = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(60));
+    let dir = Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(60),
+        "/socket.io/",
+    );
     let b = Backend::new("127.0.0.1:4000").unwrap();
-    dir.open_polling("sid1", "alice", &b, 45_000, None);
+    dir.open_polling("sid1", "alice", &b, 45_000, None, 4);
     let dir = Arc::new(dir);
-    let tunnel = dir.open_tunnel(None, "bob", &b, "10.0.0.1".parse().ok());
+    let tunnel = dir.open_tunnel(None, "bob", &b, "10.0.0.1".parse().ok(), 4, None);
     drop(tunnel);
     let st = dir.state();
     // handshake: Put + Sid; tunnel: Put then Del (last of bob).
@@ -189,7 +196,56 @@ fn readers_keep_only_live_agents_entries() {
 #[test]
 fn default_agent_ids_differ_per_process_start() {
     let cfg = ClusterConfig::default();
-    let a = Directory::new(&cfg, "redis://127.0.0.1:1", Duration::from_secs(1));
+    let a = Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(1),
+        "/socket.io/",
+    );
     assert!(a.agent().contains(&std::process::id().to_string()));
     assert!(!a.agent().contains('/'));
+}
+
+#[tokio::test]
+async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_goodbye() {
+    let cfg = ClusterConfig {
+        agent_id: Some("ag1".into()),
+        ..ClusterConfig::default()
+    };
+    // Redis never connected (no writer): the policy sees this agent's own connections only.
+    let dir = Arc::new(Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(60),
+        "/socket.io/",
+    ));
+    // Nothing listens there: the Engine.IO close to the backend fails (logged), which must not
+    // change what the client is told.
+    let b = Backend::new("127.0.0.1:1").unwrap();
+    dir.open_polling("zz-old", "u", &b, 45_000, None, 4);
+    dir.open_polling("aa-new", "u", &b, 45_000, None, 3);
+    dir.open_polling("other", "v", &b, 45_000, None, 4);
+    // Age decides, not the id's order.
+    dir.state().conns.get_mut("zz-old").unwrap().since_ms = 1;
+    assert_eq!(dir.close_oldest("u", 3).await, 0, "room for a third");
+    assert_eq!(dir.close_oldest("u", 2).await, 1);
+    assert_eq!(dir.local_count("u"), 1, "the oldest left the table at once");
+    assert!(dir.state().conns.contains_key("aa-new"));
+    // Its polls: a POST is acknowledged, the first poll gets the DISCONNECT, the next the close,
+    // then the agent forgets the session.
+    assert_eq!(dir.goodbye("zz-old", false).as_deref(), Some(&b"ok"[..]));
+    assert_eq!(dir.goodbye("zz-old", true).as_deref(), Some(&b"41"[..]));
+    assert_eq!(dir.goodbye("zz-old", true).as_deref(), Some(&b"1"[..]));
+    assert_eq!(dir.goodbye("zz-old", true), None);
+    assert_eq!(dir.goodbye("aa-new", true), None);
+    // One session per user: the remaining one goes too (Engine.IO 3 payload encoding).
+    assert_eq!(dir.close_oldest("u", 1).await, 1);
+    assert_eq!(dir.goodbye("aa-new", true).as_deref(), Some(&b"2:41"[..]));
+    assert_eq!(dir.local_count("v"), 1, "another uid untouched");
+    // A close command for a connection not here changes nothing.
+    dir.command(br#"{"id": "nope", "reason": "admin"}"#);
+    dir.command(b"garbage");
+    assert_eq!(dir.local_count("v"), 1);
+    dir.command(br#"{"id": "other", "reason": "admin"}"#);
+    assert_eq!(dir.local_count("v"), 0);
 }

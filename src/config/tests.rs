@@ -784,6 +784,19 @@ fn the_cluster_section_is_optional_defaults_as_documented_and_checks_its_keys() 
 }
 
 #[test]
+fn on_exceed_is_reject_or_close_oldest() {
+    let c = parse(&format!(
+        "{MIN}cluster: {{}}\nlimits: {{per_uid: {{max_connections: 1, on_exceed: close_oldest}}}}\n"
+    ))
+    .unwrap();
+    assert_eq!(c.limits.per_uid.on_exceed, OnExceed::CloseOldest);
+    let e = err(&format!(
+        "{MIN}cluster: {{}}\nlimits: {{per_uid: {{max_connections: 1, on_exceed: close_newest}}}}\n"
+    ));
+    assert!(e.contains("on_exceed") && e.contains("close_oldest"), "{e}");
+}
+
+#[test]
 fn cluster_webhooks_default_and_check_their_keys() {
     use crate::webhooks::Event;
     use std::time::Duration;

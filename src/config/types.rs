@@ -866,7 +866,8 @@ pub struct UidLimit {
     /// Connections of one uid in the cluster directory (needs `cluster`; 0: no limit). A new
     /// polling handshake or WebSocket past it is refused with 429.
     pub max_connections: u32,
-    /// What happens past `max_connections`: `reject` (the new connection is refused).
+    /// What happens past `max_connections`: `reject` (the new connection is refused) or
+    /// `close_oldest` (it is let through; the uid's oldest connections are closed).
     pub on_exceed: OnExceed,
 }
 
@@ -887,6 +888,9 @@ pub enum OnExceed {
     /// Refuse the new connection (429 naming the limit).
     #[default]
     Reject,
+    /// Let the new connection through and close the uid's oldest ones, wherever they are
+    /// (each by the agent that holds it; see [`crate::kick`]).
+    CloseOldest,
 }
 
 /// JavaScript hooks: files, limits and what a failing hook answers.

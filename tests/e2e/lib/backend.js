@@ -135,6 +135,14 @@ async function main() {
       if (typeof ack === 'function') ack(arg);
     });
 
+    // Every socket of the Socket.IO cluster (across backends through the Redis adapter), so a
+    // test can see that a backend let go of a socket that the agent closed.
+    socket.on('sockets', async (ack) => {
+      if (typeof ack !== 'function') return;
+      const all = await io.fetchSockets();
+      ack(all.map((s) => ({ id: s.id, uid: s.handshake.query.uid, sid: s.conn && s.conn.id })));
+    });
+
     socket.on('whoami', (ack) => {
       if (typeof ack === 'function') {
         ack({ port, sid: socket.conn.id, uid, transport: socket.conn.transport.name });

@@ -2,7 +2,8 @@
 // The admin page in headless Chromium, driven over the Chrome DevTools Protocol (the `ws`
 // package): sign in with the token, the backend table renders real numbers (open tunnels of
 // socket.io clients connected through the agent), the uid lookup answers, the drain button
-// drains (checked through the API), and a screenshot is saved as target/admin-page.png.
+// drains (checked through the API), and a screenshot is saved as target/admin-page.png. With a
+// cluster section: who is online, and its disconnect button per connection.
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
@@ -198,5 +199,56 @@ describe('admin page in headless Chromium', { timeout: 120_000 }, () => {
     await b.waitFor(`document.querySelectorAll('#who-conns tbody tr').length === 1
       && document.querySelector('#who-out .who-status').textContent.startsWith('yan: online')`, "yan's connection via the list");
     other.close();
+  });
+
+  it('disconnects one connection with its button (WebSocket, then polling): a final disconnect', async () => {
+    const port = await h.freePort();
+    const cfg = env.makeConfig({
+      port,
+      pools: { default: [A.addr, B.addr] },
+      sources: [{ query: 'uid' }],
+      extra: {
+        admin: { listen: `127.0.0.1:${await h.freePort()}`, token: TOKEN },
+        cluster: { redis: env.redis.url, heartbeat: '300ms', ttl: '2s', timeout: '200ms' },
+      },
+    });
+    const clustered = await env.startAgent(cfg);
+    const b = browser;
+    // Clients that would reconnect after anything but a server disconnect.
+    const client = async (transports) => {
+      const { socket } = await env.connect(clustered.url, {
+        query: { uid: 'kim' }, transports, reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 100,
+      });
+      const seen = { disconnects: [], attempts: 0 };
+      socket.on('disconnect', (reason) => seen.disconnects.push(reason));
+      socket.io.on('reconnect_attempt', () => { seen.attempts += 1; });
+      return { socket, seen };
+    };
+    const ws = await client(['websocket']);
+    const poll = await client(['polling']);
+    await b.send('Page.navigate', { url: `${clustered.adminUrl}/?poll=300` });
+    await b.waitFor(`getComputedStyle(document.getElementById('login')).display === 'flex'
+      || getComputedStyle(document.getElementById('online')).display === 'block'`, 'the page');
+    await b.evaluate(`if (getComputedStyle(document.getElementById('login')).display === 'flex') {
+      document.getElementById('token').value = ${JSON.stringify(TOKEN)};
+      document.querySelector('#login button').click(); } true`);
+    await b.waitFor(`getComputedStyle(document.getElementById('online')).display === 'block'`, 'the who-is-online panel');
+    await b.evaluate(`document.querySelector('#who [name=uid]').value = 'kim'; document.querySelector('#who button').click(); true`);
+    await b.waitFor(`document.querySelectorAll('#who-conns tbody tr').length === 2`, "kim's two connections");
+    const rowOf = (transport) => `[...document.querySelectorAll('#who-conns tbody tr')].find((r) => r.cells[0].textContent === '${transport}')`;
+    for (const [transport, c, left] of [['websocket', ws, 1], ['polling', poll, 0]]) {
+      await b.evaluate(`${rowOf(transport)}.querySelector('button.kick').click(); true`);
+      await h.poll(() => c.seen.disconnects.length > 0, { attempts: 50, delayMs: 100, what: `${transport}: a disconnect` });
+      assert.deepEqual(c.seen.disconnects, ['io server disconnect'], transport);
+      // The page looks again once the directory dropped it.
+      await b.waitFor(`document.querySelectorAll('#who-conns tbody tr').length === ${left}
+        && !${rowOf(transport)}`, `the ${transport} row gone`);
+      const u = await h.admin(clustered, 'GET', '/api/users/kim', { token: TOKEN });
+      assert.equal(u.json.connections.length, left, u.text);
+      assert.equal(c.seen.attempts, 0, `${transport}: no reconnection attempt`);
+      assert.equal(c.socket.connected, false);
+    }
+    const m = await h.admin(clustered, 'GET', '/metrics', { token: TOKEN });
+    assert.match(m.text, /gopush_connections_closed_total\{reason="admin"\} 2\n/);
   });
 });

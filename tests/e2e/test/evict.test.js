@@ -1,0 +1,232 @@
+'use strict';
+// Closing connections on purpose (issue 14, item 3 and the admin's disconnect of item 2): two
+// gopush agents on one real redis-server, two real socket.io v4 backends with the Redis
+// adapter, real socket.io-clients *with reconnection on* (the point: a kicked client must see
+// "io server disconnect" and stay away, not reconnect and kick the new one back).
+//
+// - `limits.per_uid.max_connections: 1, on_exceed: close_oldest`: a second connection of a uid
+//   through the other agent closes the first (WebSocket, then polling), the second stays.
+// - `DELETE /api/connections/{agent}/{id}` for a WebSocket and a polling connection, asked
+//   from the agent that does not hold it (a command through Redis).
+// - A closed polling session on the wire (raw Engine.IO requests): what each poll gets.
+// - With Redis down, close_oldest falls back to the agent's own connections.
+// Every wait is a poll with a deadline; "does not reconnect" is watched over a bounded window.
+
+const { describe, it, before, after } = require('node:test');
+const assert = require('node:assert/strict');
+const h = require('../lib/harness');
+
+/** Polls `fn` until it returns a truthy value or `ms` pass; the error names `what` and the last value. */
+async function until(fn, ms, what) {
+  const deadline = Date.now() + ms;
+  let last;
+  let lastErr;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (err) {
+      lastErr = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`not within ${ms} ms: ${what} (last: ${lastErr ? lastErr.message : JSON.stringify(last)})`);
+    }
+    await h.delay(100);
+  }
+}
+
+/** How long a kicked client is watched for a reconnection (its delay is 100 ms: it would try). */
+const WATCH_MS = 1500;
+
+describe('closing connections: close_oldest across agents, admin disconnect', { timeout: 180_000 }, () => {
+  let env;
+  let a1;
+  let a2;
+
+  before(async () => {
+    env = new h.TestEnv('evict');
+    await env.startRedis();
+    const A = await env.startBackend();
+    const B = await env.startBackend();
+    const config = async () => env.makeConfig({
+      port: await h.freePort(),
+      pools: { default: [A.addr, B.addr] },
+      sources: [{ query: 'uid' }],
+      extra: {
+        cluster: { redis: env.redis.url, heartbeat: '500ms', ttl: '3s', timeout: '300ms' },
+        limits: { per_uid: { max_connections: 1, on_exceed: 'close_oldest' } },
+      },
+    });
+    a1 = await env.startAgent(await config());
+    a2 = await env.startAgent(await config());
+  });
+
+  after(async () => {
+    if (env) await env.close();
+  });
+
+  const api = async (agent, p) => {
+    const r = await h.admin(agent, 'GET', p);
+    assert.equal(r.status, 200, `${p}: ${r.status} ${r.text}`);
+    return r.json;
+  };
+  const user = (agent, uid) => api(agent, `/api/users/${encodeURIComponent(uid)}`);
+  const agentId = async (agent) => (await until(async () => {
+    const s = (await api(agent, '/api/status')).cluster;
+    return s.stale === false && s;
+  }, 10000, 'agent in sync')).agent;
+  const closed = async (agent, reason) => {
+    const r = await h.admin(agent, 'GET', '/metrics');
+    const line = r.text.split('\n').find((l) => l.startsWith(`gopush_connections_closed_total{reason="${reason}"}`));
+    return line === undefined ? undefined : Number(line.split(' ').pop());
+  };
+
+  /**
+   * A socket.io-client that would reconnect (quickly) after anything but a server disconnect;
+   * records its disconnect reasons and reconnection attempts.
+   */
+  const client = async (agent, uid, transports) => {
+    const { socket, hello } = await env.connect(agent.url, {
+      query: { uid }, transports, reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 100,
+    });
+    const seen = { disconnects: [], attempts: 0 };
+    socket.on('disconnect', (reason) => seen.disconnects.push(reason));
+    socket.io.on('reconnect_attempt', () => { seen.attempts += 1; });
+    return { socket, hello, seen };
+  };
+
+  /** The kicked client saw "io server disconnect" and, over the window, did not come back. */
+  const kickedForGood = async (c, what) => {
+    await until(() => c.seen.disconnects.length > 0, 5000, `${what}: a disconnect`);
+    assert.deepEqual(c.seen.disconnects, ['io server disconnect'], what);
+    const until_ = Date.now() + WATCH_MS;
+    while (Date.now() < until_) {
+      assert.equal(c.seen.attempts, 0, `${what}: no reconnection attempt`);
+      assert.equal(c.socket.connected, false, `${what}: stays disconnected`);
+      await h.delay(100);
+    }
+  };
+
+  /** The backends (through the adapter) no longer hold the socket `id`, and still hold `keep`. */
+  const backendsLetGo = (asker, id, keep) => until(async () => {
+    const all = await h.emitAck(asker, 'sockets');
+    const ids = all.map((s) => s.id);
+    return !ids.includes(id) && ids.includes(keep) && all;
+  }, 5000, `the backends to drop socket ${id}`);
+
+  for (const transport of ['websocket', 'polling']) {
+    it(`close_oldest: a second connection through the other agent closes the first (${transport})`, async () => {
+      const uid = `one-${transport}`;
+      const before = await closed(a1, 'close_oldest');
+      const first = await client(a1, uid, [transport]);
+      await until(async () => (await user(a2, uid)).connections.length === 1, 5000, 'the first connection listed');
+      const second = await client(a2, uid, ['websocket']);
+      await kickedForGood(first, `first (${transport})`);
+      assert.equal(second.socket.connected, true, 'the second stays');
+      assert.deepEqual(second.seen.disconnects, []);
+      const u = await until(async () => {
+        const v = await user(a1, uid);
+        return v.stale === false && v.connections.length === 1 && v;
+      }, 5000, 'the directory to show one connection');
+      assert.equal(u.connections[0].agent, await agentId(a2), JSON.stringify(u));
+      assert.equal(u.connections[0].transport, 'websocket');
+      await backendsLetGo(second.socket, first.socket.id, second.socket.id);
+      // Closed by the agent that held it, counted there.
+      assert.equal(await closed(a1, 'close_oldest'), before + 1);
+      // And the one left is the one a third connection closes next (it is the oldest now).
+      const third = await client(a1, uid, ['polling']);
+      await kickedForGood(second, 'second, closed by a third');
+      assert.equal(third.socket.connected, true);
+      third.socket.close();
+      await until(async () => (await user(a2, uid)).connections.length === 0, 5000, 'no connection left');
+    });
+  }
+
+  for (const transport of ['websocket', 'polling']) {
+    it(`DELETE /api/connections/{agent}/{id} closes one ${transport} connection, asked from the agent that does not hold it`, async () => {
+      const uid = `admin-${transport}`;
+      const other = `bystander-${transport}`;
+      const before = await closed(a2, 'admin');
+      const victim = await client(a2, uid, [transport]);
+      const bystander = await client(a1, other, ['websocket']);
+      const [id] = (await until(async () => {
+        const v = await user(a1, uid);
+        return v.connections.length === 1 && v.connections.map((c) => c.id);
+      }, 5000, 'the connection listed'));
+      const [agent, conn] = id.split('/');
+      // Unknown connection of this agent: 404, nothing closed.
+      const none = await h.admin(a2, 'DELETE', `/api/connections/${encodeURIComponent(agent)}/nope`);
+      assert.equal(none.status, 404, none.text);
+      assert.equal(victim.socket.connected, true);
+      // GET is not the way to close.
+      assert.equal((await h.admin(a1, 'GET', `/api/connections/${agent}/${conn}`)).status, 405);
+      // Asked from a1; a2 holds it (a command through Redis).
+      const r = await h.admin(a1, 'DELETE', `/api/connections/${encodeURIComponent(agent)}/${encodeURIComponent(conn)}`);
+      assert.equal(r.status, 202, r.text);
+      await kickedForGood(victim, `admin-closed ${transport}`);
+      await until(async () => (await user(a1, uid)).connections.length === 0, 5000, 'the directory to drop it');
+      await backendsLetGo(bystander.socket, victim.socket.id, bystander.socket.id);
+      assert.equal(bystander.socket.connected, true);
+      assert.equal(await closed(a2, 'admin'), before + 1);
+      bystander.socket.close();
+    });
+  }
+
+  it('a closed polling session, on the wire: the pending poll gets 41, the next the close, the backend forgets it', async () => {
+    const base = `${a1.url}/socket.io/?EIO=4&transport=polling&uid=raw`;
+    const get = async (q = '') => {
+      const r = await fetch(`${base}${q}`, { signal: AbortSignal.timeout(10000) });
+      return { status: r.status, body: await r.text() };
+    };
+    const open = await get();
+    assert.equal(open.status, 200, open.body);
+    const { sid } = JSON.parse(open.body.slice(1));
+    const [id] = await until(async () => {
+      const v = await user(a2, 'raw');
+      return v.connections.length === 1 && v.connections.map((c) => c.id);
+    }, 5000, 'the session listed');
+    assert.equal(id, `${await agentId(a1)}/${sid}`);
+    // A poll the backend holds (it has nothing to say yet)...
+    const pending = get(`&sid=${sid}`);
+    // ... is pending at the backend once the agent counts it as an active request.
+    await until(async () => {
+      const st = await api(a1, '/api/status');
+      return st.pools[0].backends.some((x) => x.active_requests > 0);
+    }, 5000, 'the poll to be held by the backend');
+    const r = await h.admin(a1, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
+    assert.equal(r.status, 202, r.text);
+    // The backend answered the held poll (a noop after the Engine.IO close the agent posted); the
+    // client got the Socket.IO DISCONNECT instead.
+    assert.deepEqual(await pending, { status: 200, body: '41' });
+    // A POST (socket.io-client posts its own close then) is acknowledged by the agent.
+    const post = await fetch(`${base}&sid=${sid}`, { method: 'POST', body: '1', signal: AbortSignal.timeout(5000) });
+    assert.equal(post.status, 200);
+    assert.equal(await post.text(), 'ok');
+    // The next poll: the Engine.IO close, from the agent.
+    assert.deepEqual(await get(`&sid=${sid}`), { status: 200, body: '1' });
+    // After that the agent forgets the session: the backend no longer knows it.
+    const after = await get(`&sid=${sid}`);
+    assert.equal(after.status, 400, after.body);
+    assert.match(after.body, /Session ID unknown/);
+    await until(async () => (await user(a2, 'raw')).connections.length === 0, 5000, 'the directory to drop it');
+  });
+
+  // Last: it stops Redis for good.
+  it('with Redis down, close_oldest sees and closes only the agent\'s own connections', async () => {
+    const uid = 'offline-redis';
+    await env.redis.proc.kill('SIGKILL');
+    for (const a of [a1, a2]) {
+      await until(async () => (await api(a, '/api/status')).cluster.stale === true, 5000, 'the agent to notice Redis is gone');
+    }
+    const first = await client(a1, uid, ['websocket']);
+    // Through the other agent: it cannot see the first, so nothing is closed.
+    const elsewhere = await client(a2, uid, ['websocket']);
+    // Through the same agent: its own oldest is closed.
+    const second = await client(a1, uid, ['websocket']);
+    await kickedForGood(first, 'first, closed by its own agent');
+    assert.equal(second.socket.connected, true);
+    assert.equal(elsewhere.socket.connected, true, 'per agent: the other agent\'s connection stays');
+    assert.deepEqual(elsewhere.seen.disconnects, []);
+    for (const c of [second, elsewhere]) c.socket.close();
+  });
+});
