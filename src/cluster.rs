@@ -21,6 +21,9 @@
 //! P:agent:<agent>:uids SET   uids the agent has connections of (what to reap when it dies)
 //! ```
 //!
+//! With webhooks that want `user.online` / `user.offline`, the connection writes go through the
+//! presence scripts instead ([`crate::presence`], which adds two keys).
+//!
 //! Readers ignore connections of agents whose deadline passed (`cluster.ttl` after their last
 //! heartbeat), so a crashed agent's connections leave the view within the TTL; the next
 //! heartbeat of any agent then deletes them (reaping). A process's agent id is new at every
@@ -178,9 +181,6 @@ impl State {
                 &uid,
                 Some((id, transport_name(transport))),
             );
-            if *n == 1 {
-                h.online(&uid);
-            }
         }
         self.push(Write::Put {
             id: id.to_string(),
@@ -209,9 +209,6 @@ impl State {
                 &conn.uid,
                 Some((id, transport_name(conn.transport))),
             );
-            if last {
-                h.offline_later(&conn.uid);
-            }
         }
         self.push(Write::Del {
             id: id.to_string(),
@@ -339,8 +336,14 @@ impl Directory {
             format!("{host}-{}-{:x}", std::process::id(), started_ms)
         });
         let mut state = State::new(cfg.queue);
+        // A configured id is the same after a restart: the start time keeps event ids unique.
+        let prefix = match cfg.agent_id {
+            Some(_) => format!("{agent}.{started_ms:x}"),
+            None => agent.clone(),
+        };
         state.hooks =
-            crate::webhooks::Webhooks::new(&agent, &cfg.webhooks, cfg.offline_after).map(Arc::new);
+            crate::webhooks::Webhooks::new(&agent, &prefix, &cfg.webhooks, cfg.offline_after)
+                .map(Arc::new);
         Directory {
             agent,
             key: cfg.key.clone(),
@@ -363,6 +366,18 @@ impl Directory {
     /// This process's agent id.
     pub fn agent(&self) -> &str {
         &self.agent
+    }
+
+    /// The process's grace period, by which a stop postpones its users' offline checks.
+    pub fn set_hand_over(&self, grace: Duration) {
+        if let Some(h) = &self.state().hooks {
+            h.set_hand_over(grace);
+        }
+    }
+
+    /// The webhooks, when they want the cluster-wide `user.*` events.
+    fn presence(&self) -> Option<Arc<crate::webhooks::Webhooks>> {
+        self.state().hooks.clone().filter(|h| h.presence())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -741,33 +756,100 @@ impl Directory {
         }
     }
 
-    fn add_write(&self, pipe: &mut redis::Pipeline, w: &Write) {
+    /// Sends `writes` in one pipeline; with presence, emits the `user.online` events the open
+    /// scripts answered (`resync`: this agent is re-publishing its table).
+    async fn send_writes(
+        &self,
+        conn: &mut MultiplexedConnection,
+        writes: &[Write],
+        resync: bool,
+    ) -> Result<(), String> {
+        let hooks = self.presence();
+        let mut pipe = redis::pipe();
+        for w in writes {
+            self.add_write(&mut pipe, w, hooks.as_deref(), resync);
+        }
+        let Some(h) = hooks else {
+            return self.send(conn, &pipe).await;
+        };
+        // Only the open scripts are not ignored: one answer per Put, in order.
+        let ids = match tokio::time::timeout(
+            self.cfg.timeout,
+            pipe.query_async::<Vec<Option<String>>>(conn),
+        )
+        .await
+        {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("redis did not answer in time".into()),
+        };
+        let puts = writes.iter().filter_map(|w| match w {
+            Write::Put { uid, .. } => Some(uid),
+            _ => None,
+        });
+        for (uid, id) in puts.zip(ids) {
+            if let Some(id) = id {
+                h.user_event(crate::webhooks::Event::UserOnline, uid, &id);
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `w`'s commands; with `presence`, the presence scripts' (see [`crate::presence`]).
+    fn add_write(
+        &self,
+        pipe: &mut redis::Pipeline,
+        w: &Write,
+        presence: Option<&crate::webhooks::Webhooks>,
+        resync: bool,
+    ) {
         match w {
+            Write::Put { id, uid, json } if presence.is_some() => {
+                let prefix = presence.map_or("", |h| h.id_prefix());
+                pipe.cmd("EVAL")
+                    .arg(crate::presence::OPEN)
+                    .arg(3)
+                    .arg(self.conns_key(uid))
+                    .arg(crate::presence::online_key(&self.key, uid))
+                    .arg(crate::presence::pending_key(&self.key))
+                    .arg(format!("{}/{id}", self.agent))
+                    .arg(json)
+                    .arg(&**uid)
+                    .arg(crate::presence::online_id(prefix, id))
+                    .arg(if resync { "1" } else { "0" });
+                self.index_uid(pipe, uid);
+            }
             Write::Put { id, uid, json } => {
                 pipe.cmd("HSET")
                     .arg(self.conns_key(uid))
                     .arg(format!("{}/{id}", self.agent))
                     .arg(json)
                     .ignore();
-                pipe.cmd("ZADD")
-                    .arg(self.users_key())
-                    .arg(0)
-                    .arg(&**uid)
-                    .ignore();
-                pipe.cmd("SADD")
-                    .arg(self.agent_uids_key(&self.agent))
-                    .arg(&**uid)
-                    .ignore();
+                self.index_uid(pipe, uid);
             }
             Write::Del { id, uid, last, sid } => {
-                pipe.cmd("EVAL")
-                    .arg(CLOSE_SCRIPT)
-                    .arg(2)
-                    .arg(self.conns_key(uid))
-                    .arg(self.users_key())
-                    .arg(format!("{}/{id}", self.agent))
-                    .arg(&**uid)
-                    .ignore();
+                if let Some(h) = presence {
+                    pipe.cmd("EVAL")
+                        .arg(crate::presence::CLOSE)
+                        .arg(4)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(crate::presence::online_key(&self.key, uid))
+                        .arg(crate::presence::pending_key(&self.key))
+                        .arg(format!("{}/{id}", self.agent))
+                        .arg(&**uid)
+                        .arg(offline_deadline(h, false))
+                        .ignore();
+                } else {
+                    pipe.cmd("EVAL")
+                        .arg(CLOSE_SCRIPT)
+                        .arg(2)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(format!("{}/{id}", self.agent))
+                        .arg(&**uid)
+                        .ignore();
+                }
                 if *last {
                     pipe.cmd("SREM")
                         .arg(self.agent_uids_key(&self.agent))
@@ -792,8 +874,28 @@ impl Directory {
         }
     }
 
-    /// Deletes every entry of `agent` (a dead one, or this process before it re-publishes).
-    async fn reap(&self, conn: &mut MultiplexedConnection, agent: &str) -> Result<(), String> {
+    /// A uid in the index and in this agent's set (with each of its connections' writes).
+    fn index_uid(&self, pipe: &mut redis::Pipeline, uid: &str) {
+        pipe.cmd("ZADD")
+            .arg(self.users_key())
+            .arg(0)
+            .arg(uid)
+            .ignore();
+        pipe.cmd("SADD")
+            .arg(self.agent_uids_key(&self.agent))
+            .arg(uid)
+            .ignore();
+    }
+
+    /// Deletes every entry of `agent` (a dead one, or this process before it re-publishes, or
+    /// as it stops: `stopping`, which postpones its users' offline checks by its grace period).
+    async fn reap(
+        &self,
+        conn: &mut MultiplexedConnection,
+        agent: &str,
+        stopping: bool,
+    ) -> Result<(), String> {
+        let hooks = self.presence();
         let uids_key = self.agent_uids_key(agent);
         let uids: Vec<String> = tokio::time::timeout(
             self.cfg.timeout,
@@ -806,14 +908,28 @@ impl Directory {
         for chunk in uids.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for uid in chunk {
-                pipe.cmd("EVAL")
-                    .arg(REAP_SCRIPT)
-                    .arg(2)
-                    .arg(self.conns_key(uid))
-                    .arg(self.users_key())
-                    .arg(&prefix)
-                    .arg(uid)
-                    .ignore();
+                if let Some(h) = &hooks {
+                    pipe.cmd("EVAL")
+                        .arg(crate::presence::REAP)
+                        .arg(4)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(crate::presence::online_key(&self.key, uid))
+                        .arg(crate::presence::pending_key(&self.key))
+                        .arg(&prefix)
+                        .arg(uid)
+                        .arg(offline_deadline(h, stopping))
+                        .ignore();
+                } else {
+                    pipe.cmd("EVAL")
+                        .arg(REAP_SCRIPT)
+                        .arg(2)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(&prefix)
+                        .arg(uid)
+                        .ignore();
+                }
             }
             self.send(conn, &pipe).await?;
         }
@@ -868,7 +984,7 @@ impl Directory {
         .map_err(|_| "redis did not answer in time".to_string())?
         .map_err(|e| e.to_string())?;
         for agent in dead.iter().filter(|a| **a != self.agent) {
-            self.reap(conn, agent).await?;
+            self.reap(conn, agent, false).await?;
         }
         let read = async {
             let live = self.live_agents(conn).await?;
@@ -946,7 +1062,7 @@ impl Directory {
             // Alive first, so readers keep what is about to be written.
             self.heartbeat(&mut conn).await?;
             beat = false;
-            self.reap(&mut conn, &self.agent.clone()).await?;
+            self.reap(&mut conn, &self.agent.clone(), false).await?;
             let writes: Vec<Write> = all
                 .into_iter()
                 .flat_map(|(id, c)| {
@@ -966,11 +1082,7 @@ impl Directory {
                 })
                 .collect();
             for chunk in writes.chunks(BATCH) {
-                let mut pipe = redis::pipe();
-                for w in chunk {
-                    self.add_write(&mut pipe, w);
-                }
-                self.send(&mut conn, &pipe).await?;
+                self.send_writes(&mut conn, chunk, true).await?;
             }
         }
         loop {
@@ -982,14 +1094,13 @@ impl Directory {
             if batch.is_empty() {
                 break;
             }
-            let mut pipe = redis::pipe();
-            for w in &batch {
-                self.add_write(&mut pipe, w);
-            }
-            self.send(&mut conn, &pipe).await?;
+            self.send_writes(&mut conn, &batch, false).await?;
         }
         if beat {
             self.heartbeat(&mut conn).await?;
+        }
+        if let Some(h) = self.presence().filter(|h| h.sweep_due(Instant::now())) {
+            crate::presence::sweep(&mut conn, &self.key, now_ms(), self.cfg.timeout, &h).await?;
         }
         Ok(beat)
     }
@@ -1005,6 +1116,12 @@ impl Directory {
         self.state().resync = true;
         crate::metrics::counters().cluster_stale.set(1);
     }
+}
+
+/// When the offline check of a uid whose last connection leaves now is due (unix ms).
+fn offline_deadline(h: &crate::webhooks::Webhooks, stopping: bool) -> i64 {
+    let ms = i64::try_from(h.offline_delay(stopping).as_millis()).unwrap_or(i64::MAX);
+    now_ms().saturating_add(ms)
 }
 
 fn backend_string(b: &Backend) -> String {
@@ -1058,12 +1175,6 @@ impl BackgroundService for DirectoryService {
                 if expired > 0 {
                     tracing::debug!(expired, "cluster: idle polling sessions ended");
                 }
-                {
-                    let st = dir.state();
-                    if let Some(h) = &st.hooks {
-                        h.due(Instant::now(), |uid| st.by_uid.contains_key(uid));
-                    }
-                }
                 let (ws, polling) = dir.state().counts();
                 crate::metrics::counters()
                     .cluster_local
@@ -1111,7 +1222,7 @@ impl BackgroundService for DirectoryService {
         if let Some(c) = dir.conn.load_full() {
             let mut conn = (*c).clone();
             let agent = dir.agent.clone();
-            if dir.reap(&mut conn, &agent).await.is_ok() {
+            if dir.reap(&mut conn, &agent, true).await.is_ok() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZREM").arg(dir.agents_key()).arg(&agent).ignore();
                 pipe.cmd("HDEL").arg(dir.info_key()).arg(&agent).ignore();

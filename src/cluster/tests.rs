@@ -143,7 +143,7 @@ fn writes_are_batched_into_pipelines_of_the_right_commands() {
     assert_eq!(st.queue.len(), 4);
     let mut pipe = redis::pipe();
     for w in &st.queue {
-        dir.add_write(&mut pipe, w);
+        dir.add_write(&mut pipe, w, None, false);
     }
     let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).to_string();
     for want in [
