@@ -65,6 +65,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
   const ids = [];
   const events = [];
   const sockets = [];
+  let eveOnB;
   /** Deliveries for `uid` (of `type`), de-duplicated by id as a receiver must. */
   const of = (uid, type) => {
     const seen = new Map();
@@ -272,7 +273,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     await open(A, 'dora');
     // eve also holds a connection on B: she stays online.
     await open(A, 'eve');
-    await open(agents[1], 'eve');
+    eveOnB = await open(agents[1], 'eve');
     await until(() => of('dora', 'user.online').length === 1 && of('eve', 'user.online').length === 1
       && of('eve', 'connection.open').length === 2, 5000, 'online');
     await A.proc.kill('SIGKILL');
@@ -286,5 +287,38 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     assert.notEqual(off.body.agent, ids[0], 'sent by a live agent');
     assert.deepEqual(types('dora'), ['user.online', 'user.offline']);
     assert.deepEqual(types('eve'), ['user.online'], 'eve is still connected through B');
+  });
+
+  it('Redis unreachable for a while: user.* events wait for it (connection.* do not), then come once', async () => {
+    const B = agents[1];
+    const stale = async () => {
+      const r = await h.admin(B, 'GET', '/metrics');
+      const line = r.text.split('\n').find((l) => l.startsWith('gopush_cluster_stale '));
+      return line !== undefined && Number(line.split(' ').pop()) === 1;
+    };
+    const pid = redis.proc.child.pid;
+    // Hung, not restarted: Redis keeps its data. gus connects at once, so his write may reach
+    // Redis and run there while the agent times out on it: when the agent re-publishes its table,
+    // the open script finds gus's own online id and the user.online is sent then.
+    process.kill(pid, 'SIGSTOP');
+    let resumed = false;
+    try {
+      await open(B, 'gus');
+      await until(() => of('gus', 'connection.open').length === 1, 5000, 'connection.open while Redis hangs');
+      assert.ok(eveOnB.connected, 'eve still connected through B');
+      eveOnB.disconnect();
+      // (Her connection through the killed A never got a connection.close: that process is gone.)
+      await until(() => of('eve', 'connection.close').length === 1, 5000, 'connection.close while Redis hangs');
+      await until(stale, 5000, 'B to notice');
+      assert.deepEqual(types('gus'), [], 'no user.online without Redis');
+      process.kill(pid, 'SIGCONT');
+      resumed = true;
+    } finally {
+      if (!resumed) process.kill(pid, 'SIGCONT');
+    }
+    await until(() => of('gus', 'user.online').length === 1, 10000, 'gus online once Redis answers');
+    await until(() => of('eve', 'user.offline').length === 1, OFFLINE_MS + 10000, 'eve offline once Redis answers');
+    assert.deepEqual(types('gus'), ['user.online']);
+    assert.deepEqual(types('eve'), ['user.online', 'user.offline']);
   });
 });
