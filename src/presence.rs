@@ -70,8 +70,12 @@ local id = redis.call('GET', KEYS[2]) \
 if id then redis.call('DEL', KEYS[2]) end \
 return id";
 
-/// Most due checks taken per sweep (the rest wait for the next one).
+/// Most due checks run per pipeline.
 const SWEEP_BATCH: usize = 1024;
+
+/// Most pipelines per sweep (the rest wait for the next sweep, a second later): after an agent
+/// with many users died, its users' checks are due at once.
+const SWEEP_ROUNDS: usize = 16;
 
 pub fn online_key(key: &str, uid: &str) -> String {
     format!("{key}:{{{uid}}}:online")
@@ -101,6 +105,27 @@ pub async fn sweep(
     timeout: Duration,
     hooks: &Webhooks,
 ) -> Result<usize, String> {
+    let mut n = 0;
+    for _ in 0..SWEEP_ROUNDS {
+        let (taken, offline) = sweep_batch(conn, key, now_ms, timeout, hooks).await?;
+        n += offline;
+        if taken < SWEEP_BATCH {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+/// One pipeline of [`sweep`]: answers how many due checks it ran and how many took a uid
+/// offline. Each run removes its check, so the next batch reads the following ones (agents
+/// sweeping at the same moment may run the same checks: one wins each, the others get nil).
+async fn sweep_batch(
+    conn: &mut MultiplexedConnection,
+    key: &str,
+    now_ms: i64,
+    timeout: Duration,
+    hooks: &Webhooks,
+) -> Result<(usize, usize), String> {
     let pending = pending_key(key);
     let run = async {
         let due: Vec<String> = redis::cmd("ZRANGEBYSCORE")
@@ -133,6 +158,7 @@ pub async fn sweep(
         .await
         .map_err(|_| "redis did not answer in time".to_string())?
         .map_err(|e| e.to_string())?;
+    let taken = results.len();
     let mut n = 0;
     for (uid, id) in results {
         if let Some(id) = id {
@@ -140,7 +166,7 @@ pub async fn sweep(
             n += 1;
         }
     }
-    Ok(n)
+    Ok((taken, n))
 }
 
 #[cfg(test)]
