@@ -86,6 +86,9 @@ struct Conn {
     /// A polling session ends after this long without a request (`pingInterval + pingTimeout`).
     idle: Duration,
     last_seen: Instant,
+    /// This connection made its uid online and its `user.online` was queued: a re-publish does
+    /// not send it again.
+    announced: bool,
 }
 
 /// A connection as stored in Redis and shown by the API.
@@ -159,10 +162,13 @@ impl State {
         self.queue.push_back(w);
     }
 
-    fn put(&mut self, agent: &str, id: &str, conn: Conn) {
+    fn put(&mut self, agent: &str, id: &str, mut conn: Conn) {
         let json = entry_json(agent, &conn);
         let uid = conn.uid.clone();
         let transport = conn.transport;
+        if let Some(old) = self.conns.get(id) {
+            conn.announced = old.announced;
+        }
         let existed = if let Some(old) = self.conns.insert(id.to_string(), conn) {
             // Same id again (an upgrade of a polling session): the uid is counted once.
             if let Some(n) = self.by_uid.get_mut(&old.uid) {
@@ -408,6 +414,7 @@ impl Directory {
             sid: true,
             idle: Duration::from_millis(idle_ms.max(1000)),
             last_seen: Instant::now(),
+            announced: false,
         };
         let mut st = self.state();
         let uid = conn.uid.clone();
@@ -470,6 +477,7 @@ impl Directory {
             sid: sid.is_some_and(|s| s == id),
             idle: Duration::MAX,
             last_seen: Instant::now(),
+            announced: false,
         };
         st.put(&self.agent, &id, conn);
         drop(st);
@@ -765,9 +773,26 @@ impl Directory {
         resync: bool,
     ) -> Result<(), String> {
         let hooks = self.presence();
+        // Re-published connections whose user.online may not have been queued: their open
+        // script answers their own online id again (once more, not at every re-publish).
+        let retry: HashSet<&str> = if resync && hooks.is_some() {
+            let st = self.state();
+            writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Put { id, .. } if st.conns.get(id).is_none_or(|c| !c.announced) => {
+                        Some(id.as_str())
+                    }
+                    _ => None,
+                })
+                .collect()
+        } else {
+            HashSet::new()
+        };
         let mut pipe = redis::pipe();
         for w in writes {
-            self.add_write(&mut pipe, w, hooks.as_deref(), resync);
+            let again = matches!(w, Write::Put { id, .. } if retry.contains(id.as_str()));
+            self.add_write(&mut pipe, w, hooks.as_deref(), again);
         }
         let Some(h) = hooks else {
             return self.send(conn, &pipe).await;
@@ -784,24 +809,29 @@ impl Directory {
             Err(_) => return Err("redis did not answer in time".into()),
         };
         let puts = writes.iter().filter_map(|w| match w {
-            Write::Put { uid, .. } => Some(uid),
+            Write::Put { id, uid, .. } => Some((id, uid)),
             _ => None,
         });
-        for (uid, id) in puts.zip(ids) {
+        let mut st = self.state();
+        for ((conn_id, uid), id) in puts.zip(ids) {
             if let Some(id) = id {
                 h.user_event(crate::webhooks::Event::UserOnline, uid, &id);
+                if let Some(c) = st.conns.get_mut(conn_id) {
+                    c.announced = true;
+                }
             }
         }
         Ok(())
     }
 
-    /// Adds `w`'s commands; with `presence`, the presence scripts' (see [`crate::presence`]).
+    /// Adds `w`'s commands; with `presence`, the presence scripts' (see [`crate::presence`]);
+    /// `retry`: a re-published open whose `user.online` may not have been queued.
     fn add_write(
         &self,
         pipe: &mut redis::Pipeline,
         w: &Write,
         presence: Option<&crate::webhooks::Webhooks>,
-        resync: bool,
+        retry: bool,
     ) {
         match w {
             Write::Put { id, uid, json } if presence.is_some() => {
@@ -816,7 +846,7 @@ impl Directory {
                     .arg(json)
                     .arg(&**uid)
                     .arg(crate::presence::online_id(prefix, id))
-                    .arg(if resync { "1" } else { "0" });
+                    .arg(if retry { "1" } else { "0" });
                 self.index_uid(pipe, uid);
             }
             Write::Put { id, uid, json } => {

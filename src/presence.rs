@@ -20,10 +20,11 @@
 //!
 //! The pending checks live in Redis, not in the agent that scheduled them, so a stopped or crashed
 //! agent's checks are run by the others. The online id is derived from the connection that made
-//! the uid online ([`online_id`]), so when that agent re-publishes its table (after a failed
-//! write, or Redis restarted), the same connection finds its own id and the event is sent again
-//! with the same id (at least once; receivers de-duplicate). `user.offline`'s id is the online
-//! id + `-off`.
+//! the uid online ([`online_id`]), so when that agent re-publishes its table after a write whose
+//! answer was lost (it may have run in Redis), the same connection finds its own id and the event
+//! is sent then, with that id (at least once; receivers de-duplicate). A connection whose
+//! `user.online` was queued already is re-published without asking (no duplicate at every Redis
+//! outage). `user.offline`'s id is the online id + `-off`.
 
 use crate::webhooks::Webhooks;
 use redis::aio::MultiplexedConnection;

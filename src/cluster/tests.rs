@@ -10,6 +10,7 @@ fn conn(uid: &str, transport: Transport, idle: Duration, last_seen: Instant) -> 
         sid: transport == Transport::Polling,
         idle,
         last_seen,
+        announced: false,
     }
 }
 

@@ -297,6 +297,9 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
       return line !== undefined && Number(line.split(' ').pop()) === 1;
     };
     const pid = redis.proc.child.pid;
+    // hal is online through B before the outage and stays connected through it.
+    await open(B, 'hal');
+    await until(() => of('hal', 'user.online').length === 1, 5000, 'hal online');
     // Hung, not restarted: Redis keeps its data. gus connects at once, so his write may reach
     // Redis and run there while the agent times out on it: when the agent re-publishes its table,
     // the open script finds gus's own online id and the user.online is sent then.
@@ -320,5 +323,9 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     await until(() => of('eve', 'user.offline').length === 1, OFFLINE_MS + 10000, 'eve offline once Redis answers');
     assert.deepEqual(types('gus'), ['user.online']);
     assert.deepEqual(types('eve'), ['user.online', 'user.offline']);
+    // B re-published hal's connection too, but his user.online was sent already: not again (raw
+    // deliveries, not de-duplicated; eve's offline came after it through the same queue).
+    const halOnline = events.filter((e) => e.body.uid === 'hal' && e.body.type === 'user.online');
+    assert.equal(halOnline.length, 1, `hal: ${halOnline.map((e) => e.body.id)}`);
   });
 });
