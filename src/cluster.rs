@@ -833,22 +833,23 @@ impl Directory {
         presence: Option<&crate::webhooks::Webhooks>,
         retry: bool,
     ) {
+        if let (Write::Put { id, uid, json }, Some(h)) = (w, presence) {
+            // Not ignored: its answer is the user.online to send, if any.
+            pipe.cmd("EVAL")
+                .arg(crate::presence::OPEN)
+                .arg(3)
+                .arg(self.conns_key(uid))
+                .arg(crate::presence::online_key(&self.key, uid))
+                .arg(crate::presence::pending_key(&self.key))
+                .arg(format!("{}/{id}", self.agent))
+                .arg(json)
+                .arg(&**uid)
+                .arg(crate::presence::online_id(h.id_prefix(), id))
+                .arg(if retry { "1" } else { "0" });
+            self.index_uid(pipe, uid);
+            return;
+        }
         match w {
-            Write::Put { id, uid, json } if presence.is_some() => {
-                let prefix = presence.map_or("", |h| h.id_prefix());
-                pipe.cmd("EVAL")
-                    .arg(crate::presence::OPEN)
-                    .arg(3)
-                    .arg(self.conns_key(uid))
-                    .arg(crate::presence::online_key(&self.key, uid))
-                    .arg(crate::presence::pending_key(&self.key))
-                    .arg(format!("{}/{id}", self.agent))
-                    .arg(json)
-                    .arg(&**uid)
-                    .arg(crate::presence::online_id(prefix, id))
-                    .arg(if retry { "1" } else { "0" });
-                self.index_uid(pipe, uid);
-            }
             Write::Put { id, uid, json } => {
                 pipe.cmd("HSET")
                     .arg(self.conns_key(uid))
