@@ -27,6 +27,9 @@
 //! that is this one ([`Directory::kick_local`]), else by a command on that agent's channel,
 //! which each agent reads from a dedicated pub/sub connection ([`CommandService`]).
 //!
+//! With webhooks that want `user.online` / `user.offline`, the connection writes go through the
+//! presence scripts instead ([`crate::presence`], which adds two keys).
+//!
 //! Readers ignore connections of agents whose deadline passed (`cluster.ttl` after their last
 //! heartbeat), so a crashed agent's connections leave the view within the TTL; the next
 //! heartbeat of any agent then deletes them (reaping). A process's agent id is new at every
@@ -93,6 +96,9 @@ struct Conn {
     eio: u8,
     /// A tunnel's way to be closed from outside its request.
     cut: Option<Arc<crate::kick::Cut>>,
+    /// This connection made its uid online and its `user.online` was queued: a re-publish does
+    /// not send it again.
+    announced: bool,
 }
 
 /// A connection as stored in Redis and shown by the API.
@@ -181,10 +187,13 @@ impl State {
         self.queue.push_back(w);
     }
 
-    fn put(&mut self, agent: &str, id: &str, conn: Conn) {
+    fn put(&mut self, agent: &str, id: &str, mut conn: Conn) {
         let json = entry_json(agent, &conn);
         let uid = conn.uid.clone();
         let transport = conn.transport;
+        if let Some(old) = self.conns.get(id) {
+            conn.announced = old.announced;
+        }
         let existed = if let Some(old) = self.conns.insert(id.to_string(), conn) {
             // Same id again (an upgrade of a polling session): the uid is counted once.
             if let Some(n) = self.by_uid.get_mut(&old.uid) {
@@ -203,9 +212,6 @@ impl State {
                 &uid,
                 Some((id, transport_name(transport))),
             );
-            if *n == 1 {
-                h.online(&uid);
-            }
         }
         self.push(Write::Put {
             id: id.to_string(),
@@ -234,9 +240,6 @@ impl State {
                 &conn.uid,
                 Some((id, transport_name(conn.transport))),
             );
-            if last {
-                h.offline_later(&conn.uid);
-            }
         }
         self.push(Write::Del {
             id: id.to_string(),
@@ -379,8 +382,14 @@ impl Directory {
             format!("{host}-{}-{:x}", std::process::id(), started_ms)
         });
         let mut state = State::new(cfg.queue);
+        // A configured id is the same after a restart: the start time keeps event ids unique.
+        let prefix = match cfg.agent_id {
+            Some(_) => format!("{agent}.{started_ms:x}"),
+            None => agent.clone(),
+        };
         state.hooks =
-            crate::webhooks::Webhooks::new(&agent, &cfg.webhooks, cfg.offline_after).map(Arc::new);
+            crate::webhooks::Webhooks::new(&agent, &prefix, &cfg.webhooks, cfg.offline_after)
+                .map(Arc::new);
         Directory {
             agent,
             key: cfg.key.clone(),
@@ -404,6 +413,18 @@ impl Directory {
     /// This process's agent id.
     pub fn agent(&self) -> &str {
         &self.agent
+    }
+
+    /// The process's grace period, by which a stop postpones its users' offline checks.
+    pub fn set_hand_over(&self, grace: Duration) {
+        if let Some(h) = &self.state().hooks {
+            h.set_hand_over(grace);
+        }
+    }
+
+    /// The webhooks, when they want the cluster-wide `user.*` events.
+    fn presence(&self) -> Option<Arc<crate::webhooks::Webhooks>> {
+        self.state().hooks.clone().filter(|h| h.presence())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -437,6 +458,7 @@ impl Directory {
             last_seen: Instant::now(),
             eio,
             cut: None,
+            announced: false,
         };
         let mut st = self.state();
         let uid = conn.uid.clone();
@@ -504,6 +526,7 @@ impl Directory {
             last_seen: Instant::now(),
             eio,
             cut: cut.clone(),
+            announced: false,
         };
         st.put(&self.agent, &id, conn);
         drop(st);
@@ -972,7 +995,91 @@ impl Directory {
         }
     }
 
-    fn add_write(&self, pipe: &mut redis::Pipeline, w: &Write) {
+    /// Sends `writes` in one pipeline; with presence, emits the `user.online` events the open
+    /// scripts answered (`resync`: this agent is re-publishing its table).
+    async fn send_writes(
+        &self,
+        conn: &mut MultiplexedConnection,
+        writes: &[Write],
+        resync: bool,
+    ) -> Result<(), String> {
+        let hooks = self.presence();
+        // Re-published connections whose user.online may not have been queued: their open
+        // script answers their own online id again (once more, not at every re-publish).
+        let retry: HashSet<&str> = if resync && hooks.is_some() {
+            let st = self.state();
+            writes
+                .iter()
+                .filter_map(|w| match w {
+                    Write::Put { id, .. } if st.conns.get(id).is_none_or(|c| !c.announced) => {
+                        Some(id.as_str())
+                    }
+                    _ => None,
+                })
+                .collect()
+        } else {
+            HashSet::new()
+        };
+        let mut pipe = redis::pipe();
+        for w in writes {
+            let again = matches!(w, Write::Put { id, .. } if retry.contains(id.as_str()));
+            self.add_write(&mut pipe, w, hooks.as_deref(), again);
+        }
+        let Some(h) = hooks else {
+            return self.send(conn, &pipe).await;
+        };
+        // Only the open scripts are not ignored: one answer per Put, in order.
+        let ids = match tokio::time::timeout(
+            self.cfg.timeout,
+            pipe.query_async::<Vec<Option<String>>>(conn),
+        )
+        .await
+        {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("redis did not answer in time".into()),
+        };
+        let puts = writes.iter().filter_map(|w| match w {
+            Write::Put { id, uid, .. } => Some((id, uid)),
+            _ => None,
+        });
+        let mut st = self.state();
+        for ((conn_id, uid), id) in puts.zip(ids) {
+            if let Some(id) = id {
+                h.user_event(crate::webhooks::Event::UserOnline, uid, &id);
+                if let Some(c) = st.conns.get_mut(conn_id) {
+                    c.announced = true;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `w`'s commands; with `presence`, the presence scripts' (see [`crate::presence`]);
+    /// `retry`: a re-published open whose `user.online` may not have been queued.
+    fn add_write(
+        &self,
+        pipe: &mut redis::Pipeline,
+        w: &Write,
+        presence: Option<&crate::webhooks::Webhooks>,
+        retry: bool,
+    ) {
+        if let (Write::Put { id, uid, json }, Some(h)) = (w, presence) {
+            // Not ignored: its answer is the user.online to send, if any.
+            pipe.cmd("EVAL")
+                .arg(crate::presence::OPEN)
+                .arg(3)
+                .arg(self.conns_key(uid))
+                .arg(crate::presence::online_key(&self.key, uid))
+                .arg(crate::presence::pending_key(&self.key))
+                .arg(format!("{}/{id}", self.agent))
+                .arg(json)
+                .arg(&**uid)
+                .arg(crate::presence::online_id(h.id_prefix(), id))
+                .arg(if retry { "1" } else { "0" });
+            self.index_uid(pipe, uid);
+            return;
+        }
         match w {
             Write::Put { id, uid, json } => {
                 pipe.cmd("HSET")
@@ -980,25 +1087,31 @@ impl Directory {
                     .arg(format!("{}/{id}", self.agent))
                     .arg(json)
                     .ignore();
-                pipe.cmd("ZADD")
-                    .arg(self.users_key())
-                    .arg(0)
-                    .arg(&**uid)
-                    .ignore();
-                pipe.cmd("SADD")
-                    .arg(self.agent_uids_key(&self.agent))
-                    .arg(&**uid)
-                    .ignore();
+                self.index_uid(pipe, uid);
             }
             Write::Del { id, uid, last, sid } => {
-                pipe.cmd("EVAL")
-                    .arg(CLOSE_SCRIPT)
-                    .arg(2)
-                    .arg(self.conns_key(uid))
-                    .arg(self.users_key())
-                    .arg(format!("{}/{id}", self.agent))
-                    .arg(&**uid)
-                    .ignore();
+                if let Some(h) = presence {
+                    pipe.cmd("EVAL")
+                        .arg(crate::presence::CLOSE)
+                        .arg(4)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(crate::presence::online_key(&self.key, uid))
+                        .arg(crate::presence::pending_key(&self.key))
+                        .arg(format!("{}/{id}", self.agent))
+                        .arg(&**uid)
+                        .arg(offline_deadline(h, false))
+                        .ignore();
+                } else {
+                    pipe.cmd("EVAL")
+                        .arg(CLOSE_SCRIPT)
+                        .arg(2)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(format!("{}/{id}", self.agent))
+                        .arg(&**uid)
+                        .ignore();
+                }
                 if *last {
                     pipe.cmd("SREM")
                         .arg(self.agent_uids_key(&self.agent))
@@ -1023,8 +1136,28 @@ impl Directory {
         }
     }
 
-    /// Deletes every entry of `agent` (a dead one, or this process before it re-publishes).
-    async fn reap(&self, conn: &mut MultiplexedConnection, agent: &str) -> Result<(), String> {
+    /// A uid in the index and in this agent's set (with each of its connections' writes).
+    fn index_uid(&self, pipe: &mut redis::Pipeline, uid: &str) {
+        pipe.cmd("ZADD")
+            .arg(self.users_key())
+            .arg(0)
+            .arg(uid)
+            .ignore();
+        pipe.cmd("SADD")
+            .arg(self.agent_uids_key(&self.agent))
+            .arg(uid)
+            .ignore();
+    }
+
+    /// Deletes every entry of `agent` (a dead one, or this process before it re-publishes, or
+    /// as it stops: `stopping`, which postpones its users' offline checks by its grace period).
+    async fn reap(
+        &self,
+        conn: &mut MultiplexedConnection,
+        agent: &str,
+        stopping: bool,
+    ) -> Result<(), String> {
+        let hooks = self.presence();
         let uids_key = self.agent_uids_key(agent);
         let uids: Vec<String> = tokio::time::timeout(
             self.cfg.timeout,
@@ -1037,14 +1170,28 @@ impl Directory {
         for chunk in uids.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for uid in chunk {
-                pipe.cmd("EVAL")
-                    .arg(REAP_SCRIPT)
-                    .arg(2)
-                    .arg(self.conns_key(uid))
-                    .arg(self.users_key())
-                    .arg(&prefix)
-                    .arg(uid)
-                    .ignore();
+                if let Some(h) = &hooks {
+                    pipe.cmd("EVAL")
+                        .arg(crate::presence::REAP)
+                        .arg(4)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(crate::presence::online_key(&self.key, uid))
+                        .arg(crate::presence::pending_key(&self.key))
+                        .arg(&prefix)
+                        .arg(uid)
+                        .arg(offline_deadline(h, stopping))
+                        .ignore();
+                } else {
+                    pipe.cmd("EVAL")
+                        .arg(REAP_SCRIPT)
+                        .arg(2)
+                        .arg(self.conns_key(uid))
+                        .arg(self.users_key())
+                        .arg(&prefix)
+                        .arg(uid)
+                        .ignore();
+                }
             }
             self.send(conn, &pipe).await?;
         }
@@ -1099,7 +1246,7 @@ impl Directory {
         .map_err(|_| "redis did not answer in time".to_string())?
         .map_err(|e| e.to_string())?;
         for agent in dead.iter().filter(|a| **a != self.agent) {
-            self.reap(conn, agent).await?;
+            self.reap(conn, agent, false).await?;
         }
         let read = async {
             let live = self.live_agents(conn).await?;
@@ -1177,7 +1324,7 @@ impl Directory {
             // Alive first, so readers keep what is about to be written.
             self.heartbeat(&mut conn).await?;
             beat = false;
-            self.reap(&mut conn, &self.agent.clone()).await?;
+            self.reap(&mut conn, &self.agent.clone(), false).await?;
             let writes: Vec<Write> = all
                 .into_iter()
                 .flat_map(|(id, c)| {
@@ -1197,11 +1344,7 @@ impl Directory {
                 })
                 .collect();
             for chunk in writes.chunks(BATCH) {
-                let mut pipe = redis::pipe();
-                for w in chunk {
-                    self.add_write(&mut pipe, w);
-                }
-                self.send(&mut conn, &pipe).await?;
+                self.send_writes(&mut conn, chunk, true).await?;
             }
         }
         loop {
@@ -1213,14 +1356,13 @@ impl Directory {
             if batch.is_empty() {
                 break;
             }
-            let mut pipe = redis::pipe();
-            for w in &batch {
-                self.add_write(&mut pipe, w);
-            }
-            self.send(&mut conn, &pipe).await?;
+            self.send_writes(&mut conn, &batch, false).await?;
         }
         if beat {
             self.heartbeat(&mut conn).await?;
+        }
+        if let Some(h) = self.presence().filter(|h| h.sweep_due(Instant::now())) {
+            crate::presence::sweep(&mut conn, &self.key, now_ms(), self.cfg.timeout, &h).await?;
         }
         Ok(beat)
     }
@@ -1280,6 +1422,12 @@ async fn post_close(
     }
 }
 
+/// When the offline check of a uid whose last connection leaves now is due (unix ms).
+fn offline_deadline(h: &crate::webhooks::Webhooks, stopping: bool) -> i64 {
+    let ms = i64::try_from(h.offline_delay(stopping).as_millis()).unwrap_or(i64::MAX);
+    now_ms().saturating_add(ms)
+}
+
 fn backend_string(b: &Backend) -> String {
     crate::routing::backend_addr(b).map_or_else(|| format!("{:?}", b.addr), |a| a.to_string())
 }
@@ -1331,12 +1479,6 @@ impl BackgroundService for DirectoryService {
                 if expired > 0 {
                     tracing::debug!(expired, "cluster: idle polling sessions ended");
                 }
-                {
-                    let st = dir.state();
-                    if let Some(h) = &st.hooks {
-                        h.due(Instant::now(), |uid| st.by_uid.contains_key(uid));
-                    }
-                }
                 let (ws, polling) = dir.state().counts();
                 crate::metrics::counters()
                     .cluster_local
@@ -1384,7 +1526,7 @@ impl BackgroundService for DirectoryService {
         if let Some(c) = dir.conn.load_full() {
             let mut conn = (*c).clone();
             let agent = dir.agent.clone();
-            if dir.reap(&mut conn, &agent).await.is_ok() {
+            if dir.reap(&mut conn, &agent, true).await.is_ok() {
                 let mut pipe = redis::pipe();
                 pipe.cmd("ZREM").arg(dir.agents_key()).arg(&agent).ignore();
                 pipe.cmd("HDEL").arg(dir.info_key()).arg(&agent).ignore();

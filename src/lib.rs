@@ -31,6 +31,7 @@ pub mod limits;
 pub mod live;
 pub mod logging;
 pub mod metrics;
+pub mod presence;
 pub mod proxy;
 pub mod routing;
 pub mod server;

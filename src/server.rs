@@ -130,6 +130,11 @@ pub fn run(
     ));
     server.add_service(background_service("discovery", DiscoveryLoop(live.clone())));
     if let Some(dir) = live.directory() {
+        // A stopping agent's users get its grace period to reconnect elsewhere before their
+        // offline checks (their tunnels close only during it).
+        dir.set_hand_over(std::time::Duration::from_secs(
+            config.server.grace_period_seconds,
+        ));
         server.add_service(background_service(
             "cluster directory",
             crate::cluster::DirectoryService(dir.clone()),

@@ -7,9 +7,9 @@
 //! task per receiver sends them in order, retrying the head with backoff until the receiver
 //! answers 2xx (at least once; the `id` lets the receiver drop duplicates).
 //!
-//! `user.offline` is emitted only after `cluster.offline_after` without any connection of the
-//! uid on this agent, and `user.online` not again if the uid came back within that grace: an
-//! upgrade, a hand-over or a quick reconnect does not flap.
+//! `connection.*` come from this agent's directory as its connections open and close;
+//! `user.online` / `user.offline` are decided cluster-wide in Redis ([`crate::presence`]) and
+//! sent by the one agent that made the change.
 
 use crate::callback::{parse_url, CallbackUrl};
 use crate::metrics::counters;
@@ -20,7 +20,7 @@ use pingora::http::RequestHeader;
 use pingora::upstreams::peer::HttpPeer;
 use serde::{de, Deserialize, Deserializer, Serialize};
 use sha2::Sha256;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +31,8 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Budget of one delivery attempt, connect to last byte.
 const TIMEOUT: Duration = Duration::from_secs(5);
+/// Between two sweeps of the pending offline checks: the lateness of a `user.offline`.
+const SWEEP: Duration = Duration::from_secs(1);
 
 /// The four presence events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -190,11 +192,15 @@ impl Target {
 /// The receivers, their queues and the offline grace.
 pub struct Webhooks {
     agent: String,
+    /// Unique per process (see [`Webhooks::new`]): event ids never repeat across restarts.
+    prefix: String,
     targets: Vec<Arc<Target>>,
     offline_after: Duration,
+    /// How long this process's tunnels may still drain once it stops (ms; its grace period).
+    hand_over_ms: AtomicU64,
     seq: AtomicU64,
-    /// Uids whose last local connection closed: when their `user.offline` is due.
-    pending: Mutex<HashMap<Arc<str>, Instant>>,
+    /// When the pending offline checks were last swept.
+    swept: Mutex<Option<Instant>>,
     connector: Connector,
 }
 
@@ -205,13 +211,22 @@ fn now_ms() -> i64 {
 }
 
 impl Webhooks {
-    /// `None` without receivers.
-    pub fn new(agent: &str, hooks: &[WebhookConfig], offline_after: Duration) -> Option<Self> {
+    /// `None` without receivers. `prefix` starts every event id: unique per process (a
+    /// configured agent id is the same after a restart, so it needs the start time added).
+    pub fn new(
+        agent: &str,
+        prefix: &str,
+        hooks: &[WebhookConfig],
+        offline_after: Duration,
+    ) -> Option<Self> {
         if hooks.is_empty() {
             return None;
         }
         Some(Webhooks {
             agent: agent.to_string(),
+            prefix: prefix.to_string(),
+            hand_over_ms: AtomicU64::new(0),
+            swept: Mutex::new(None),
             targets: hooks
                 .iter()
                 .map(|cfg| {
@@ -224,26 +239,77 @@ impl Webhooks {
                 .collect(),
             offline_after,
             seq: AtomicU64::new(0),
-            pending: Mutex::new(HashMap::new()),
             connector: Connector::new(None),
         })
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<Arc<str>, Instant>> {
-        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    /// Does any receiver want `user.online` or `user.offline` (then the directory runs the
+    /// presence scripts, [`crate::presence`])?
+    pub fn presence(&self) -> bool {
+        self.targets.iter().any(|t| {
+            t.cfg.events.contains(&Event::UserOnline) || t.cfg.events.contains(&Event::UserOffline)
+        })
+    }
+
+    /// The start of this process's event ids.
+    pub fn id_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// This process's grace period: a stopping agent's users get that much longer before their
+    /// offline check, since its tunnels close only during it (and their clients reconnect then).
+    pub fn set_hand_over(&self, grace: Duration) {
+        let ms = u64::try_from(grace.as_millis()).unwrap_or(u64::MAX);
+        self.hand_over_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// How long after a uid's last connection left the directory its offline check is due:
+    /// `offline_after`, plus the grace period when this agent is stopping.
+    pub fn offline_delay(&self, stopping: bool) -> Duration {
+        let extra = if stopping {
+            Duration::from_millis(self.hand_over_ms.load(Ordering::Relaxed))
+        } else {
+            Duration::ZERO
+        };
+        self.offline_after.saturating_add(extra)
+    }
+
+    /// At most once a second: is it time to sweep the pending offline checks?
+    pub fn sweep_due(&self, now: Instant) -> bool {
+        let mut s = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+        if s.is_some_and(|t| now.duration_since(t) < SWEEP) {
+            return false;
+        }
+        *s = Some(now);
+        true
     }
 
     /// Queues `event` for every receiver that wants it (never waits).
     pub fn emit(&self, event: Event, uid: &str, conn: Option<(&str, &str)>) {
-        if !self.targets.iter().any(|t| t.cfg.events.contains(&event)) {
+        if !self.wants(event) {
             return;
         }
-        // Agent id and start-relative sequence: unique per process, stable across retries.
+        // Process prefix and sequence: unique, and stable across retries.
         let id = format!(
             "{}-{}",
-            self.agent,
+            self.prefix,
             self.seq.fetch_add(1, Ordering::Relaxed)
         );
+        self.enqueue(event, uid, &id, conn);
+    }
+
+    /// Queues a `user.*` event whose id the cluster decided ([`crate::presence`]).
+    pub fn user_event(&self, event: Event, uid: &str, id: &str) {
+        if self.wants(event) {
+            self.enqueue(event, uid, id, None);
+        }
+    }
+
+    fn wants(&self, event: Event) -> bool {
+        self.targets.iter().any(|t| t.cfg.events.contains(&event))
+    }
+
+    fn enqueue(&self, event: Event, uid: &str, id: &str, conn: Option<(&str, &str)>) {
         let mut v = serde_json::json!({
             "id": id,
             "type": event.name(),
@@ -259,7 +325,7 @@ impl Webhooks {
         for t in &self.targets {
             if t.cfg.events.contains(&event) {
                 let dropped = t.queue().push(Delivery {
-                    id: id.clone(),
+                    id: id.to_string(),
                     event,
                     body: body.clone(),
                 });
@@ -267,42 +333,6 @@ impl Webhooks {
                     counters().webhook_dropped.inc();
                 }
                 t.wake.notify_one();
-            }
-        }
-    }
-
-    /// The uid's first local connection: `user.online`, unless it only came back within the
-    /// grace (then its pending `user.offline` is cancelled instead).
-    pub fn online(&self, uid: &Arc<str>) {
-        if self.pending().remove(uid).is_none() {
-            self.emit(Event::UserOnline, uid, None);
-        }
-    }
-
-    /// The uid's last local connection closed: `user.offline` after the grace.
-    pub fn offline_later(&self, uid: &Arc<str>) {
-        self.pending()
-            .insert(uid.clone(), Instant::now() + self.offline_after);
-    }
-
-    /// Emits the `user.offline` events due at `now` (for uids `connected` does not hold again).
-    /// The caller holds the directory lock, so no `online` can interleave.
-    pub fn due(&self, now: Instant, connected: impl Fn(&str) -> bool) {
-        let due: Vec<Arc<str>> = {
-            let mut p = self.pending();
-            let due: Vec<Arc<str>> = p
-                .iter()
-                .filter(|(_, at)| **at <= now)
-                .map(|(u, _)| u.clone())
-                .collect();
-            for u in &due {
-                p.remove(u);
-            }
-            due
-        };
-        for uid in due {
-            if !connected(&uid) {
-                self.emit(Event::UserOffline, &uid, None);
             }
         }
     }
@@ -428,33 +458,42 @@ mod tests {
     }
 
     #[test]
-    fn offline_waits_for_the_grace_and_a_return_cancels_it() {
-        let h = Webhooks::new(
+    fn ids_are_prefixed_user_events_keep_theirs_and_a_stop_lengthens_the_grace() {
+        let cfg = |events| WebhookConfig {
+            url: parse_url("http://127.0.0.1:1/").unwrap(),
+            events,
+            secret: "s".into(),
+            queue: 10,
+        };
+        let h = Webhooks::new("a", "a.1f", &[cfg(all_events())], Duration::from_secs(5)).unwrap();
+        assert!(h.presence());
+        h.emit(Event::ConnectionOpen, "u", Some(("w0", "websocket")));
+        h.user_event(Event::UserOnline, "u", "a.1f-on-w0");
+        let ids: Vec<String> = h.targets[0]
+            .queue()
+            .items
+            .iter()
+            .map(|d| d.id.clone())
+            .collect();
+        assert_eq!(ids, ["a.1f-0", "a.1f-on-w0"]);
+        assert_eq!(h.offline_delay(false), Duration::from_secs(5));
+        h.set_hand_over(Duration::from_secs(30));
+        assert_eq!(h.offline_delay(false), Duration::from_secs(5));
+        assert_eq!(h.offline_delay(true), Duration::from_secs(35));
+        let t0 = Instant::now();
+        assert!(h.sweep_due(t0));
+        assert!(!h.sweep_due(t0 + Duration::from_millis(500)));
+        assert!(h.sweep_due(t0 + SWEEP));
+        // Receivers of connection events only: no presence scripts.
+        let c = Webhooks::new(
             "a",
-            &[WebhookConfig {
-                url: parse_url("http://127.0.0.1:1/").unwrap(),
-                events: all_events(),
-                secret: "s".into(),
-                queue: 10,
-            }],
-            Duration::from_secs(5),
+            "a",
+            &[cfg(vec![Event::ConnectionOpen])],
+            Duration::ZERO,
         )
         .unwrap();
-        let uid: Arc<str> = "u".into();
-        let count = || h.targets[0].queue().len();
-        h.online(&uid);
-        assert_eq!(count(), 1);
-        h.offline_later(&uid);
-        h.due(Instant::now(), |_| false);
-        assert_eq!(count(), 1, "not before the grace");
-        h.online(&uid);
-        assert_eq!(count(), 1, "a quick return is not a new user.online");
-        h.offline_later(&uid);
-        h.due(Instant::now() + Duration::from_secs(6), |_| false);
-        assert_eq!(count(), 2);
-        assert_eq!(
-            h.targets[0].queue().items.back().map(|x| x.event),
-            Some(Event::UserOffline)
-        );
+        assert!(!c.presence());
+        c.user_event(Event::UserOnline, "u", "x");
+        assert!(c.targets[0].queue().is_empty());
     }
 }

@@ -12,6 +12,7 @@ fn conn(uid: &str, transport: Transport, idle: Duration, last_seen: Instant) -> 
         last_seen,
         eio: 4,
         cut: None,
+        announced: false,
     }
 }
 
@@ -150,7 +151,7 @@ fn writes_are_batched_into_pipelines_of_the_right_commands() {
     assert_eq!(st.queue.len(), 4);
     let mut pipe = redis::pipe();
     for w in &st.queue {
-        dir.add_write(&mut pipe, w);
+        dir.add_write(&mut pipe, w, None, false);
     }
     let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).to_string();
     for want in [
@@ -248,4 +249,55 @@ async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_
     assert_eq!(dir.local_count("v"), 1);
     dir.command(br#"{"id": "other", "reason": "admin"}"#);
     assert_eq!(dir.local_count("v"), 0);
+}
+
+#[test]
+fn with_user_webhooks_opens_and_closes_go_through_the_presence_scripts() {
+    let cfg: ClusterConfig = serde_yaml::from_str(
+        "{agent_id: ag1, webhooks: [{url: \"http://127.0.0.1:9/h\", secret: s, events: [user.offline]}]}",
+    )
+    .unwrap();
+    let dir = Arc::new(Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(60),
+        "/socket.io/",
+    ));
+    let hooks = dir
+        .presence()
+        .expect("user.offline wants the presence scripts");
+    let b = Backend::new("127.0.0.1:4000").unwrap();
+    drop(dir.open_tunnel(None, "bob", &b, None, 4, None));
+    let st = dir.state();
+    assert_eq!(st.queue.len(), 2, "Put then Del");
+    let mut pipe = redis::pipe();
+    for w in &st.queue {
+        dir.add_write(&mut pipe, w, Some(&hooks), false);
+    }
+    let packed = String::from_utf8_lossy(&pipe.get_packed_pipeline()).to_string();
+    // The open script with the uid's online key, the shared pending checks and an online id
+    // unique to this process (a configured agent id gets the start time).
+    let online_id = format!("ag1.{:x}-on-w0", dir.started_ms);
+    for want in [
+        crate::presence::OPEN,
+        crate::presence::CLOSE,
+        "gopush:{bob}:online",
+        "gopush:offline",
+        online_id.as_str(),
+    ] {
+        assert!(packed.contains(want), "{want} missing from {packed}");
+    }
+    assert!(!packed.contains("\r\nHSET\r\n"), "no plain HSET: {packed}");
+    // Connection events only: the plain writes.
+    let cfg: ClusterConfig = serde_yaml::from_str(
+        "{webhooks: [{url: \"http://127.0.0.1:9/h\", secret: s, events: [connection.open]}]}",
+    )
+    .unwrap();
+    let plain = Directory::new(
+        &cfg,
+        "redis://127.0.0.1:1",
+        Duration::from_secs(60),
+        "/socket.io/",
+    );
+    assert!(plain.presence().is_none());
 }

@@ -289,6 +289,8 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
       return out;
     };
     const usedMemory = () => Number(cli('INFO', 'memory').match(/^used_memory:(\d+)/m)[1]);
+    // Bytes the agents (and this test's few reads) sent to Redis.
+    const netIn = () => Number(cli('INFO', 'stats').match(/^total_net_input_bytes:(\d+)/m)[1]);
     const delta = (before, now) => Object.fromEntries(Object.entries(now)
       .map(([k, v]) => [k, v - (before[k] || 0)]).filter(([, v]) => v > 0));
     const total = (d, skip) => Object.entries(d).filter(([k]) => !skip.includes(k)).reduce((n, [, v]) => n + v, 0);
@@ -299,6 +301,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     await until(async () => (await status(a1)).connections === 3, 10000, 'the three connections of the previous test');
     const N = 100;
     const mem0 = usedMemory();
+    const n0 = netIn();
     const c0 = commands();
     const sockets = [];
     await h.mapLimit([...Array(N).keys()], 10, async (i) => {
@@ -307,6 +310,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     });
     await until(async () => (await status(a1)).connections === 3 + 2 * N, 10000, `${2 * N} more connections in the totals`);
     const open = delta(c0, commands());
+    const n1 = netIn();
     const bytes = usedMemory() - mem0;
     const wsKey = Number(cli('MEMORY', 'USAGE', 'gopush:{m1}:conns'));
     const sidKeys = cli('--scan', '--pattern', 'gopush:{p1}:sid:*').trim().split('\n').filter(Boolean);
@@ -316,13 +320,14 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     for (const s of sockets) s.close();
     await until(async () => (await status(a1)).connections === 3, 10000, 'the connections to be gone');
     const close = delta(c1, commands());
+    const n2 = netIn();
     // Each connection is written with one HSET, one ZADD, one SADD (and a polling session one SET).
     assert.equal(open.hset >= 2 * N, true, JSON.stringify(open));
     assert.equal(open.set, N, JSON.stringify(open));
     const perOpen = total(open, background) / (2 * N);
     const perClose = total(close, background) / (2 * N);
-    t.diagnostic(`per connection opened: ${perOpen.toFixed(2)} commands ${JSON.stringify(open)}`);
-    t.diagnostic(`per connection closed: ${perClose.toFixed(2)} commands ${JSON.stringify(close)}`);
+    t.diagnostic(`per connection opened: ${perOpen.toFixed(2)} commands, ${((n1 - n0) / (2 * N)).toFixed(0)} B sent ${JSON.stringify(open)}`);
+    t.diagnostic(`per connection closed: ${perClose.toFixed(2)} commands, ${((n2 - n1) / (2 * N)).toFixed(0)} B sent ${JSON.stringify(close)}`);
     t.diagnostic(`used_memory grew ${bytes} bytes for ${2 * N} connections (${(bytes / (2 * N)).toFixed(0)} B each); MEMORY USAGE of one uid's conns hash ${wsKey} B, of one sid key ${sidKey} B`);
     // The shared sid lookup's cost on the request path: polling requests with a sid this agent
     // does not know (one Redis GET each; the backend then answers 400) against the same requests
