@@ -1347,6 +1347,7 @@ impl Directory {
                 self.send_writes(&mut conn, chunk, true).await?;
             }
         }
+        let mut sent = 0;
         loop {
             let batch: Vec<Write> = {
                 let mut st = self.state();
@@ -1356,7 +1357,11 @@ impl Directory {
             if batch.is_empty() {
                 break;
             }
+            sent += batch.len();
             self.send_writes(&mut conn, &batch, false).await?;
+        }
+        if sent >= BATCH {
+            self.after_burst();
         }
         if beat {
             self.heartbeat(&mut conn).await?;
@@ -1365,6 +1370,15 @@ impl Directory {
             crate::presence::sweep(&mut conn, &self.key, now_ms(), self.cfg.timeout, &h).await?;
         }
         Ok(beat)
+    }
+
+    /// After a burst (a connect storm, a resync): the queue gives back the capacity it grew to
+    /// (a `VecDeque` keeps it otherwise: ~100 bytes per connection of the burst, for good).
+    fn after_burst(&self) {
+        let mut st = self.state();
+        if st.queue.is_empty() {
+            st.queue.shrink_to(BATCH);
+        }
     }
 
     fn failed(&self, why: &str) {
