@@ -65,6 +65,51 @@ async function poll(fn, { attempts = 50, delayMs = 50, maxDelayMs = 500, what = 
   throw new Error(`gave up waiting for ${what} after ${attempts} attempts (${why})`);
 }
 
+/**
+ * Calls `fn` every `stepMs` until it returns a truthy value or `ms` pass (a time bound, where
+ * `poll` bounds attempts); throws from `fn` count as "not yet" unless marked `fatal`. The error
+ * names `what` and the last value or error.
+ */
+async function until(fn, ms, what, stepMs = 100) {
+  const deadline = Date.now() + ms;
+  let last;
+  let lastErr;
+  for (;;) {
+    try {
+      last = await fn();
+      if (last) return last;
+    } catch (err) {
+      if (err && err.fatal) throw err;
+      lastErr = err;
+    }
+    if (Date.now() > deadline) {
+      throw new Error(`not within ${ms} ms: ${what} (last: ${lastErr ? lastErr.message : JSON.stringify(last)})`);
+    }
+    await delay(stepMs);
+  }
+}
+
+/**
+ * What a redis-server on `port` reports, read with redis-cli: commands run per command name,
+ * memory used, bytes received; `delta` subtracts two `commands()` readings.
+ */
+function redisStats(port) {
+  const { execFileSync } = require('node:child_process');
+  const cli = (...args) => execFileSync(process.env.REDIS_CLI_BIN || 'redis-cli', ['-p', String(port), ...args], { encoding: 'utf8' });
+  return {
+    cli,
+    commands() {
+      const out = {};
+      for (const m of cli('INFO', 'commandstats').matchAll(/^cmdstat_(\w+):calls=(\d+)/gm)) out[m[1]] = Number(m[2]);
+      return out;
+    },
+    usedMemory: () => Number(cli('INFO', 'memory').match(/^used_memory:(\d+)/m)[1]),
+    netIn: () => Number(cli('INFO', 'stats').match(/^total_net_input_bytes:(\d+)/m)[1]),
+    delta: (before, now) => Object.fromEntries(Object.entries(now)
+      .map(([k, v]) => [k, v - (before[k] || 0)]).filter(([, v]) => v > 0)),
+  };
+}
+
 /** Waits for one `event` on an EventEmitter-like object (bounded). */
 function once(emitter, event, ms, what) {
   return withTimeout(new Promise((resolve) => emitter.once(event, (...args) => resolve(args.length > 1 ? args : args[0]))),
@@ -804,6 +849,8 @@ module.exports = {
   delay,
   withTimeout,
   poll,
+  until,
+  redisStats,
   once,
   mapLimit,
   prng,

@@ -10,31 +10,11 @@
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const path = require('node:path');
-const { execFileSync } = require('node:child_process');
 const h = require('../lib/harness');
 
 const SEP = '\x1e'; // Engine.IO 4 packet separator in a polling payload
 const TTL_MS = 3000;
 const HEARTBEAT_MS = 500;
-
-/** Polls `fn` until it returns a truthy value or `ms` pass; the error names `what` and the last value. */
-async function until(fn, ms, what) {
-  const deadline = Date.now() + ms;
-  let last;
-  let lastErr;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (err) {
-      lastErr = err;
-    }
-    if (Date.now() > deadline) {
-      throw new Error(`not within ${ms} ms: ${what} (last: ${lastErr ? lastErr.message : JSON.stringify(last)})`);
-    }
-    await h.delay(100);
-  }
-}
 
 describe('cluster view: directory, presence, shared sid memory', { timeout: 180_000 }, () => {
   let env;
@@ -100,7 +80,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
   };
 
   /** Waits until `uid` has exactly `n` live connections in `agent`'s view (fresh, not stale). */
-  const expectConns = (agent, uid, n, ms = 5000) => until(async () => {
+  const expectConns = (agent, uid, n, ms = 5000) => h.until(async () => {
     const u = await user(agent, uid);
     return u.stale === false && u.connections.length === n && u.online === (n > 0) ? u : false;
   }, ms, `${uid} to have ${n} connection(s) in the view of agent ${agent.port}`);
@@ -108,7 +88,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
   it('presence across agents follows connects and disconnects (polling close, WebSocket close)', async () => {
     const [a1, a2, a3] = agents;
     const ids = [];
-    for (const a of agents) ids.push((await until(async () => { const s = await status(a); return s.stale === false && s; }, 10000, 'agent in sync')).agent);
+    for (const a of agents) ids.push((await h.until(async () => { const s = await status(a); return s.stale === false && s; }, 10000, 'agent in sync')).agent);
     assert.equal(new Set(ids).size, 3, `three distinct agent ids: ${ids}`);
 
     const { socket: annWs } = await env.connect(a1.url, { query: { uid: 'ann' }, transports: ['websocket'] });
@@ -127,7 +107,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
       assert.ok(c.id.startsWith(`${c.agent}/`), c.id);
     }
     // ben's polling handshake and its upgrade are one connection, now a WebSocket.
-    const benView = await until(async () => {
+    const benView = await h.until(async () => {
       const u = await user(a1, 'ben');
       return u.connections.length === 1 && u.connections[0].transport === 'websocket' && u;
     }, 5000, "ben's upgraded connection");
@@ -146,11 +126,11 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     assert.equal((await h.admin(a1, 'GET', '/api/users?limit=0')).status, 400);
 
     // Cluster totals in /api/status and /metrics.
-    await until(async () => {
+    await h.until(async () => {
       const s = await status(a3);
       return s.agents === 3 && s.connections === 3 && s.users === 2 && s.local.connections === 0;
     }, 5000, 'cluster totals 3 agents / 3 connections / 2 users');
-    await until(async () => (await metric(a2, 'gopush_cluster_connections')) === 3
+    await h.until(async () => (await metric(a2, 'gopush_cluster_connections')) === 3
       && (await metric(a2, 'gopush_cluster_local_connections')) === 2, 5000, 'cluster metrics');
 
     // A polling client's close (Engine.IO close packet over POST) ends its connection at once.
@@ -174,7 +154,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
 
     await a1.proc.kill('SIGKILL');
     const killedAt = Date.now();
-    const after1 = await until(async () => {
+    const after1 = await h.until(async () => {
       const u = await user(a2, 'cat');
       return u.connections.length === 1 && u;
     }, TTL_MS + 5000, "the dead agent's connection to leave the view");
@@ -182,18 +162,18 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     assert.notEqual(after1.connections[0].agent, oldId);
     assert.ok(took <= TTL_MS + 5000, `gone after ${took} ms`);
     // Reaped from Redis too, not only hidden: the agent count drops.
-    await until(async () => (await status(a2)).agents === 2, 5000, 'two agents left');
+    await h.until(async () => (await status(a2)).agents === 2, 5000, 'two agents left');
 
     // The same configuration started again is a new agent and claims nothing of the old one.
     const restarted = await env.startAgent(a1.cfg);
     agents[0] = restarted;
-    const newId = (await until(async () => { const s = await status(restarted); return s.stale === false && s; }, 10000, 'restarted agent in sync')).agent;
+    const newId = (await h.until(async () => { const s = await status(restarted); return s.stale === false && s; }, 10000, 'restarted agent in sync')).agent;
     assert.notEqual(newId, oldId);
     const { socket: catWs } = await env.connect(restarted.url, { query: { uid: 'cat' }, transports: ['websocket'] });
     const cat = await expectConns(a2, 'cat', 2);
     assert.ok(cat.connections.every((c) => c.agent !== oldId), JSON.stringify(cat));
     assert.deepEqual(cat.connections.map((c) => c.agent).sort(), [newId, (await status(a3)).agent].sort());
-    await until(async () => (await status(a2)).agents === 3, 5000, 'three agents again');
+    await h.until(async () => (await status(a2)).agents === 3, 5000, 'three agents again');
     catPoll.close();
     catWs.close();
     await expectConns(a2, 'cat', 0);
@@ -252,7 +232,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     await expectConns(a1, 'eve', 1);
 
     await redis.kill('SIGKILL');
-    await until(async () => (await status(a3)).stale === true, 5000, 'a3 to notice Redis is gone');
+    await h.until(async () => (await status(a3)).stale === true, 5000, 'a3 to notice Redis is gone');
     // Proxying is unaffected: new WebSocket and polling clients connect and talk.
     const { socket: fay } = await env.connect(a3.url, { query: { uid: 'fay' }, transports: ['websocket'] });
     const { socket: gil } = await env.connect(a3.url, { query: { uid: 'gil' }, transports: ['polling'] });
@@ -273,7 +253,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     await expectConns(a1, 'fay', 1, 10000);
     await expectConns(a1, 'gil', 1, 10000);
     await expectConns(a1, 'eve', 1, 10000);
-    await until(async () => {
+    await h.until(async () => {
       const s = await status(a1);
       return s.stale === false && s.agents === 2 && s.connections === 3 && s;
     }, 10000, 'the totals to converge');
@@ -282,23 +262,14 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
 
   it('costs a bounded number of Redis commands and bytes per connection (measured for docs/SCALING.md)', async (t) => {
     const [a1, , a3] = agents;
-    const cli = (...args) => execFileSync(process.env.REDIS_CLI_BIN || 'redis-cli', ['-p', String(redisPort), ...args], { encoding: 'utf8' });
-    const commands = () => {
-      const out = {};
-      for (const m of cli('INFO', 'commandstats').matchAll(/^cmdstat_(\w+):calls=(\d+)/gm)) out[m[1]] = Number(m[2]);
-      return out;
-    };
-    const usedMemory = () => Number(cli('INFO', 'memory').match(/^used_memory:(\d+)/m)[1]);
-    // Bytes the agents (and this test's few reads) sent to Redis.
-    const netIn = () => Number(cli('INFO', 'stats').match(/^total_net_input_bytes:(\d+)/m)[1]);
-    const delta = (before, now) => Object.fromEntries(Object.entries(now)
-      .map(([k, v]) => [k, v - (before[k] || 0)]).filter(([, v]) => v > 0));
+    // Bytes the agents (and this test's few reads) sent to Redis: netIn.
+    const { cli, commands, usedMemory, netIn, delta } = h.redisStats(redisPort);
     const total = (d, skip) => Object.entries(d).filter(([k]) => !skip.includes(k)).reduce((n, [, v]) => n + v, 0);
     // Heartbeats (ZADD, HSET, reads) and this test's own reads run meanwhile: the reads are left
     // out, the heartbeat's writes (a few per agent and second) are counted, which the loose
     // bounds below allow for. Commands run by the Lua scripts are counted as well as EVAL.
     const background = ['zrangebyscore', 'hgetall', 'zcard', 'info', 'zrangebylex', 'scan', 'memory', 'smembers'];
-    await until(async () => (await status(a1)).connections === 3, 10000, 'the three connections of the previous test');
+    await h.until(async () => (await status(a1)).connections === 3, 10000, 'the three connections of the previous test');
     const N = 100;
     const mem0 = usedMemory();
     const n0 = netIn();
@@ -308,7 +279,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
       sockets.push((await env.connect(a1.url, { query: { uid: `m${i}` }, transports: ['websocket'] })).socket);
       sockets.push((await env.connect(a3.url, { query: { uid: `p${i}` }, transports: ['polling'] })).socket);
     });
-    await until(async () => (await status(a1)).connections === 3 + 2 * N, 10000, `${2 * N} more connections in the totals`);
+    await h.until(async () => (await status(a1)).connections === 3 + 2 * N, 10000, `${2 * N} more connections in the totals`);
     const open = delta(c0, commands());
     const n1 = netIn();
     const bytes = usedMemory() - mem0;
@@ -318,7 +289,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     const sidKey = Number(cli('MEMORY', 'USAGE', sidKeys[0]));
     const c1 = commands();
     for (const s of sockets) s.close();
-    await until(async () => (await status(a1)).connections === 3, 10000, 'the connections to be gone');
+    await h.until(async () => (await status(a1)).connections === 3, 10000, 'the connections to be gone');
     const close = delta(c1, commands());
     const n2 = netIn();
     // Each connection is written with one HSET, one ZADD, one SADD (and a polling session one SET).
@@ -381,7 +352,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
 
     // Redis down: each agent counts only its own connections (a1 holds 1 of hal's, a3 1).
     await redis.kill('SIGKILL');
-    await until(async () => (await status(a1)).stale === true, 5000, 'a1 to notice Redis is gone');
+    await h.until(async () => (await status(a1)).stale === true, 5000, 'a1 to notice Redis is gone');
     const { socket: w3 } = await env.connect(a1.url, { query: { uid: 'hal' }, transports: ['websocket'] });
     const r = await handshake(a1, 'hal');
     assert.equal(r.status, 429, `a1 holds 2 of hal's connections itself: ${r.body}`);

@@ -16,25 +16,6 @@ const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const h = require('../lib/harness');
 
-/** Polls `fn` until it returns a truthy value or `ms` pass; the error names `what` and the last value. */
-async function until(fn, ms, what) {
-  const deadline = Date.now() + ms;
-  let last;
-  let lastErr;
-  for (;;) {
-    try {
-      last = await fn();
-      if (last) return last;
-    } catch (err) {
-      lastErr = err;
-    }
-    if (Date.now() > deadline) {
-      throw new Error(`not within ${ms} ms: ${what} (last: ${lastErr ? lastErr.message : JSON.stringify(last)})`);
-    }
-    await h.delay(100);
-  }
-}
-
 /** How long a kicked client is watched for a reconnection (its delay is 100 ms: it would try). */
 const WATCH_MS = 1500;
 
@@ -71,7 +52,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     return r.json;
   };
   const user = (agent, uid) => api(agent, `/api/users/${encodeURIComponent(uid)}`);
-  const agentId = async (agent) => (await until(async () => {
+  const agentId = async (agent) => (await h.until(async () => {
     const s = (await api(agent, '/api/status')).cluster;
     return s.stale === false && s;
   }, 10000, 'agent in sync')).agent;
@@ -97,7 +78,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
 
   /** The kicked client saw "io server disconnect" and, over the window, did not come back. */
   const kickedForGood = async (c, what) => {
-    await until(() => c.seen.disconnects.length > 0, 5000, `${what}: a disconnect`);
+    await h.until(() => c.seen.disconnects.length > 0, 5000, `${what}: a disconnect`);
     assert.deepEqual(c.seen.disconnects, ['io server disconnect'], what);
     const until_ = Date.now() + WATCH_MS;
     while (Date.now() < until_) {
@@ -108,7 +89,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
   };
 
   /** The backends (through the adapter) no longer hold the socket `id`, and still hold `keep`. */
-  const backendsLetGo = (asker, id, keep) => until(async () => {
+  const backendsLetGo = (asker, id, keep) => h.until(async () => {
     const all = await h.emitAck(asker, 'sockets');
     const ids = all.map((s) => s.id);
     return !ids.includes(id) && ids.includes(keep) && all;
@@ -119,12 +100,12 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       const uid = `one-${transport}`;
       const before = await closed(a1, 'close_oldest');
       const first = await client(a1, uid, [transport]);
-      await until(async () => (await user(a2, uid)).connections.length === 1, 5000, 'the first connection listed');
+      await h.until(async () => (await user(a2, uid)).connections.length === 1, 5000, 'the first connection listed');
       const second = await client(a2, uid, ['websocket']);
       await kickedForGood(first, `first (${transport})`);
       assert.equal(second.socket.connected, true, 'the second stays');
       assert.deepEqual(second.seen.disconnects, []);
-      const u = await until(async () => {
+      const u = await h.until(async () => {
         const v = await user(a1, uid);
         return v.stale === false && v.connections.length === 1 && v;
       }, 5000, 'the directory to show one connection');
@@ -138,7 +119,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       await kickedForGood(second, 'second, closed by a third');
       assert.equal(third.socket.connected, true);
       third.socket.close();
-      await until(async () => (await user(a2, uid)).connections.length === 0, 5000, 'no connection left');
+      await h.until(async () => (await user(a2, uid)).connections.length === 0, 5000, 'no connection left');
     });
   }
 
@@ -149,7 +130,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       const before = await closed(a2, 'admin');
       const victim = await client(a2, uid, [transport]);
       const bystander = await client(a1, other, ['websocket']);
-      const [id] = (await until(async () => {
+      const [id] = (await h.until(async () => {
         const v = await user(a1, uid);
         return v.connections.length === 1 && v.connections.map((c) => c.id);
       }, 5000, 'the connection listed'));
@@ -164,7 +145,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       const r = await h.admin(a1, 'DELETE', `/api/connections/${encodeURIComponent(agent)}/${encodeURIComponent(conn)}`);
       assert.equal(r.status, 202, r.text);
       await kickedForGood(victim, `admin-closed ${transport}`);
-      await until(async () => (await user(a1, uid)).connections.length === 0, 5000, 'the directory to drop it');
+      await h.until(async () => (await user(a1, uid)).connections.length === 0, 5000, 'the directory to drop it');
       await backendsLetGo(bystander.socket, victim.socket.id, bystander.socket.id);
       assert.equal(bystander.socket.connected, true);
       assert.equal(await closed(a2, 'admin'), before + 1);
@@ -181,7 +162,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     const open = await get();
     assert.equal(open.status, 200, open.body);
     const { sid } = JSON.parse(open.body.slice(1));
-    const [id] = await until(async () => {
+    const [id] = await h.until(async () => {
       const v = await user(a2, 'raw');
       return v.connections.length === 1 && v.connections.map((c) => c.id);
     }, 5000, 'the session listed');
@@ -189,7 +170,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     // A poll the backend holds (it has nothing to say yet)...
     const pending = get(`&sid=${sid}`);
     // ... is pending at the backend once the agent counts it as an active request.
-    await until(async () => {
+    await h.until(async () => {
       const st = await api(a1, '/api/status');
       return st.pools[0].backends.some((x) => x.active_requests > 0);
     }, 5000, 'the poll to be held by the backend');
@@ -208,7 +189,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     const after = await get(`&sid=${sid}`);
     assert.equal(after.status, 400, after.body);
     assert.match(after.body, /Session ID unknown/);
-    await until(async () => (await user(a2, 'raw')).connections.length === 0, 5000, 'the directory to drop it');
+    await h.until(async () => (await user(a2, 'raw')).connections.length === 0, 5000, 'the directory to drop it');
   });
 
   // Last: it stops Redis for good.
@@ -216,7 +197,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     const uid = 'offline-redis';
     await env.redis.proc.kill('SIGKILL');
     for (const a of [a1, a2]) {
-      await until(async () => (await api(a, '/api/status')).cluster.stale === true, 5000, 'the agent to notice Redis is gone');
+      await h.until(async () => (await api(a, '/api/status')).cluster.stale === true, 5000, 'the agent to notice Redis is gone');
     }
     const first = await client(a1, uid, ['websocket']);
     // Through the other agent: it cannot see the first, so nothing is closed.

@@ -10,7 +10,6 @@
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
 const fs = require('node:fs');
-const { execFileSync } = require('node:child_process');
 const http = require('node:http');
 const crypto = require('node:crypto');
 const h = require('../lib/harness');
@@ -22,16 +21,6 @@ const TTL_MS = 3000;
 // The upgraded agent's grace period: its tunnels close during it, and its users' offline checks
 // wait for it on top of offline_after.
 const GRACE_S = 4;
-
-async function until(fn, ms, what) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
-    await h.delay(50);
-  }
-}
 
 const verify = (body, header) => {
   const want = Buffer.from(`sha256=${crypto.createHmac('sha256', SECRET).update(body).digest('hex')}`);
@@ -79,7 +68,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     return socket;
   };
   /** The connection.close the agent `i` sent for `uid` (the moment the connection left it). */
-  const closed = (i, uid, n = 1) => until(() => {
+  const closed = (i, uid, n = 1) => h.until(() => {
     const c = of(uid, 'connection.close').filter((e) => e.body.agent === ids[i]);
     return c.length >= n && c[n - 1];
   }, 5000, `connection.close of ${uid} from agent ${i}`);
@@ -117,7 +106,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
       ids.push(r.json.cluster.agent);
     }
     // All three see each other before the first event.
-    await until(async () => (await h.admin(agents[0], 'GET', '/api/status')).json.cluster.agents === 3, 5000, '3 agents');
+    await h.until(async () => (await h.admin(agents[0], 'GET', '/api/status')).json.cluster.agents === 3, 5000, '3 agents');
   });
 
   after(async () => {
@@ -128,21 +117,21 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
 
   it('one user through A then B (overlapping): one user.online; both closed: one user.offline after the grace', async () => {
     const a = await open(agents[0], 'ann');
-    const online = await until(() => of('ann', 'user.online')[0], 5000, 'user.online');
+    const online = await h.until(() => of('ann', 'user.online')[0], 5000, 'user.online');
     assert.equal(online.body.agent, ids[0]);
     const b = await open(agents[1], 'ann');
-    await until(() => of('ann', 'connection.open').some((e) => e.body.agent === ids[1]), 5000, 'open on B');
+    await h.until(() => of('ann', 'connection.open').some((e) => e.body.agent === ids[1]), 5000, 'open on B');
     // A control uid leaves A at the same moment as ann's first connection: once its offline
     // arrives, an offline of ann from that close would have come too.
     const ctl = await open(agents[0], 'ann-ctl');
-    await until(() => of('ann-ctl', 'user.online').length === 1, 5000, 'control online');
+    await h.until(() => of('ann-ctl', 'user.online').length === 1, 5000, 'control online');
     a.disconnect();
     ctl.disconnect();
-    await until(() => of('ann-ctl', 'user.offline').length === 1, OFFLINE_MS + 5000, 'control offline');
+    await h.until(() => of('ann-ctl', 'user.offline').length === 1, OFFLINE_MS + 5000, 'control offline');
     assert.deepEqual(types('ann'), ['user.online'], 'B still holds ann: no offline, no second online');
     b.disconnect();
     const last = await closed(1, 'ann');
-    const off = await until(() => of('ann', 'user.offline')[0], OFFLINE_MS + 5000, 'user.offline');
+    const off = await h.until(() => of('ann', 'user.offline')[0], OFFLINE_MS + 5000, 'user.offline');
     assert.ok(off.at - last.at >= OFFLINE_MS - 100, `offline ${off.at - last.at} ms after the last close`);
     assert.deepEqual(types('ann'), ['user.online', 'user.offline']);
     // Once each, however many deliveries: every raw delivery of a type carries the one id.
@@ -157,15 +146,15 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
   it('disconnect on A and reconnect through B within the grace: no user.offline, no second user.online', async () => {
     const a = await open(agents[0], 'bob');
     const ctl = await open(agents[0], 'bob-ctl');
-    await until(() => of('bob', 'user.online').length === 1 && of('bob-ctl', 'user.online').length === 1, 5000, 'online');
+    await h.until(() => of('bob', 'user.online').length === 1 && of('bob-ctl', 'user.online').length === 1, 5000, 'online');
     a.disconnect();
     ctl.disconnect();
     await closed(0, 'bob');
     const b = await open(agents[1], 'bob');
-    await until(() => of('bob-ctl', 'user.offline').length === 1, OFFLINE_MS + 5000, 'control offline');
+    await h.until(() => of('bob-ctl', 'user.offline').length === 1, OFFLINE_MS + 5000, 'control offline');
     assert.deepEqual(types('bob'), ['user.online']);
     b.disconnect();
-    await until(() => of('bob', 'user.offline').length === 1, OFFLINE_MS + 5000, 'bob offline');
+    await h.until(() => of('bob', 'user.offline').length === 1, OFFLINE_MS + 5000, 'bob offline');
     assert.deepEqual(types('bob'), ['user.online', 'user.offline']);
   });
 
@@ -187,7 +176,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
       });
     }
     await open(C, 'cy-ctl');
-    await until(() => [...uids, 'cy-ctl'].every((u) => of(u, 'user.online').length === 1), 5000, 'online');
+    await h.until(() => [...uids, 'cy-ctl'].every((u) => of(u, 'user.online').length === 1), 5000, 'online');
     const sock = C.cfg.server.upgrade_sock;
     const next = new h.Proc('gopush:new', h.GOPUSH_BIN, ['run', '-u', '-c', C.configFile], { env: { RUST_LOG: 'info' } });
     env.procs.push(next);
@@ -199,8 +188,8 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     process.kill(C.proc.pid, 'SIGQUIT');
     const broadcastAt = await broadcast;
     // Every user came back through the new process (a second connection.open from another agent id).
-    await until(() => uids.every((u) => of(u, 'connection.open').length === 2), 15000, 'reconnects through the new process');
-    const off = await until(() => of('cy-ctl', 'user.offline')[0], GRACE_S * 1000 + OFFLINE_MS + 10000, 'control offline');
+    await h.until(() => uids.every((u) => of(u, 'connection.open').length === 2), 15000, 'reconnects through the new process');
+    const off = await h.until(() => of('cy-ctl', 'user.offline')[0], GRACE_S * 1000 + OFFLINE_MS + 10000, 'control offline');
     for (const u of uids) assert.deepEqual(types(u), ['user.online'], `${u}: ${types(u)}`);
     // The stop postponed the checks by the grace period: without that, a tunnel closed late in
     // it (or a client slow to come back) flaps.
@@ -214,17 +203,8 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     // long-polling clients through another, one uid each), here with the presence scripts: the
     // difference is what cluster-wide user.online / user.offline cost.
     const [a1, a2] = agents;
-    const cli = (...args) => execFileSync(process.env.REDIS_CLI_BIN || 'redis-cli', ['-p', String(redis.port), ...args], { encoding: 'utf8' });
-    const commands = () => {
-      const out = {};
-      for (const m of cli('INFO', 'commandstats').matchAll(/^cmdstat_(\w+):calls=(\d+)/gm)) out[m[1]] = Number(m[2]);
-      return out;
-    };
-    const usedMemory = () => Number(cli('INFO', 'memory').match(/^used_memory:(\d+)/m)[1]);
-    // Bytes the agents (and this test's few reads) sent to Redis.
-    const netIn = () => Number(cli('INFO', 'stats').match(/^total_net_input_bytes:(\d+)/m)[1]);
-    const delta = (before, now) => Object.fromEntries(Object.entries(now)
-      .map(([k, v]) => [k, v - (before[k] || 0)]).filter(([, v]) => v > 0));
+    // Bytes the agents (and this test's few reads) sent to Redis: netIn.
+    const { cli, commands, usedMemory, netIn, delta } = h.redisStats(redis.port);
     // Reads of heartbeats and sweeps (one ZRANGEBYSCORE per agent and second) and of this test
     // are left out; the heartbeats' writes are counted (the bounds allow for them). Commands run
     // by the Lua scripts count as well as EVAL.
@@ -240,7 +220,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
       socks.push((await env.connect(a1.url, { query: { uid: `m${i}` }, transports: ['websocket'] })).socket);
       socks.push((await env.connect(a2.url, { query: { uid: `p${i}` }, transports: ['polling'] })).socket);
     });
-    await until(() => uids.every((u) => of(u, 'user.online').length === 1), 10000, `${2 * N} user.online`);
+    await h.until(() => uids.every((u) => of(u, 'user.online').length === 1), 10000, `${2 * N} user.online`);
     const open = delta(c0, commands());
     const n1 = netIn();
     const bytes = usedMemory() - mem0;
@@ -249,7 +229,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     for (const s of socks) s.close();
     // Closed, then offline offline_after later (the sweeps start while the last closes are still
     // being written, so close and offline decision are measured together).
-    await until(() => uids.every((u) => of(u, 'user.offline').length === 1), OFFLINE_MS + 10000, `${2 * N} user.offline`);
+    await h.until(() => uids.every((u) => of(u, 'user.offline').length === 1), OFFLINE_MS + 10000, `${2 * N} user.offline`);
     const close = delta(c1, commands());
     const n2 = netIn();
     const perOpen = total(open) / (2 * N);
@@ -274,12 +254,12 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     // eve also holds a connection on B: she stays online.
     await open(A, 'eve');
     eveOnB = await open(agents[1], 'eve');
-    await until(() => of('dora', 'user.online').length === 1 && of('eve', 'user.online').length === 1
+    await h.until(() => of('dora', 'user.online').length === 1 && of('eve', 'user.online').length === 1
       && of('eve', 'connection.open').length === 2, 5000, 'online');
     await A.proc.kill('SIGKILL');
     const killAt = Date.now();
     const bound = TTL_MS + OFFLINE_MS + 3000;
-    const off = await until(() => of('dora', 'user.offline')[0], bound + 2000, 'dora offline');
+    const off = await h.until(() => of('dora', 'user.offline')[0], bound + 2000, 'dora offline');
     const after = off.at - killAt;
     assert.ok(after <= bound, `offline ${after} ms after the kill, bound ${bound}`);
     // Not before the dead agent's entries could be reaped (ttl after its last heartbeat) + grace.
@@ -299,7 +279,7 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     const pid = redis.proc.child.pid;
     // hal is online through B before the outage and stays connected through it.
     await open(B, 'hal');
-    await until(() => of('hal', 'user.online').length === 1, 5000, 'hal online');
+    await h.until(() => of('hal', 'user.online').length === 1, 5000, 'hal online');
     // Hung, not restarted: Redis keeps its data. gus connects at once, so his write may reach
     // Redis and run there while the agent times out on it: when the agent re-publishes its table,
     // the open script finds gus's own online id and the user.online is sent then.
@@ -307,20 +287,20 @@ describe('cluster-wide user.online / user.offline', { timeout: 180_000 }, () => 
     let resumed = false;
     try {
       await open(B, 'gus');
-      await until(() => of('gus', 'connection.open').length === 1, 5000, 'connection.open while Redis hangs');
+      await h.until(() => of('gus', 'connection.open').length === 1, 5000, 'connection.open while Redis hangs');
       assert.ok(eveOnB.connected, 'eve still connected through B');
       eveOnB.disconnect();
       // (Her connection through the killed A never got a connection.close: that process is gone.)
-      await until(() => of('eve', 'connection.close').length === 1, 5000, 'connection.close while Redis hangs');
-      await until(stale, 5000, 'B to notice');
+      await h.until(() => of('eve', 'connection.close').length === 1, 5000, 'connection.close while Redis hangs');
+      await h.until(stale, 5000, 'B to notice');
       assert.deepEqual(types('gus'), [], 'no user.online without Redis');
       process.kill(pid, 'SIGCONT');
       resumed = true;
     } finally {
       if (!resumed) process.kill(pid, 'SIGCONT');
     }
-    await until(() => of('gus', 'user.online').length === 1, 10000, 'gus online once Redis answers');
-    await until(() => of('eve', 'user.offline').length === 1, OFFLINE_MS + 10000, 'eve offline once Redis answers');
+    await h.until(() => of('gus', 'user.online').length === 1, 10000, 'gus online once Redis answers');
+    await h.until(() => of('eve', 'user.offline').length === 1, OFFLINE_MS + 10000, 'eve offline once Redis answers');
     assert.deepEqual(types('gus'), ['user.online']);
     assert.deepEqual(types('eve'), ['user.online', 'user.offline']);
     // B re-published hal's connection too, but his user.online was sent already: not again (raw

@@ -13,17 +13,6 @@ const h = require('../lib/harness');
 const SECRET = 'webhook-test-secret';
 const OFFLINE_MS = 1500;
 
-/** Polls `fn` until truthy or `ms` pass. */
-async function until(fn, ms, what) {
-  const deadline = Date.now() + ms;
-  for (;;) {
-    const v = await fn();
-    if (v) return v;
-    if (Date.now() > deadline) throw new Error(`not within ${ms} ms: ${what}`);
-    await h.delay(50);
-  }
-}
-
 const sigOf = (secret, body) => `sha256=${crypto.createHmac('sha256', secret).update(body).digest('hex')}`;
 /** What a receiver does: constant-time comparison of the header with its own HMAC. */
 const verify = (secret, body, header) => {
@@ -95,7 +84,7 @@ describe('presence webhooks', { timeout: 120_000 }, () => {
 
   it('connect: connection.open + user.online once, signed; close: one user.offline after offline_after', async () => {
     const { socket } = await env.connect(agent.url, { query: { uid: 'ann' }, transports: ['websocket'] });
-    await until(() => of('ann', 'user.online').length === 1 && of('ann', 'connection.open').length === 1, 5000, 'open + online');
+    await h.until(() => of('ann', 'user.online').length === 1 && of('ann', 'connection.open').length === 1, 5000, 'open + online');
     for (const e of of('ann')) {
       assert.ok(e.ok, 'signature verifies');
       assert.equal(e.headers['x-gopush-delivery'], e.body.id);
@@ -104,9 +93,9 @@ describe('presence webhooks', { timeout: 120_000 }, () => {
     }
     assert.equal(of('ann', 'connection.open')[0].body.transport, 'websocket');
     socket.disconnect();
-    const close = (await until(() => of('ann', 'connection.close')[0], 5000, 'connection.close'));
+    const close = (await h.until(() => of('ann', 'connection.close')[0], 5000, 'connection.close'));
     assert.equal(of('ann', 'user.offline').length, 0, 'no user.offline at the close');
-    const off = await until(() => of('ann', 'user.offline')[0], OFFLINE_MS + 5000, 'user.offline');
+    const off = await h.until(() => of('ann', 'user.offline')[0], OFFLINE_MS + 5000, 'user.offline');
     assert.ok(off.at - close.at >= OFFLINE_MS - 100, `offline ${off.at - close.at} ms after the close`);
     assert.equal(of('ann', 'user.online').length, 1);
     assert.ok(of('ann').every((e) => e.ok));
@@ -115,14 +104,14 @@ describe('presence webhooks', { timeout: 120_000 }, () => {
   it('a polling client upgrading to WebSocket, then a quick reconnect: no offline/online flap', async () => {
     const first = await env.connect(agent.url, { query: { uid: 'bob' } });
     await h.waitUpgraded(first.socket);
-    await until(() => of('bob', 'user.online').length === 1, 5000, 'online');
+    await h.until(() => of('bob', 'user.online').length === 1, 5000, 'online');
     first.socket.disconnect();
-    await until(() => of('bob', 'connection.close').length === 1, 5000, 'close');
+    await h.until(() => of('bob', 'connection.close').length === 1, 5000, 'close');
     // Back within the grace.
     const second = await env.connect(agent.url, { query: { uid: 'bob' }, transports: ['websocket'] });
-    await until(() => of('bob', 'connection.open').length === 2, 5000, 'second open');
+    await h.until(() => of('bob', 'connection.open').length === 2, 5000, 'second open');
     second.socket.disconnect();
-    await until(() => of('bob', 'user.offline').length === 1, OFFLINE_MS + 5000, 'offline');
+    await h.until(() => of('bob', 'user.offline').length === 1, OFFLINE_MS + 5000, 'offline');
     const types = of('bob').map((e) => e.body.type);
     assert.deepEqual(types.filter((t) => t === 'user.online').length, 1, `${types}`);
     assert.deepEqual(types.filter((t) => t === 'user.offline').length, 1, `${types}`);
@@ -142,7 +131,7 @@ describe('presence webhooks', { timeout: 120_000 }, () => {
     other.socket.disconnect();
     assert.equal(of('cat').length, 0);
     receiver = await startReceiver(hookPort, events);
-    await until(() => of('cat', 'user.offline').length === 1, OFFLINE_MS + 15000, 'late delivery');
+    await h.until(() => of('cat', 'user.offline').length === 1, OFFLINE_MS + 15000, 'late delivery');
     const types = of('cat').map((e) => e.body.type).sort();
     assert.deepEqual(types, ['connection.close', 'connection.open', 'user.offline', 'user.online']);
     assert.ok(of('cat').every((e) => e.ok));
