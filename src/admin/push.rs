@@ -324,7 +324,9 @@ enum Conn {
     /// `SPUBLISH` is the channel (`FirstKey` in its routing table), to that slot's primary (we
     /// never enable reads from replicas), and follows `MOVED` / `ASK` with a refresh of its slot
     /// map. That is what sharded pub/sub needs: a shard channel lives on the shard owning its
-    /// slot. A classic `PUBLISH` may go to any node (the cluster bus broadcasts it).
+    /// slot. A classic `PUBLISH` may go to any node (the cluster bus broadcasts it). Unlike the
+    /// single connection, it also retries a command by itself on a node connection that broke,
+    /// which can, rarely, publish twice (README says so).
     Cluster(ClusterConnection),
 }
 
@@ -443,8 +445,8 @@ async fn connect(target: &Target, cfg: &PushConfig) -> Result<Conn, String> {
         }
         Target::Cluster(seeds) => {
             let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                // Per node connection attempt; the publish itself is bounded by `publish_on`.
                 .connection_timeout(cfg.timeout)
-                .response_timeout(cfg.timeout)
                 .build()
                 .map_err(|e| format!("{key} is not usable: {e}"))?;
             client

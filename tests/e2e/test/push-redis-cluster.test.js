@@ -91,12 +91,12 @@ describe('push on a Redis Cluster (push.redis_cluster, sharded adapter)', { time
 
   it('a push to a uid reaches that user on either backend, their channels on different nodes', async () => {
     // A user on A and one on B whose uid channels are owned by different nodes.
+    const owners = new Map();
+    for (const u of [...onA, ...onB]) owners.set(u, await ownerOf(uidChannel(u)));
     let pair = null;
     for (const a of onA) {
-      for (const b of onB) {
-        const [oa, ob] = [await ownerOf(uidChannel(a)), await ownerOf(uidChannel(b))];
-        if (!pair && oa.port !== ob.port) pair = { a, b, oa, ob };
-      }
+      const b = onB.find((u) => owners.get(u).port !== owners.get(a).port);
+      if (!pair && b) pair = { a, b, oa: owners.get(a), ob: owners.get(b) };
     }
     assert.ok(pair, 'two uids on different backends whose channels live on different nodes');
     const alice = await connectAs(pair.a);
