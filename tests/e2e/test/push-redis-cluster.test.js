@@ -7,6 +7,7 @@
 // different nodes (checked with CLUSTER KEYSLOT / CLUSTER SLOTS), and each node's SPUBLISH count
 // is read, so a client that sent everything to one node fails. Last, a slot is moved after the
 // agent learned the slot map: its next SPUBLISH gets MOVED from the old owner and must follow it.
+// Also the classic adapter (createAdapter, PUBLISH) over the same cluster.
 
 const { describe, it, before, after } = require('node:test');
 const assert = require('node:assert/strict');
@@ -167,6 +168,49 @@ describe('push on a Redis Cluster (push.redis_cluster, sharded adapter)', { time
       assert.ok(x.socket.connected, 'the other user stays connected');
     } finally {
       for (const c of [x, y]) c.socket.close();
+    }
+  });
+
+  it('classic adapter on the same cluster: PUBLISH reaches backends subscribed on any node', async () => {
+    // createAdapter over a cluster client subscribes on one node of its choice; a PUBLISH on any
+    // node is spread by the cluster bus, so the agent's publish (routed by the channel's slot)
+    // reaches both backends wherever they subscribed.
+    const C = await env.startBackend({ redisCluster: cluster.urls });
+    const D = await env.startBackend({ redisCluster: cluster.urls });
+    const cfg = env.makeConfig({
+      port: await h.freePort(),
+      pools: { default: [C.addr, D.addr] },
+      extra: {
+        admin: { listen: `127.0.0.1:${await h.freePort()}`, token: TOKEN },
+        push: { redis_cluster: cluster.urls, uid_room: 'uid:{uid}', timeout: '2s' },
+      },
+    });
+    const classic = await env.startAgent(cfg);
+    const picked = await h.pickUids(classic.configFile, [C.addr, D.addr], 1, CANDIDATES);
+    const c = await env.connect(classic.url, { query: { uid: picked.get(C.addr)[0] } });
+    const d = await env.connect(classic.url, { query: { uid: picked.get(D.addr)[0] } });
+    const call = (p, body) => h.admin(classic, 'POST', p, { token: TOKEN, body });
+    try {
+      assert.deepEqual([c.hello.port, d.hello.port], [C.port, D.port]);
+      for (const x of [c, d]) {
+        const arrived = h.once(x.socket, 'news', 5000, `${x.hello.uid} to get the classic push`);
+        const r = await call('/api/push', { uid: x.hello.uid, event: 'news', data: { to: x.hello.uid } });
+        assert.equal(r.status, 200, r.text);
+        assert.equal(r.json.channel, `socket.io#/#uid:${x.hello.uid}#`);
+        assert.deepEqual(await arrived, { to: x.hello.uid });
+      }
+      const all = [c, d].map((x) => h.once(x.socket, 'everyone', 5000, 'everyone to get the classic broadcast'));
+      const r = await call('/api/push', { all: true, event: 'everyone' });
+      assert.equal(r.status, 200, r.text);
+      await Promise.all(all);
+      const gone = h.once(d.socket, 'disconnect', 5000, 'the disconnected user to be disconnected');
+      const dis = await call('/api/disconnect', { uid: d.hello.uid });
+      assert.equal(dis.status, 200, dis.text);
+      const reason = await gone;
+      assert.equal(Array.isArray(reason) ? reason[0] : reason, 'io server disconnect');
+      assert.ok(c.socket.connected, 'the other user stays connected');
+    } finally {
+      for (const x of [c, d]) x.socket.close();
     }
   });
 
