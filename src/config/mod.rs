@@ -375,8 +375,13 @@ impl PushConfig {
         }
         for (i, url) in self.redis_cluster.iter().enumerate() {
             let key = format!("push.redis_cluster[{i}]");
-            let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-                .map_err(|e| (key.clone(), format!("not a Redis URL (redis://HOST:PORT): {e}")))?;
+            let info =
+                redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(|e| {
+                    (
+                        key.clone(),
+                        format!("not a Redis URL (redis://HOST:PORT): {e}"),
+                    )
+                })?;
             if info.redis.db != 0 {
                 return Err((
                     key,
