@@ -18,10 +18,14 @@
 //! `uid` is the sender's, [`EMITTER_ID`]: no node has it, so every node acts on the message.
 //!
 //! The encoders are pure functions (unit-tested, and compared byte for byte with the Node
-//! emitter in the end-to-end suite); [`Publisher`] owns the Redis connection.
+//! emitter in the end-to-end suite); [`Publisher`] owns the Redis connection: to one server
+//! (`push.redis`) or to a Redis Cluster (`push.redis_cluster`), where each publish goes to the
+//! primary owning its channel's slot.
 
 use crate::config::{PushAdapter, PushConfig, SubscriptionMode};
 use redis::aio::MultiplexedConnection;
+use redis::cluster::ClusterClientBuilder;
+use redis::cluster_async::ClusterConnection;
 use serde::Serialize;
 
 /// The emitter id of `@socket.io/redis-emitter`; a Node adapter drops messages carrying its own
@@ -286,8 +290,49 @@ pub fn uid_room(template: &str, uid: &str) -> String {
     template.replace("{uid}", uid)
 }
 
-/// Publishes to Redis over one multiplexed connection, made on first use and again after an
-/// error (or when a reload changed `push.redis`).
+/// Where push publishes: one Redis server, or a Redis Cluster known by its seed nodes. Also the
+/// identity of a kept connection (a reload that changes it makes a new one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+impl Target {
+    fn of(cfg: &PushConfig) -> Target {
+        if cfg.redis_cluster.is_empty() {
+            Target::Single(cfg.redis_url().to_string())
+        } else {
+            Target::Cluster(cfg.redis_cluster.clone())
+        }
+    }
+
+    /// The configuration key that names this target, for error messages.
+    fn key(&self) -> &'static str {
+        match self {
+            Target::Single(_) => "push.redis",
+            Target::Cluster(_) => "push.redis_cluster",
+        }
+    }
+}
+
+/// A connection to either kind of target; both are multiplexed and cheap to clone.
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    /// redis-rs routes a command by the slot of its first argument, which for `PUBLISH` and
+    /// `SPUBLISH` is the channel (`FirstKey` in its routing table), to that slot's primary (we
+    /// never enable reads from replicas), and follows `MOVED` / `ASK` with a refresh of its slot
+    /// map. That is what sharded pub/sub needs: a shard channel lives on the shard owning its
+    /// slot. A classic `PUBLISH` may go to any node (the cluster bus broadcasts it). Unlike the
+    /// single connection, it also retries a command by itself on a node connection that broke,
+    /// which can, rarely, publish twice (README says so).
+    Cluster(ClusterConnection),
+}
+
+/// Publishes to Redis over one multiplexed connection (to a single server or, with
+/// `push.redis_cluster`, a cluster connection holding one per node), made on first use and
+/// again after an error (or when a reload changed the target).
 ///
 /// A connection kept from an earlier push may have died since (Redis restarted): the push that
 /// finds it dead is sent once more on a new connection instead of failing, so the first push
@@ -295,12 +340,13 @@ pub fn uid_room(template: &str, uid: &str) -> String {
 /// so the retry does not publish twice.
 #[derive(Default)]
 pub struct Publisher {
-    conn: tokio::sync::Mutex<Option<(String, MultiplexedConnection)>>,
+    conn: tokio::sync::Mutex<Option<(Target, Conn)>>,
 }
 
 impl Publisher {
     /// Publishes `message`; answers how many Redis subscribers received it (each Node instance
-    /// counts once per subscription that matched). The error is a sentence for the API caller.
+    /// counts once per subscription that matched; on a Redis Cluster, those connected to the
+    /// node that executed the publish). The error is a sentence for the API caller.
     pub async fn publish(&self, cfg: &PushConfig, message: &Message) -> Result<i64, String> {
         let (conn, reused) = self.connection(cfg).await?;
         match self.publish_on(cfg, conn, message).await {
@@ -317,7 +363,7 @@ impl Publisher {
     async fn publish_on(
         &self,
         cfg: &PushConfig,
-        mut conn: MultiplexedConnection,
+        conn: Conn,
         message: &Message,
     ) -> Result<i64, Failure> {
         let mut cmd = redis::cmd(if message.sharded {
@@ -326,7 +372,12 @@ impl Publisher {
             "PUBLISH"
         });
         cmd.arg(&message.channel).arg(&message.payload);
-        let publish = cmd.query_async::<i64>(&mut conn);
+        let publish = async {
+            match conn {
+                Conn::Single(mut c) => cmd.query_async::<i64>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<i64>(&mut c).await,
+            }
+        };
         match tokio::time::timeout(cfg.timeout, publish).await {
             Ok(Ok(receivers)) => Ok(receivers),
             Ok(Err(e)) => {
@@ -350,36 +401,60 @@ impl Publisher {
     }
 
     /// The connection, and whether it was kept from an earlier push (rather than made now).
-    async fn connection(&self, cfg: &PushConfig) -> Result<(MultiplexedConnection, bool), String> {
+    async fn connection(&self, cfg: &PushConfig) -> Result<(Conn, bool), String> {
+        let target = Target::of(cfg);
         let mut slot = self.conn.lock().await;
-        if let Some((url, conn)) = slot.as_ref() {
-            if *url == cfg.redis {
+        if let Some((kept, conn)) = slot.as_ref() {
+            if *kept == target {
                 return Ok((conn.clone(), true));
             }
         }
-        let client = redis::Client::open(cfg.redis.as_str())
-            .map_err(|e| format!("push.redis is not usable: {e}"))?;
-        let conn = match tokio::time::timeout(
-            cfg.timeout,
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        {
+        let conn = match tokio::time::timeout(cfg.timeout, connect(&target, cfg)).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return Err(format!("cannot connect to redis (push.redis): {e}")),
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(format!(
-                    "cannot connect to redis (push.redis) within {}",
+                    "cannot connect to redis ({}) within {}",
+                    target.key(),
                     humantime::format_duration(cfg.timeout)
                 ))
             }
         };
-        *slot = Some((cfg.redis.clone(), conn.clone()));
+        *slot = Some((target, conn.clone()));
         Ok((conn, false))
     }
 
     async fn forget(&self) {
         *self.conn.lock().await = None;
+    }
+}
+
+/// A new connection to `target`. For a cluster this reads the slot map (`CLUSTER SLOTS`) from
+/// the first seed that answers and connects to every primary.
+async fn connect(target: &Target, cfg: &PushConfig) -> Result<Conn, String> {
+    let key = target.key();
+    match target {
+        Target::Single(url) => {
+            let client = redis::Client::open(url.as_str())
+                .map_err(|e| format!("{key} is not usable: {e}"))?;
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .map(Conn::Single)
+                .map_err(|e| format!("cannot connect to redis ({key}): {e}"))
+        }
+        Target::Cluster(seeds) => {
+            let client = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+                // Per node connection attempt; the publish itself is bounded by `publish_on`.
+                .connection_timeout(cfg.timeout)
+                .build()
+                .map_err(|e| format!("{key} is not usable: {e}"))?;
+            client
+                .get_async_connection()
+                .await
+                .map(Conn::Cluster)
+                .map_err(|e| format!("cannot connect to the redis cluster ({key}): {e}"))
+        }
     }
 }
 

@@ -224,14 +224,23 @@ impl Config {
                 "must contain `{uid}` (e.g. `uid:{uid}`)".into(),
             ));
         }
-        if let Err(e) = redis::Client::open(self.push.redis.as_str()) {
+        if let Err(e) = redis::Client::open(self.push.redis_url()) {
             return Err((
                 "push.redis".into(),
                 format!("not a Redis URL (redis://HOST:PORT/DB): {e}"),
             ));
         }
+        self.push.check_cluster()?;
         if let Some(c) = &self.cluster {
             c.check()?;
+            // The directory's scripts need one primary; its default, `push.redis`, is not the
+            // Redis Cluster push publishes to, so make the operator name it.
+            if c.enabled && c.redis.is_none() && !self.push.redis_cluster.is_empty() {
+                return Err((
+                    "cluster.redis".into(),
+                    "required with push.redis_cluster: the connection directory needs a single Redis / Valkey primary (not a Redis Cluster), so name it here".into(),
+                ));
+            }
         }
         if self.limits.per_uid.max_connections > 0
             && !self.cluster.as_ref().is_some_and(|c| c.enabled)
@@ -350,10 +359,46 @@ fn strip_serde_yaml_decorations(msg: &str) -> String {
 #[cfg(test)]
 mod tests;
 
+impl PushConfig {
+    /// `push.redis_cluster`: every seed a Redis URL without a database (a cluster has only
+    /// database 0), the seeds agreeing on credentials (the client's own check), and not
+    /// together with `push.redis`.
+    fn check_cluster(&self) -> Result<(), (String, String)> {
+        if self.redis_cluster.is_empty() {
+            return Ok(());
+        }
+        if self.redis.is_some() {
+            return Err((
+                "push.redis_cluster".into(),
+                "set either push.redis (one Redis) or push.redis_cluster (the seed nodes of a Redis Cluster), not both".into(),
+            ));
+        }
+        for (i, url) in self.redis_cluster.iter().enumerate() {
+            let key = format!("push.redis_cluster[{i}]");
+            let info =
+                redis::IntoConnectionInfo::into_connection_info(url.as_str()).map_err(|e| {
+                    (
+                        key.clone(),
+                        format!("not a Redis URL (redis://HOST:PORT): {e}"),
+                    )
+                })?;
+            if info.redis.db != 0 {
+                return Err((
+                    key,
+                    format!("a Redis Cluster has only database 0, not {}", info.redis.db),
+                ));
+            }
+        }
+        redis::cluster::ClusterClient::new(self.redis_cluster.iter().map(String::as_str))
+            .map(drop)
+            .map_err(|e| ("push.redis_cluster".into(), e.to_string()))
+    }
+}
+
 impl ClusterConfig {
     /// The Redis URL the directory uses.
     pub fn redis_url<'a>(&'a self, push: &'a PushConfig) -> &'a str {
-        self.redis.as_deref().unwrap_or(&push.redis)
+        self.redis.as_deref().unwrap_or(push.redis_url())
     }
 
     fn check(&self) -> Result<(), (String, String)> {

@@ -128,7 +128,8 @@ fn every_default_is_the_documented_one() {
         assert_eq!(c.admin.listen, "127.0.0.1:6004".parse().unwrap());
         assert!(c.admin.token.is_none());
         let p = &c.push;
-        assert_eq!(p.redis, "redis://127.0.0.1:6379");
+        assert_eq!(p.redis_url(), "redis://127.0.0.1:6379");
+        assert!(p.redis.is_none() && p.redis_cluster.is_empty());
         assert_eq!(
             (p.uid_room.as_str(), p.key.as_str()),
             ("uid:{uid}", "socket.io")
@@ -586,6 +587,69 @@ fn admin_and_push_sections() {
     assert!(e.contains("admin.listen"), "{e}");
     let e = err(&format!("{MIN}access_log: {{format: xml}}\n"));
     assert!(e.contains("access_log.format"), "{e}");
+}
+
+#[test]
+fn push_redis_cluster_takes_seed_urls_and_needs_its_own_directory_redis() {
+    let seeds = "[\"redis://127.0.0.1:7000\", \"redis://127.0.0.1:7001\"]";
+    let c = parse(&format!("{MIN}push: {{redis_cluster: {seeds}}}\n")).unwrap();
+    assert_eq!(
+        c.push.redis_cluster,
+        ["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"]
+    );
+    assert!(c.push.redis.is_none());
+    // Each seed names its index; a database other than 0, a unix socket, mixed credentials
+    // and push.redis alongside are refused.
+    for (yaml, key, what) in [
+        (
+            "push: {redis_cluster: [\"redis://127.0.0.1:7000\", \"http://x\"]}".to_string(),
+            "push.redis_cluster[1]",
+            "not a Redis URL",
+        ),
+        (
+            "push: {redis_cluster: [\"redis://127.0.0.1:7000/2\"]}".to_string(),
+            "push.redis_cluster[0]",
+            "only database 0",
+        ),
+        (
+            "push: {redis_cluster: [\"unix:///tmp/r.sock\"]}".to_string(),
+            "push.redis_cluster",
+            "unix socket",
+        ),
+        (
+            "push: {redis_cluster: [\"redis://:a@127.0.0.1:7000\", \"redis://:b@127.0.0.1:7001\"]}"
+                .to_string(),
+            "push.redis_cluster",
+            "password",
+        ),
+        (
+            format!("push: {{redis: \"redis://127.0.0.1:6379\", redis_cluster: {seeds}}}"),
+            "push.redis_cluster",
+            "not both",
+        ),
+        // The directory's default is push.redis, never the cluster: it must be named.
+        (
+            format!("push: {{redis_cluster: {seeds}}}\ncluster: {{}}"),
+            "cluster.redis",
+            "single Redis",
+        ),
+    ] {
+        let e = err(&format!("{MIN}{yaml}\n"));
+        assert!(e.contains(key) && e.contains(what), "{yaml}: {e}");
+    }
+    let c = parse(&format!(
+        "{MIN}push: {{redis_cluster: {seeds}}}\ncluster: {{redis: \"redis://10.0.0.1:6379\"}}\n"
+    ))
+    .unwrap();
+    assert_eq!(
+        Startup::of(&c).cluster.map(|(_, url)| url).as_deref(),
+        Some("redis://10.0.0.1:6379")
+    );
+    // A disabled directory needs nothing.
+    assert!(parse(&format!(
+        "{MIN}push: {{redis_cluster: {seeds}}}\ncluster: {{enabled: false}}\n"
+    ))
+    .is_ok());
 }
 
 #[test]

@@ -697,8 +697,12 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PushConfig {
-    /// The Redis the Node backends' adapter uses.
-    pub redis: String,
+    /// The Redis the Node backends' adapter uses (one server: a primary, or Valkey); absent:
+    /// [`DEFAULT_PUSH_REDIS`]. See [`PushConfig::redis_url`].
+    pub redis: Option<String>,
+    /// Seed nodes of a Redis Cluster the adapter uses instead (`redis://HOST:PORT` each); the
+    /// client learns the rest of the cluster from them. Excludes `redis`.
+    pub redis_cluster: Vec<String>,
     /// The room that addresses one user; `{uid}` is replaced by the uid. Backends join it with
     /// `socket.join("uid:" + uid)`.
     pub uid_room: String,
@@ -714,6 +718,18 @@ pub struct PushConfig {
     pub adapter: PushAdapter,
     /// The sharded adapter's `subscriptionMode` (decides which channel a one-room push takes).
     pub subscription_mode: SubscriptionMode,
+}
+
+/// `push.redis` when neither it nor `push.redis_cluster` is set.
+pub const DEFAULT_PUSH_REDIS: &str = "redis://127.0.0.1:6379";
+
+impl PushConfig {
+    /// The single Redis of `push.redis` (or its default). With `push.redis_cluster` set, push
+    /// does not use it; it is still what `cluster.redis` would default to, which is why the
+    /// validation then asks for `cluster.redis`.
+    pub fn redis_url(&self) -> &str {
+        self.redis.as_deref().unwrap_or(DEFAULT_PUSH_REDIS)
+    }
 }
 
 /// `push.adapter`.
@@ -743,7 +759,8 @@ pub enum SubscriptionMode {
 impl Default for PushConfig {
     fn default() -> Self {
         PushConfig {
-            redis: "redis://127.0.0.1:6379".into(),
+            redis: None,
+            redis_cluster: Vec::new(),
             uid_room: "uid:{uid}".into(),
             max_payload: 65536,
             key: "socket.io".into(),
@@ -761,7 +778,8 @@ impl Default for PushConfig {
 pub struct ClusterConfig {
     /// Turns the section off without deleting it.
     pub enabled: bool,
-    /// The Redis (a single primary, or Valkey); absent: `push.redis`.
+    /// The Redis (a single primary, or Valkey); absent: `push.redis`. Never a Redis Cluster
+    /// (the directory's scripts touch global keys): with `push.redis_cluster` it must be set.
     pub redis: Option<String>,
     /// This process's name in the directory; absent: host name, pid and start time, so a
     /// restarted agent never claims what an earlier process wrote.

@@ -3,6 +3,8 @@
 // A real Socket.IO v4 backend for the gopush end-to-end tests.
 //
 //   node lib/backend.js --port P --redis redis://127.0.0.1:RP [--adapter sharded] [--ping-interval MS] [--ping-timeout MS]
+//   node lib/backend.js --port P --redis-cluster redis://127.0.0.1:N1,redis://127.0.0.1:N2 [--adapter sharded]
+//     (a Redis Cluster through node-redis's createCluster, the listed nodes as seeds)
 //
 // It prints `listening <port>` on stdout once the HTTP server accepts connections and the
 // Redis adapter is connected; the test harness waits for that line.
@@ -24,7 +26,7 @@
 const http = require('node:http');
 const { URL } = require('node:url');
 const { Server } = require('socket.io');
-const { createClient } = require('redis');
+const { createClient, createCluster } = require('redis');
 const { createAdapter, createShardedAdapter } = require('@socket.io/redis-adapter');
 
 function parseArgs(argv) {
@@ -87,8 +89,12 @@ async function main() {
 
   let pub = null;
   let sub = null;
-  if (args.redis) {
-    pub = createClient({ url: args.redis });
+  if (args.redis || args['redis-cluster']) {
+    // A cluster client routes SSUBSCRIBE / SPUBLISH to the shard owning each channel's slot and
+    // re-subscribes when a slot moves (the server's SUNSUBSCRIBE push).
+    pub = args['redis-cluster']
+      ? createCluster({ rootNodes: args['redis-cluster'].split(',').map((url) => ({ url })) })
+      : createClient({ url: args.redis });
     sub = pub.duplicate();
     for (const c of [pub, sub]) {
       c.on('error', (err) => console.error(`backend ${port}: redis error: ${err.message}`));

@@ -22,6 +22,7 @@ const GOPUSH_BIN = process.env.GOPUSH_BIN
   ? path.resolve(process.env.GOPUSH_BIN)
   : path.resolve(E2E_DIR, '../../target/release/gopush');
 const REDIS_BIN = process.env.REDIS_SERVER_BIN || 'redis-server';
+const REDIS_CLI_BIN = process.env.REDIS_CLI_BIN || 'redis-cli';
 const NGINX_BIN = process.env.NGINX_BIN || '/usr/sbin/nginx';
 const KEEP_TMP = !!process.env.GOPUSH_E2E_KEEP;
 
@@ -314,6 +315,16 @@ class Proc {
   }
 }
 
+/** Runs redis-cli with `args` (bounded); resolves its stdout, rejects with its output. */
+function redisCli(args, timeoutMs = 5000) {
+  return new Promise((resolve, reject) => {
+    execFile(REDIS_CLI_BIN, args, { timeout: timeoutMs, encoding: 'utf8' }, (err, stdout, stderr) => {
+      if (err) reject(new Error(`redis-cli ${args.join(' ')}: ${err.message}\n${stdout}${stderr}`));
+      else resolve(stdout);
+    });
+  });
+}
+
 // ---------------------------------------------------------------------------------------------
 // YAML (the subset the gopush config needs; strings are JSON-quoted, which YAML accepts)
 
@@ -603,13 +614,53 @@ class TestEnv {
     return this.redis;
   }
 
+  /**
+   * A Redis Cluster of `n` primaries on loopback (no replicas): `n` redis-server with
+   * `--cluster-enabled yes`, each with its own client and bus port and its own directory (nodes
+   * file) under the test's temp dir, joined with `redis-cli --cluster create`; resolves once every
+   * node reports `cluster_state:ok`, all slots assigned and all nodes known (bounded).
+   */
+  async startRedisCluster(n = 3) {
+    const ports = await freePorts(2 * n); // client ports, then cluster bus ports
+    const nodes = [];
+    for (let i = 0; i < n; i++) {
+      const port = ports[i];
+      const dir = path.join(this.dir, `rcluster-${port}`);
+      fs.mkdirSync(dir);
+      const p = new Proc(`redis:${port}`, REDIS_BIN, [
+        '--port', String(port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no',
+        '--dir', dir, '--daemonize', 'no', '--cluster-enabled', 'yes',
+        '--cluster-port', String(ports[n + i]), '--cluster-config-file', path.join(dir, 'nodes.conf'),
+        '--cluster-node-timeout', '5000',
+      ], { logFile: path.join(this.dir, `redis-${port}.log`) });
+      this.procs.push(p);
+      nodes.push({ port, url: `redis://127.0.0.1:${port}`, proc: p });
+    }
+    await Promise.all(nodes.map((node) => node.proc.waitForOutput(/Ready to accept connections/, 10000,
+      `redis cluster node ${node.port} readiness`)));
+    await redisCli(['--cluster', 'create', ...nodes.map((node) => `127.0.0.1:${node.port}`),
+      '--cluster-replicas', '0', '--cluster-yes'], 30000);
+    await poll(async () => {
+      for (const node of nodes) {
+        const info = await redisCli(['-p', String(node.port), 'cluster', 'info']);
+        const ok = /cluster_state:ok/.test(info) && /cluster_slots_ok:16384/.test(info)
+          && new RegExp(`cluster_known_nodes:${n}\\b`).test(info);
+        if (!ok) throw new Error(`node ${node.port}: ${info.replace(/\r?\n/g, ' ').slice(0, 200)}`);
+      }
+      return true;
+    }, { attempts: 60, delayMs: 100, maxDelayMs: 500, what: 'every cluster node to report cluster_state:ok' });
+    this.redisCluster = { nodes, urls: nodes.map((node) => node.url) };
+    return this.redisCluster;
+  }
+
   /** Starts a backend on `port` (a free one if omitted). */
-  async startBackend({ port, host, pingInterval, pingTimeout, redisUrl, adapter } = {}) {
+  async startBackend({ port, host, pingInterval, pingTimeout, redisUrl, redisCluster, adapter } = {}) {
     port = port || await freePort();
     const args = [BACKEND_JS, '--port', String(port)];
     if (host) args.push('--host', host);
     const r = redisUrl || (this.redis && this.redis.url);
-    if (r) args.push('--redis', r);
+    if (redisCluster) args.push('--redis-cluster', redisCluster.join(','));
+    else if (r) args.push('--redis', r);
     if (pingInterval) args.push('--ping-interval', String(pingInterval));
     if (pingTimeout) args.push('--ping-timeout', String(pingTimeout));
     if (adapter) args.push('--adapter', adapter);
@@ -833,6 +884,7 @@ function rawEngineIo(url, uid) {
 }
 
 module.exports = {
+  redisCli,
   makeTestCa,
   issueCert,
   firstListen,
