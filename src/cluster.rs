@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -337,6 +337,9 @@ pub struct Directory {
     live: Mutex<HashSet<String>>,
     /// The Socket.IO path (`affinity.path`), for the Engine.IO close posted to a backend.
     eio_path: String,
+    /// How many polling sessions this agent closed and still answers (`State::kicked`), kept
+    /// beside the table so that every poll need not take the lock to learn it is none.
+    kicked: AtomicUsize,
 }
 
 /// A WebSocket tunnel in the directory until it is dropped.
@@ -407,6 +410,7 @@ impl Directory {
             totals: Mutex::new(Totals::default()),
             live: Mutex::new(HashSet::new()),
             eio_path: eio_path.to_string(),
+            kicked: AtomicUsize::new(0),
         }
     }
 
@@ -695,6 +699,7 @@ impl Directory {
                         disconnect_sent: false,
                     },
                 );
+                self.kicked.store(st.kicked.len(), Ordering::Relaxed);
                 st.remove(id);
                 drop(st);
                 self.changed();
@@ -730,6 +735,9 @@ impl Directory {
     /// to a poll (`poll`), the goodbye of [`crate::kick::polling_goodbye`] (the first, then
     /// the close, after which the session is forgotten); to a POST, `ok`.
     pub fn goodbye(&self, sid: &str, poll: bool) -> Option<bytes::Bytes> {
+        if self.kicked.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
         let mut st = self.state();
         let k = st.kicked.get_mut(sid)?;
         if !poll {
@@ -741,6 +749,7 @@ impl Directory {
             return Some(crate::kick::polling_goodbye(eio, true));
         }
         st.kicked.remove(sid);
+        self.kicked.store(st.kicked.len(), Ordering::Relaxed);
         Some(crate::kick::polling_goodbye(eio, false))
     }
 
@@ -1489,7 +1498,12 @@ impl BackgroundService for DirectoryService {
             // idle scan and the local gauge walk the whole table.
             if last_tick.is_none_or(|t| t.elapsed() >= TICK) {
                 last_tick = Some(Instant::now());
-                let expired = dir.state().expire(Instant::now());
+                let expired = {
+                    let mut st = dir.state();
+                    let n = st.expire(Instant::now());
+                    dir.kicked.store(st.kicked.len(), Ordering::Relaxed);
+                    n
+                };
                 if expired > 0 {
                     tracing::debug!(expired, "cluster: idle polling sessions ended");
                 }

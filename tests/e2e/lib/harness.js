@@ -90,6 +90,13 @@ async function until(fn, ms, what, stepMs = 100) {
   }
 }
 
+/** GET `path` on `agent`'s admin API; asserts a 200 and answers the JSON body. */
+async function adminJson(agent, path) {
+  const r = await admin(agent, 'GET', path);
+  if (r.status !== 200) throw new Error(`${path}: ${r.status} ${r.text}`);
+  return r.json;
+}
+
 /**
  * What a redis-server on `port` reports, read with redis-cli: commands run per command name,
  * memory used, bytes received; `delta` subtracts two `commands()` readings.
@@ -903,6 +910,7 @@ module.exports = {
   poll,
   until,
   redisStats,
+  adminJson,
   once,
   mapLimit,
   prng,

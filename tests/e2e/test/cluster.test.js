@@ -66,11 +66,7 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     if (env) await env.close();
   });
 
-  const api = async (agent, p) => {
-    const r = await h.admin(agent, 'GET', p);
-    assert.equal(r.status, 200, `${p}: ${r.status} ${r.text}`);
-    return r.json;
-  };
+  const api = h.adminJson;
   const user = (agent, uid) => api(agent, `/api/users/${encodeURIComponent(uid)}`);
   const status = async (agent) => (await api(agent, '/api/status')).cluster;
   const metric = async (agent, name) => {

@@ -46,11 +46,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     if (env) await env.close();
   });
 
-  const api = async (agent, p) => {
-    const r = await h.admin(agent, 'GET', p);
-    assert.equal(r.status, 200, `${p}: ${r.status} ${r.text}`);
-    return r.json;
-  };
+  const api = h.adminJson;
   const user = (agent, uid) => api(agent, `/api/users/${encodeURIComponent(uid)}`);
   const agentId = async (agent) => (await h.until(async () => {
     const s = (await api(agent, '/api/status')).cluster;
