@@ -20,7 +20,13 @@
 //! P:agentinfo          HASH  agent → {"connections","websocket","polling","started"}
 //! P:agent:<agent>:uids SET   uids the agent has connections of (what to reap when it dies)
 //! P:agent:<agent>:cmd  pub/sub channel: {"id","reason"} asks the agent to close a connection
+//! P:bye                pub/sub channel: {"agent","sid","eio"} a polling session was closed
 //! ```
+//!
+//! A polling session closed on purpose leaves, instead of its `sid` key, the marker
+//! `bye:<eio>` (for [`KICKED_FOR`]), and its agent announces it on `P:bye` before it ends the
+//! session on the backend: whichever agent the session's polls reach answers them with the
+//! goodbye ([`Directory::goodbye`]), also when the client's polls alternate between agents.
 //!
 //! Closing a connection on purpose (`limits.per_uid.on_exceed: close_oldest`, the admin's
 //! `DELETE /api/connections/{agent}/{id}`) is done by the agent that holds it: directly when
@@ -134,6 +140,8 @@ enum Write {
         sid: String,
         backend: String,
     },
+    /// A polling session closed on purpose: its sid key becomes the goodbye marker.
+    Bye { uid: Arc<str>, sid: String, eio: u8 },
 }
 
 /// The local table and the writes not yet sent.
@@ -162,6 +170,13 @@ struct Kicked {
 
 /// How long a closed polling session's goodbye waits for the client's next poll.
 const KICKED_FOR: Duration = Duration::from_secs(120);
+
+/// The shared sid memory's value for a session closed on purpose (then its Engine.IO version).
+const BYE: &str = "bye:";
+
+fn bye_marker(eio: u8) -> String {
+    format!("{BYE}{eio}")
+}
 
 impl State {
     fn new(cap: usize) -> Self {
@@ -690,25 +705,31 @@ impl Directory {
                 cut.is_some_and(|k| k.fire(reason))
             }
             Transport::Polling => {
-                let (backend, eio) = (c.backend.clone(), c.eio);
-                st.kicked.insert(
-                    id.to_string(),
-                    Kicked {
-                        at: Instant::now(),
-                        eio,
-                        disconnect_sent: false,
-                    },
-                );
-                self.kicked.store(st.kicked.len(), Ordering::Relaxed);
+                let (backend, eio, uid) = (c.backend.clone(), c.eio, c.uid.clone());
+                self.remember_kicked(&mut st, id, eio);
+                // Its sid key becomes the goodbye marker (not deleted with the connection).
+                if let Some(c) = st.conns.get_mut(id) {
+                    c.sid = false;
+                }
                 st.remove(id);
+                st.push(Write::Bye {
+                    uid,
+                    sid: id.to_string(),
+                    eio,
+                });
                 drop(st);
                 self.changed();
-                // The backend's session ends with an Engine.IO close, as if the client had
-                // posted it; its answer to a pending poll is then rewritten into the goodbye
-                // (see `goodbye`), a later poll is answered by the agent itself.
+                // The other agents learn of it first (one may hold the session's pending
+                // poll); then the backend's session ends with an Engine.IO close, as if the
+                // client had posted it. Its answer to a pending poll is rewritten into the
+                // goodbye (see `goodbye`), a later poll is answered by the agent itself.
                 let (path, sid, timeout) =
                     (self.eio_path.clone(), id.to_string(), self.cfg.timeout);
+                let dir = self.clone();
                 tokio::spawn(async move {
+                    if let Err(e) = dir.announce_bye(&sid, eio).await {
+                        tracing::warn!(sid, "kick: could not tell the other agents: {e}");
+                    }
                     if let Err(e) = post_close(&backend, &path, &sid, eio, timeout).await {
                         tracing::warn!(
                             backend,
@@ -729,6 +750,49 @@ impl Directory {
             );
         }
         done
+    }
+
+    /// Answers the polls of session `sid` with the goodbye from now on (until they got it, or
+    /// for [`KICKED_FOR`]); a session already answered so keeps its state.
+    fn remember_kicked(&self, st: &mut State, sid: &str, eio: u8) {
+        st.kicked.entry(sid.to_string()).or_insert(Kicked {
+            at: Instant::now(),
+            eio,
+            disconnect_sent: false,
+        });
+        self.kicked.store(st.kicked.len(), Ordering::Relaxed);
+    }
+
+    /// Another agent closed polling session `sid` (its `P:bye` message, or the marker the
+    /// shared sid memory holds instead of a backend).
+    pub fn kicked_elsewhere(&self, sid: &str, eio: u8) {
+        if !crate::affinity::plausible_sid(sid) {
+            return;
+        }
+        let mut st = self.state();
+        if st.conns.contains_key(sid) {
+            // Not a session another agent may close (ids are the agent's own).
+            return;
+        }
+        self.remember_kicked(&mut st, sid, eio);
+    }
+
+    /// Tells every agent that this one closed polling session `sid` (`P:bye`).
+    async fn announce_bye(&self, sid: &str, eio: u8) -> Result<(), String> {
+        let Some(conn) = self.conn.load_full() else {
+            return Err("redis unavailable".into());
+        };
+        let mut conn = (*conn).clone();
+        let msg = json!({"agent": self.agent, "sid": sid, "eio": eio}).to_string();
+        let cmd = redis::cmd("PUBLISH")
+            .arg(self.bye_channel())
+            .arg(msg)
+            .clone();
+        match tokio::time::timeout(self.cfg.timeout, cmd.query_async::<i64>(&mut conn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err("redis did not answer in time".into()),
+        }
     }
 
     /// The agent's own answer to a request of polling session `sid` if this agent closed it:
@@ -755,6 +819,10 @@ impl Directory {
 
     fn cmd_channel(&self, agent: &str) -> String {
         format!("{}:agent:{agent}:cmd", self.key)
+    }
+
+    fn bye_channel(&self) -> String {
+        format!("{}:bye", self.key)
     }
 
     fn sid_key(&self, uid: &str, sid: &str) -> String {
@@ -798,6 +866,13 @@ impl Directory {
         let cmd = redis::cmd("GET").arg(self.sid_key(uid, sid)).clone();
         let get = cmd.query_async::<Option<String>>(&mut conn);
         match tokio::time::timeout(self.cfg.sid_lookup_timeout, get).await {
+            Ok(Ok(Some(value))) if value.starts_with(BYE) => {
+                // Closed by its agent: this one answers its polls with the goodbye.
+                counters.cluster_sid_lookup("closed");
+                let eio = value[BYE.len()..].parse().unwrap_or(4);
+                self.kicked_elsewhere(sid, eio);
+                None
+            }
             Ok(Ok(Some(addr))) => {
                 let b = Backend::new(&addr).ok();
                 counters.cluster_sid_lookup(if b.is_some() { "hit" } else { "error" });
@@ -1140,6 +1215,14 @@ impl Directory {
                     .arg(backend)
                     .arg("PX")
                     .arg(ms)
+                    .ignore();
+            }
+            Write::Bye { uid, sid, eio } => {
+                pipe.cmd("SET")
+                    .arg(self.sid_key(uid, sid))
+                    .arg(bye_marker(*eio))
+                    .arg("PX")
+                    .arg(u64::try_from(KICKED_FOR.as_millis()).unwrap_or(u64::MAX))
                     .ignore();
             }
         }
@@ -1564,9 +1647,10 @@ impl BackgroundService for DirectoryService {
     }
 }
 
-/// Reads this agent's command channel (`P:agent:<agent>:cmd`) on a dedicated pub/sub
-/// connection and carries the commands out. Pub/sub is fire-and-forget: a command sent while
-/// the connection is down is lost (the sender's admin answer says no agent listened).
+/// Reads this agent's command channel (`P:agent:<agent>:cmd`) and the goodbyes of polling
+/// sessions other agents closed (`P:bye`) on a dedicated pub/sub connection and carries them
+/// out. Pub/sub is fire-and-forget: a message sent while the connection is down is lost (the
+/// sender's admin answer says no agent listened; a goodbye is still in the sid marker).
 pub struct CommandService(pub Arc<Directory>);
 
 #[async_trait]
@@ -1575,6 +1659,7 @@ impl BackgroundService for CommandService {
         use futures::StreamExt;
         let dir = &self.0;
         let channel = dir.cmd_channel(&dir.agent);
+        let bye = dir.bye_channel();
         loop {
             let connect = async {
                 let client = redis::Client::open(dir.url.as_str()).map_err(|e| e.to_string())?;
@@ -1582,7 +1667,7 @@ impl BackgroundService for CommandService {
                     .await
                     .map_err(|_| "connect timed out".to_string())?
                     .map_err(|e| e.to_string())?;
-                tokio::time::timeout(dir.cfg.timeout, ps.subscribe(&channel))
+                tokio::time::timeout(dir.cfg.timeout, ps.subscribe(&[&channel, &bye]))
                     .await
                     .map_err(|_| "subscribe timed out".to_string())?
                     .map_err(|e| e.to_string())?;
@@ -1596,6 +1681,9 @@ impl BackgroundService for CommandService {
                         tokio::select! {
                             _ = shutdown.changed() => return,
                             m = messages.next() => match m {
+                                Some(m) if m.get_channel_name() == bye => {
+                                    dir.farewell(m.get_payload_bytes());
+                                }
                                 Some(m) => dir.command(m.get_payload_bytes()),
                                 None => break,
                             },
@@ -1614,6 +1702,21 @@ impl BackgroundService for CommandService {
 }
 
 impl Directory {
+    /// One message of `P:bye`: `{"agent": "...", "sid": "...", "eio": 4}`.
+    fn farewell(&self, payload: &[u8]) {
+        #[derive(Deserialize)]
+        struct Bye {
+            agent: String,
+            sid: String,
+            eio: u8,
+        }
+        match serde_json::from_slice::<Bye>(payload) {
+            Ok(b) if b.agent == self.agent => {}
+            Ok(b) => self.kicked_elsewhere(&b.sid, b.eio),
+            Err(_) => tracing::warn!("cluster: unreadable goodbye ignored"),
+        }
+    }
+
     /// One command from the channel: `{"id": "...", "reason": "close_oldest" | "admin"}`.
     fn command(self: &Arc<Self>, payload: &[u8]) {
         #[derive(Deserialize)]

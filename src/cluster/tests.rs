@@ -251,6 +251,60 @@ async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_
     assert_eq!(dir.local_count("v"), 0);
 }
 
+#[tokio::test]
+async fn a_closed_polling_session_leaves_its_marker_and_other_agents_answer_its_goodbye() {
+    let dir = |id: &str| {
+        let cfg = ClusterConfig {
+            agent_id: Some(id.into()),
+            ..ClusterConfig::default()
+        };
+        Arc::new(Directory::new(
+            &cfg,
+            "redis://127.0.0.1:1",
+            Duration::from_secs(60),
+            "/socket.io/",
+        ))
+    };
+    let (a, b) = (dir("ag-a"), dir("ag-b"));
+    let backend = Backend::new("127.0.0.1:1").unwrap();
+    a.open_polling("sid-1", "u", &backend, 45_000, None, 3);
+    a.state().queue.clear();
+    assert!(a.kick_local("sid-1", crate::kick::Reason::Admin));
+    // The sid key is not deleted with the connection: it becomes the marker.
+    let writes: Vec<Write> = a.state().queue.drain(..).collect();
+    assert!(
+        matches!(&writes[0], Write::Del { sid: false, .. }),
+        "{writes:?}"
+    );
+    assert_eq!(
+        writes[1],
+        Write::Bye {
+            uid: "u".into(),
+            sid: "sid-1".into(),
+            eio: 3
+        }
+    );
+    let mut pipe = redis::pipe();
+    a.add_write(&mut pipe, &writes[1], None, false);
+    let cmd = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
+    assert!(
+        cmd.contains("bye:3") && cmd.contains("gopush:{u}:sid:sid-1"),
+        "{cmd}"
+    );
+    // Another agent's message: b answers the session's polls with the goodbye, once each.
+    assert_eq!(b.goodbye("sid-1", true), None);
+    b.farewell(br#"{"agent": "ag-a", "sid": "sid-1", "eio": 3}"#);
+    assert_eq!(b.goodbye("sid-1", true).as_deref(), Some(&b"2:41"[..]));
+    assert_eq!(b.goodbye("sid-1", true).as_deref(), Some(&b"1:1"[..]));
+    assert_eq!(b.goodbye("sid-1", true), None);
+    // Its own message, garbage and an implausible sid change nothing.
+    b.farewell(br#"{"agent": "ag-b", "sid": "sid-2", "eio": 4}"#);
+    b.farewell(b"garbage");
+    b.farewell(br#"{"agent": "ag-a", "sid": "a b", "eio": 4}"#);
+    assert_eq!(b.goodbye("sid-2", true), None);
+    assert_eq!(b.goodbye("a b", true), None);
+}
+
 #[test]
 fn with_user_webhooks_opens_and_closes_go_through_the_presence_scripts() {
     let cfg: ClusterConfig = serde_yaml::from_str(

@@ -8,7 +8,9 @@
 //   through the other agent closes the first (WebSocket, then polling), the second stays.
 // - `DELETE /api/connections/{agent}/{id}` for a WebSocket and a polling connection, asked
 //   from the agent that does not hold it (a command through Redis).
-// - A closed polling session on the wire (raw Engine.IO requests): what each poll gets.
+// - A closed polling session on the wire (raw Engine.IO requests): what each poll gets, also
+//   when the polls reach the other agent or an agent started after the close; and real
+//   socket.io-clients behind a TCP balancer without stickiness.
 // - With Redis down, close_oldest falls back to the agent's own connections.
 // Every wait is a poll with a deadline; "does not reconnect" is watched over a bounded window.
 
@@ -187,6 +189,101 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     assert.match(after.body, /Session ID unknown/);
     await h.until(async () => (await user(a2, 'raw')).connections.length === 0, 5000, 'the directory to drop it');
   });
+
+  it('a closed polling session whose polls reach the other agent: that agent answers the goodbye, and so does an agent started later', async () => {
+    // The session's agent is a1 (its handshake); its polls go through a2.
+    const url = (a) => `${a.url}/socket.io/?EIO=4&transport=polling&uid=across`;
+    const get = async (a, q = '') => {
+      const r = await fetch(`${url(a)}${q}`, { signal: AbortSignal.timeout(10000) });
+      return { status: r.status, body: await r.text() };
+    };
+    const open = await get(a1);
+    assert.equal(open.status, 200, open.body);
+    const { sid } = JSON.parse(open.body.slice(1));
+    const [id] = await h.until(async () => {
+      const v = await user(a2, 'across');
+      return v.connections.length === 1 && v.connections.map((c) => c.id);
+    }, 5000, 'the session listed');
+    assert.equal(id, `${await agentId(a1)}/${sid}`);
+    // The session works through a2 (Socket.IO CONNECT, then its answer).
+    const connect = await fetch(`${url(a2)}&sid=${sid}`, { method: 'POST', body: '40', signal: AbortSignal.timeout(5000) });
+    assert.equal(connect.status, 200);
+    const answer = await get(a2, `&sid=${sid}`);
+    assert.equal(answer.status, 200, answer.body);
+    assert.match(answer.body, /^40\{"sid"/);
+    // A poll through a2 that the backend holds...
+    const pending = get(a2, `&sid=${sid}`);
+    await h.until(async () => {
+      const st = await api(a2, '/api/status');
+      return st.pools[0].backends.some((x) => x.active_requests > 0);
+    }, 5000, 'the poll to be held by the backend');
+    // ... when a1 closes the session (asked through a2: a command to a1 through Redis).
+    const r = await h.admin(a2, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
+    assert.equal(r.status, 202, r.text);
+    // a2 got a1's goodbye before the backend answered the poll: the client gets the DISCONNECT.
+    assert.deepEqual(await pending, { status: 200, body: '41' });
+    const post = await fetch(`${url(a2)}&sid=${sid}`, { method: 'POST', body: '1', signal: AbortSignal.timeout(5000) });
+    assert.equal(await post.text(), 'ok');
+    assert.deepEqual(await get(a2, `&sid=${sid}`), { status: 200, body: '1' });
+    // An agent that was not running at the close learns it from the shared sid memory.
+    const a3 = await env.startAgent(await env.makeConfig({
+      port: await h.freePort(),
+      pools: { default: env.backends.map((b) => b.addr) },
+      sources: [{ query: 'uid' }],
+      extra: { cluster: { redis: env.redis.url, heartbeat: '500ms', ttl: '3s', timeout: '300ms' } },
+    }));
+    await agentId(a3);
+    assert.deepEqual(await get(a3, `&sid=${sid}`), { status: 200, body: '41' });
+    assert.deepEqual(await get(a3, `&sid=${sid}`), { status: 200, body: '1' });
+    // Each of its two polls asked (the marker is not learnt as a backend).
+    const lookups = await h.admin(a3, 'GET', '/metrics');
+    assert.match(lookups.text, /gopush_cluster_sid_lookups_total\{result="closed"\} 2\n/);
+  });
+
+  // An L4 balancer without stickiness in front of both agents, and clients that open a new TCP
+  // connection for each request (`agent: false`): round-robin (polls alternate between the
+  // agents), and "moved" (the handshake reached a1, every later connection reaches a2, as when
+  // a balancer takes a1 out of rotation): the held poll is then always on the other agent.
+  for (const mode of ['round-robin', 'moved']) {
+    it(`socket.io-clients polling through a ${mode} TCP balancer are closed cleanly`, async () => {
+      const net = require('node:net');
+      let turn = 0;
+      const pick = () => (mode === 'moved' ? (turn++ === 0 ? a1 : a2) : [a1, a2][turn++ % 2]);
+      const lb = net.createServer((c) => {
+        const up = net.connect(Number(new URL(pick().url).port), '127.0.0.1');
+        c.pipe(up).pipe(c);
+        const end = () => { c.destroy(); up.destroy(); };
+        c.on('error', end);
+        up.on('error', end);
+      });
+      await new Promise((resolve) => lb.listen(0, '127.0.0.1', resolve));
+      try {
+        const base = `http://127.0.0.1:${lb.address().port}`;
+        for (let i = 0; i < 3; i++) {
+          turn = 0;
+          const uid = `${mode}-${i}`;
+          const { socket, hello } = await env.connect(base, {
+            query: { uid }, transports: ['polling'], agent: false,
+            reconnection: true, reconnectionDelay: 100, reconnectionDelayMax: 100,
+          });
+          const c = { socket, hello, seen: { disconnects: [], attempts: 0 } };
+          socket.on('disconnect', (reason) => c.seen.disconnects.push(reason));
+          socket.io.on('reconnect_attempt', () => { c.seen.attempts += 1; });
+          // The session works across the agents.
+          for (let k = 0; k < 4; k++) assert.ok((await h.emitAck(socket, 'sockets')).length > 0);
+          const [id] = await h.until(async () => {
+            const v = await user(a1, uid);
+            return v.connections.length === 1 && v.connections.map((x) => x.id);
+          }, 5000, 'the session listed');
+          const r = await h.admin(i % 2 ? a1 : a2, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
+          assert.equal(r.status, 202, r.text);
+          await kickedForGood(c, `${mode} client ${i}`);
+        }
+      } finally {
+        lb.close();
+      }
+    });
+  }
 
   // Last: it stops Redis for good.
   it('with Redis down, close_oldest sees and closes only the agent\'s own connections', async () => {
