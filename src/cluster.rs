@@ -14,12 +14,15 @@
 //!
 //! ```text
 //! P:{uid}:conns        HASH  "<agent>/<id>" → {"agent","uid","backend","transport","since","client"}
-//! P:{uid}:sid:<sid>    STRING backend address, PX affinity.ttl (deleted when the session ends)
+//! P:{uid}:sid:<sid>    STRING "<backend> <agent> <idle ms>", PX affinity.ttl (deleted when the
+//!                             session ends)
 //! P:users              ZSET  uid → 0 (lexicographic index of uids with connections)
 //! P:agents             ZSET  agent → deadline (unix ms): alive while the deadline is ahead
 //! P:agentinfo          HASH  agent → {"connections","websocket","polling","started"}
 //! P:agent:<agent>:uids SET   uids the agent has connections of (what to reap when it dies)
-//! P:agent:<agent>:cmd  pub/sub channel: {"id","reason"} asks the agent to close a connection
+//! P:agent:<agent>:cmd  pub/sub channel: {"id","reason"} asks the agent to close a connection;
+//!                      "seen" / "closed": a request / the end of its polling session through
+//!                      another agent (which learnt the agent from the sid key)
 //! P:bye                pub/sub channel: {"agent","sid","eio"} a polling session was closed
 //! ```
 //!
@@ -139,6 +142,15 @@ enum Write {
         uid: Arc<str>,
         sid: String,
         backend: String,
+        /// The session's idle bound (how often another agent reports its requests).
+        idle_ms: u64,
+    },
+    /// To the agent that holds polling session `id`, whose requests reach this one: `seen` (a
+    /// request: its idle clock restarts) or `closed` (the client's close, or its upgrade here).
+    Notify {
+        agent: String,
+        id: String,
+        what: &'static str,
     },
     /// A polling session closed on purpose: its sid key becomes the goodbye marker.
     Bye { uid: Arc<str>, sid: String, eio: u8 },
@@ -158,6 +170,18 @@ struct State {
     /// Polling sessions this agent closed, until the client's polls got the goodbye (or for
     /// [`KICKED_FOR`], if they never come).
     kicked: HashMap<String, Kicked>,
+    /// Polling sessions other agents hold whose requests reach this one (learnt from the shared
+    /// sid memory), so that their agent hears of them.
+    foreign: HashMap<String, Foreign>,
+}
+
+/// A polling session another agent holds.
+struct Foreign {
+    agent: String,
+    /// Its idle bound: its agent hears of its requests at least three times per bound.
+    idle: Duration,
+    seen: Instant,
+    reported: Option<Instant>,
 }
 
 /// A polling session this agent closed.
@@ -178,6 +202,10 @@ fn bye_marker(eio: u8) -> String {
     format!("{BYE}{eio}")
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl State {
     fn new(cap: usize) -> Self {
         State {
@@ -189,6 +217,7 @@ impl State {
             dropped: 0,
             hooks: None,
             kicked: HashMap::new(),
+            foreign: HashMap::new(),
         }
     }
 
@@ -280,6 +309,10 @@ impl State {
         }
         self.kicked
             .retain(|_, k| now.duration_since(k.at) < KICKED_FOR);
+        // Requests of another agent's session stopped coming here (it ended, or they go
+        // elsewhere): forgotten.
+        self.foreign
+            .retain(|_, f| now.duration_since(f.seen) <= f.idle.saturating_mul(2));
         idle.len()
     }
 
@@ -481,27 +514,89 @@ impl Directory {
         };
         let mut st = self.state();
         let uid = conn.uid.clone();
+        let idle_ms = millis(conn.idle);
         st.put(&self.agent, sid, conn);
         st.push(Write::Sid {
             uid,
             sid: sid.to_string(),
             backend,
+            idle_ms,
         });
         drop(st);
         self.changed();
     }
 
-    /// A request of polling session `sid` (its idle clock restarts).
+    /// A request of polling session `sid` (its idle clock restarts; for another agent's
+    /// session, that agent hears of it, at most three times per idle bound).
     pub fn touch(&self, sid: &str) {
-        if let Some(c) = self.state().conns.get_mut(sid) {
-            c.last_seen = Instant::now();
+        let now = Instant::now();
+        let mut st = self.state();
+        if let Some(c) = st.conns.get_mut(sid) {
+            c.last_seen = now;
+            return;
         }
+        let Some(f) = st.foreign.get_mut(sid) else {
+            return;
+        };
+        f.seen = now;
+        if f.reported
+            .is_some_and(|r| now.duration_since(r) < f.idle / 3)
+        {
+            return;
+        }
+        f.reported = Some(now);
+        let agent = f.agent.clone();
+        st.push(Write::Notify {
+            agent,
+            id: sid.to_string(),
+            what: "seen",
+        });
+        drop(st);
+        self.changed();
     }
 
-    /// Session `sid` ended (an Engine.IO close, or the backend no longer knows it).
+    /// Session `sid` ended (an Engine.IO close, or the backend no longer knows it); another
+    /// agent's session: that agent is told.
     pub fn close_sid(&self, sid: &str) {
         if self.close(sid) {
             tracing::debug!(sid, "cluster: polling session closed");
+        } else {
+            self.leave_foreign(sid);
+        }
+    }
+
+    /// Another agent's session `sid` ended here, or became a WebSocket tunnel here.
+    fn leave_foreign(&self, sid: &str) {
+        let mut st = self.state();
+        if let Some(f) = st.foreign.remove(sid) {
+            st.push(Write::Notify {
+                agent: f.agent,
+                id: sid.to_string(),
+                what: "closed",
+            });
+            drop(st);
+            self.changed();
+        }
+    }
+
+    /// The holder's notice from another agent (`seen`, `closed`) about its polling session `id`.
+    fn noticed(&self, id: &str, what: &str) {
+        let mut st = self.state();
+        let Some(c) = st.conns.get_mut(id) else {
+            return;
+        };
+        if c.transport != Transport::Polling {
+            return;
+        }
+        match what {
+            "seen" => c.last_seen = Instant::now(),
+            "closed" => {
+                st.remove(id);
+                drop(st);
+                self.changed();
+                tracing::debug!(id, "cluster: polling session closed through another agent");
+            }
+            _ => {}
         }
     }
 
@@ -525,6 +620,10 @@ impl Directory {
         cut: Option<crate::kick::Cut>,
     ) -> TunnelEntry {
         let cut = cut.map(Arc::new);
+        if let Some(s) = sid {
+            // Another agent's polling session upgraded here: it is this agent's now.
+            self.leave_foreign(s);
+        }
         let mut st = self.state();
         // An upgraded polling session is the same connection, now a WebSocket.
         let (id, since_ms) = match sid.and_then(|s| st.conns.get(s).map(|c| (s, c.since_ms))) {
@@ -873,8 +972,25 @@ impl Directory {
                 self.kicked_elsewhere(sid, eio);
                 None
             }
-            Ok(Ok(Some(addr))) => {
-                let b = Backend::new(&addr).ok();
+            Ok(Ok(Some(value))) => {
+                // "<backend> <agent> <idle ms>" (the backend alone from an older agent).
+                let mut parts = value.split(' ');
+                let b = parts.next().and_then(|addr| Backend::new(addr).ok());
+                if let (Some(_), Some(agent), Some(idle)) = (
+                    &b,
+                    parts.next().filter(|a| *a != self.agent),
+                    parts.next().and_then(|i| i.parse::<u64>().ok()),
+                ) {
+                    self.state().foreign.insert(
+                        sid.to_string(),
+                        Foreign {
+                            agent: agent.to_string(),
+                            idle: Duration::from_millis(idle.max(1000)),
+                            seen: Instant::now(),
+                            reported: None,
+                        },
+                    );
+                }
                 counters.cluster_sid_lookup(if b.is_some() { "hit" } else { "error" });
                 b
             }
@@ -1206,15 +1322,24 @@ impl Directory {
                     pipe.cmd("DEL").arg(self.sid_key(uid, id)).ignore();
                 }
             }
-            Write::Sid { uid, sid, backend } => {
-                let ms = u64::try_from(self.sid_ttl.as_millis())
-                    .unwrap_or(u64::MAX)
-                    .max(1);
+            Write::Sid {
+                uid,
+                sid,
+                backend,
+                idle_ms,
+            } => {
+                let ms = millis(self.sid_ttl).max(1);
                 pipe.cmd("SET")
                     .arg(self.sid_key(uid, sid))
-                    .arg(backend)
+                    .arg(format!("{backend} {} {idle_ms}", self.agent))
                     .arg("PX")
                     .arg(ms)
+                    .ignore();
+            }
+            Write::Notify { agent, id, what } => {
+                pipe.cmd("PUBLISH")
+                    .arg(self.cmd_channel(agent))
+                    .arg(json!({"id": id, "reason": what}).to_string())
                     .ignore();
             }
             Write::Bye { uid, sid, eio } => {
@@ -1222,7 +1347,7 @@ impl Directory {
                     .arg(self.sid_key(uid, sid))
                     .arg(bye_marker(*eio))
                     .arg("PX")
-                    .arg(u64::try_from(KICKED_FOR.as_millis()).unwrap_or(u64::MAX))
+                    .arg(millis(KICKED_FOR))
                     .ignore();
             }
         }
@@ -1430,6 +1555,7 @@ impl Directory {
                             uid: c.uid,
                             sid: id,
                             backend: c.backend,
+                            idle_ms: millis(c.idle),
                         });
                     }
                     w
@@ -1717,17 +1843,22 @@ impl Directory {
         }
     }
 
-    /// One command from the channel: `{"id": "...", "reason": "close_oldest" | "admin"}`.
+    /// One command from the channel: `{"id": "...", "reason": "close_oldest" | "admin"}`, or
+    /// another agent's notice about a polling session (`"seen"`, `"closed"`).
     fn command(self: &Arc<Self>, payload: &[u8]) {
         #[derive(Deserialize)]
         struct Cmd {
             id: String,
             reason: String,
         }
-        let Some((cmd, reason)) = serde_json::from_slice::<Cmd>(payload)
-            .ok()
-            .and_then(|c| crate::kick::Reason::parse(&c.reason).map(|r| (c, r)))
-        else {
+        let Ok(cmd) = serde_json::from_slice::<Cmd>(payload) else {
+            tracing::warn!("cluster: unreadable command ignored");
+            return;
+        };
+        if matches!(cmd.reason.as_str(), "seen" | "closed") {
+            return self.noticed(&cmd.id, &cmd.reason);
+        }
+        let Some(reason) = crate::kick::Reason::parse(&cmd.reason) else {
             tracing::warn!("cluster: unreadable command ignored");
             return;
         };

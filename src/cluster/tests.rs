@@ -306,6 +306,84 @@ async fn a_closed_polling_session_leaves_its_marker_and_other_agents_answer_its_
 }
 
 #[test]
+fn another_agents_session_is_reported_to_its_holder_a_few_times_per_idle_bound() {
+    let dir = |id: &str| {
+        let cfg = ClusterConfig {
+            agent_id: Some(id.into()),
+            ..ClusterConfig::default()
+        };
+        Arc::new(Directory::new(
+            &cfg,
+            "redis://127.0.0.1:1",
+            Duration::from_secs(60),
+            "/socket.io/",
+        ))
+    };
+    let (a, b) = (dir("ag-a"), dir("ag-b"));
+    let backend = Backend::new("127.0.0.1:1").unwrap();
+    a.open_polling("s1", "u", &backend, 45_000, None, 4);
+    // The sid key names the backend, the holder and the idle bound.
+    let sid_write = a.state().queue.pop_back().unwrap();
+    let mut pipe = redis::pipe();
+    a.add_write(&mut pipe, &sid_write, None, false);
+    let cmd = String::from_utf8_lossy(&pipe.get_packed_pipeline()).into_owned();
+    assert!(cmd.contains("127.0.0.1:1 ag-a 45000"), "{cmd}");
+    // b learnt it (as lookup_sid does): requests there are reported once per third of the bound.
+    b.state().foreign.insert(
+        "s1".into(),
+        Foreign {
+            agent: "ag-a".into(),
+            idle: Duration::from_secs(45),
+            seen: Instant::now(),
+            reported: None,
+        },
+    );
+    b.touch("s1");
+    b.touch("s1");
+    b.touch("unknown");
+    let notices: Vec<Write> = b.state().queue.drain(..).collect();
+    assert_eq!(
+        notices,
+        vec![Write::Notify {
+            agent: "ag-a".into(),
+            id: "s1".into(),
+            what: "seen"
+        }]
+    );
+    // The holder restarts its idle clock on the notice.
+    let old = Instant::now() - Duration::from_secs(40);
+    a.state().conns.get_mut("s1").unwrap().last_seen = old;
+    a.command(br#"{"id": "s1", "reason": "seen"}"#);
+    assert!(a.state().conns["s1"].last_seen > old);
+    // The client's close through b: b tells the holder, once, and forgets the session.
+    b.close_sid("s1");
+    b.close_sid("s1");
+    let notices: Vec<Write> = b.state().queue.drain(..).collect();
+    assert_eq!(
+        notices,
+        vec![Write::Notify {
+            agent: "ag-a".into(),
+            id: "s1".into(),
+            what: "closed"
+        }]
+    );
+    // A notice never ends a tunnel, only a polling session.
+    let t = a.open_tunnel(None, "u", &backend, None, 4, None);
+    let wid = a
+        .state()
+        .conns
+        .keys()
+        .find(|k| k.starts_with('w'))
+        .cloned()
+        .unwrap();
+    a.command(format!(r#"{{"id": "{wid}", "reason": "closed"}}"#).as_bytes());
+    assert!(a.state().conns.contains_key(&wid));
+    a.command(br#"{"id": "s1", "reason": "closed"}"#);
+    assert!(!a.state().conns.contains_key("s1"));
+    drop(t);
+}
+
+#[test]
 fn with_user_webhooks_opens_and_closes_go_through_the_presence_scripts() {
     let cfg: ClusterConfig = serde_yaml::from_str(
         "{agent_id: ag1, webhooks: [{url: \"http://127.0.0.1:9/h\", secret: s, events: [user.offline]}]}",

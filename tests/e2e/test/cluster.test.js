@@ -358,3 +358,96 @@ describe('cluster view: directory, presence, shared sid memory', { timeout: 180_
     await expectConns(a3, 'hal', 0);
   });
 });
+
+// A polling session's requests through an agent that does not hold it (an L4 balancer without
+// stickiness): its holder hears of them, so the directory neither drops a live session nor keeps
+// a closed one until its idle bound. One backend with short pings (idle bound 1.5 + 1.5 = 3 s).
+describe('cluster view: a polling session whose requests reach another agent', { timeout: 120_000 }, () => {
+  const IDLE_MS = 3000;
+  let env;
+  let a1;
+  let a2;
+  let ids;
+
+  before(async () => {
+    env = new h.TestEnv('cluster-foreign');
+    await env.startRedis();
+    const b = await env.startBackend({ pingInterval: IDLE_MS / 2, pingTimeout: IDLE_MS / 2 });
+    const config = async () => env.makeConfig({
+      port: await h.freePort(),
+      pools: { default: [b.addr] },
+      sources: [{ query: 'uid' }],
+      extra: { cluster: { redis: env.redis.url, heartbeat: `${HEARTBEAT_MS}ms`, ttl: `${TTL_MS}ms`, timeout: '300ms' } },
+    });
+    a1 = await env.startAgent(await config());
+    a2 = await env.startAgent(await config());
+    ids = [];
+    for (const a of [a1, a2]) {
+      ids.push((await h.until(async () => {
+        const s = (await h.adminJson(a, '/api/status')).cluster;
+        return s.stale === false && s;
+      }, 10000, 'agent in sync')).agent);
+    }
+  });
+
+  after(async () => {
+    if (env) await env.close();
+  });
+
+  const user = (agent, uid) => h.adminJson(agent, `/api/users/${encodeURIComponent(uid)}`);
+  const url = (a, uid) => `${a.url}/socket.io/?EIO=4&transport=polling&uid=${uid}`;
+  const req = async (a, uid, sid, body) => {
+    const r = await fetch(`${url(a, uid)}&sid=${sid}`, {
+      method: body === undefined ? 'GET' : 'POST', body, signal: AbortSignal.timeout(10000),
+    });
+    return { status: r.status, body: await r.text() };
+  };
+  /** A polling handshake through a1 (which then holds the session), Socket.IO CONNECT through a2. */
+  const openOnA1 = async (uid) => {
+    const r = await fetch(url(a1, uid), { signal: AbortSignal.timeout(5000) });
+    assert.equal(r.status, 200);
+    const { sid } = JSON.parse((await r.text()).slice(1));
+    await h.until(async () => (await user(a2, uid)).connections.length === 1, 5000, `${uid} listed`);
+    assert.equal((await req(a2, uid, sid, '40')).body, 'ok');
+    assert.match((await req(a2, uid, sid)).body, /^40\{"sid"/);
+    return sid;
+  };
+
+  it('its holder keeps it listed while its polls go through the other agent, and drops it at its close there', async () => {
+    const sid = await openOnA1('wanderer');
+    // Three idle bounds of polls and pongs through a2 only (each poll returns with a ping).
+    const end = Date.now() + 3 * IDLE_MS;
+    while (Date.now() < end) {
+      const got = await req(a2, 'wanderer', sid);
+      assert.equal(got.status, 200, got.body);
+      if (got.body.split(SEP).includes('2')) assert.equal((await req(a2, 'wanderer', sid, '3')).body, 'ok');
+    }
+    const u = await user(a2, 'wanderer');
+    assert.equal(u.connections.length, 1, JSON.stringify(u));
+    assert.equal(u.connections[0].agent, ids[0]);
+    assert.equal(u.connections[0].transport, 'polling');
+    // The client's close through a2: gone from the view well before the idle bound would end it.
+    const closedAt = Date.now();
+    assert.equal((await req(a2, 'wanderer', sid, '1')).body, 'ok');
+    await h.until(async () => (await user(a1, 'wanderer')).connections.length === 0, IDLE_MS / 2, 'the closed session to leave the view');
+    assert.ok(Date.now() - closedAt < IDLE_MS, 'closed by the notice, not by idleness');
+  });
+
+  it('a session upgraded to WebSocket through the other agent is one connection, held there', async () => {
+    const sid = await openOnA1('climber');
+    const ws = new (require('ws'))(`${a2.url.replace(/^http/, 'ws')}/socket.io/?EIO=4&transport=websocket&sid=${sid}&uid=climber`);
+    const messages = [];
+    ws.on('message', (m) => messages.push(m.toString()));
+    await new Promise((resolve, reject) => { ws.once('open', resolve); ws.once('error', reject); });
+    ws.send('2probe');
+    await h.until(() => messages.includes('3probe'), 5000, 'the probe answer');
+    ws.send('5');
+    const u = await h.until(async () => {
+      const v = await user(a1, 'climber');
+      return v.connections.length === 1 && v.connections[0].transport === 'websocket' && v;
+    }, IDLE_MS / 2, 'one WebSocket connection in the view');
+    assert.equal(u.connections[0].agent, ids[1]);
+    ws.close();
+    await h.until(async () => (await user(a1, 'climber')).connections.length === 0, 5000, 'no connection left');
+  });
+});
