@@ -391,7 +391,7 @@ ports, nginx as the proxy, bare Pingora and gopush. Each scenario runs its targe
 
 | | nginx | gopush |
 |---|---|---|
-| workers | \`worker_processes 2\` | \`server.threads: 2\` (bare Pingora: \`threads = 2\`) |
+| workers | \`worker_processes 2\` (one event loop per process) | \`server.threads: 2\`, \`work_stealing: false\` (one event loop per thread; bare Pingora: the same) |
 | placement | \`hash $cookie_uid consistent\` over the same \`IP:port\` list | Ketama ring (the same), \`uid.sources: [cookie uid]\` |
 | WebSocket | \`proxy_http_version 1.1\`, \`Upgrade\` / \`Connection\` passed, \`proxy_read_timeout 3600s\` | Pingora's upgrade tunnel, idle timeout lifted after the 101 |
 | upstream keep-alive | \`keepalive 128\`, \`keepalive_requests 1000000\` (client side too) | \`upstream_keepalive_pool_size: 128\` |

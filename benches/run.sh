@@ -16,6 +16,7 @@
 #                     wss (Socket.IO websocket echo), idle-wss (idle wss memory)
 #   --keep            keep the work directory (configs, logs) even on success
 #   GP_READ_BUFFER=N  gopush's server.read_buffer_bytes (default 0, gopush's own default)
+#   GP_WORK_STEALING=true|false  gopush's server.work_stealing (default: gopush's own default)
 #
 # What it starts, all on 127.0.0.1 with free ports, all stopped on exit (trap):
 #   redis-server (fresh, no persistence); 2 Node Socket.IO backends (tests/e2e/lib/backend.js,
@@ -35,6 +36,7 @@
 # Environment: GOPUSH_BIN, NGINX_BIN, REDIS_SERVER_BIN, WRK_BIN, NODE_PATH override the tools;
 # BENCH_BACKEND_BACKLOG (4096; 0 = Node's 511), BENCH_BUDGET_S (watchdog: full 900, smoke 300).
 # BARE_L4_READ (unset): bare Pingora's downstream read buffer in bytes, for experiments (default: Pingora's 64 KiB).
+# BARE_WORK_STEALING (unset): `true` gives bare Pingora Pingora's work-stealing runtime (default: none, as gopush).
 
 set -euo pipefail
 
@@ -468,6 +470,7 @@ server:
   grace_period_seconds: 1
   graceful_shutdown_timeout_seconds: 1
   read_buffer_bytes: ${GP_READ_BUFFER:-0}
+${GP_WORK_STEALING:+  work_stealing: $GP_WORK_STEALING}
 EOF
 "$GOPUSH_BIN" check -c "$GP_CONF" >"$WORK/gopush-check.log" 2>&1 \
   || { cat "$WORK/gopush-check.log" >&2; die "gopush rejected its config"; }
@@ -493,8 +496,8 @@ start gopush-cluster "$WORK/gopush-cluster.log" env RUST_LOG=warn "$GOPUSH_BIN" 
 GPC_PID=$LAST_PID
 wait_port "$GPC_PID" "$GPC_PORT" 15 "gopush (cluster)"
 
-# Bare Pingora: the same pools and threads, Pingora's defaults for everything else.
-start pingora "$WORK/pingora.log" env BARE_THREADS=2 ${BARE_L4_READ:+BARE_L4_READ=$BARE_L4_READ} "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
+# Bare Pingora: the same pools, threads and runtime (no work stealing), Pingora's defaults for everything else.
+start pingora "$WORK/pingora.log" env BARE_THREADS=2 ${BARE_L4_READ:+BARE_L4_READ=$BARE_L4_READ} ${BARE_WORK_STEALING:+BARE_WORK_STEALING=$BARE_WORK_STEALING} "$BARE_BIN" "127.0.0.1:$BARE_PORT" "$B1,$B2" "$S1,$S2"
 BARE_PID=$LAST_PID
 wait_port "$BARE_PID" "$BARE_PORT" 15 "bare pingora"
 

@@ -7,7 +7,8 @@
 //! bare_pingora LISTEN DEFAULT_POOL [STATIC_POOL]     pools: comma-separated ip:port lists
 //! ```
 //! `?product=static` picks the second pool, as gopush's `product_param` does in the benchmark.
-//! `BARE_THREADS` sets the worker threads (default 2, gopush's benchmark setting).
+//! `BARE_THREADS` sets the worker threads (default 2, gopush's benchmark setting);
+//! `BARE_WORK_STEALING=true` turns on Pingora's work-stealing runtime (default off, as in gopush).
 
 use async_trait::async_trait;
 use pingora::lb::{selection::consistent::KetamaHashing, LoadBalancer};
@@ -63,10 +64,13 @@ fn main() {
             std::process::exit(2)
         }
     };
-    // Pingora's defaults, except a short shutdown (the harness stops it with SIGTERM).
+    // Pingora's defaults, except a short shutdown (the harness stops it with SIGTERM) and the
+    // runtime: gopush's default (no work stealing), so that the gopush / Pingora ratios show what
+    // gopush adds rather than a runtime choice. BARE_WORK_STEALING=true: Pingora's default.
     let conf = pingora::server::configuration::ServerConf {
         grace_period_seconds: Some(1),
         graceful_shutdown_timeout_seconds: Some(1),
+        work_stealing: std::env::var("BARE_WORK_STEALING").is_ok_and(|v| v == "true"),
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -104,7 +104,7 @@ fn every_default_is_the_documented_one() {
         let s = &c.server;
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
         assert_eq!(s.threads, cpus);
-        assert!(s.work_stealing && !s.daemon && s.daemon_wait_for_ready && s.spread_tunnel_closes);
+        assert!(!s.work_stealing && !s.daemon && s.daemon_wait_for_ready && s.spread_tunnel_closes);
         assert_eq!(s.pid_file, "/tmp/gopush.pid");
         assert_eq!(s.upgrade_sock, "/tmp/gopush_upgrade.sock");
         assert_eq!((&s.error_log, &s.user, &s.group), (&None, &None, &None));
@@ -145,7 +145,7 @@ fn every_default_is_the_documented_one() {
     .unwrap();
     assert_eq!(c.health_check.kind, HealthCheckKind::Http);
     assert_eq!((c.health_check.fall, c.health_check.rise), (2, 1));
-    assert!(c.server.daemon && c.server.work_stealing);
+    assert!(c.server.daemon && !c.server.work_stealing);
     assert_eq!(c.server.grace_period_seconds, 30);
     assert_eq!((c.hooks.on_throw.uid, c.hooks.on_throw.route), (503, 500));
     // The discovery sections default their optional keys.

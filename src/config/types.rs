@@ -1016,7 +1016,10 @@ fn byte_size<'de, D: Deserializer<'de>>(d: D) -> Result<usize, D::Error> {
 pub struct ServerSection {
     /// Worker threads of the proxy service.
     pub threads: usize,
-    /// Let idle worker threads take tasks from busy ones.
+    /// Let idle worker threads take tasks from busy ones. Off by default: each connection then
+    /// lives on one thread with that thread's own event loop, and a relayed WebSocket message
+    /// wakes no other thread (benches/FINDINGS.md: fewer context switches, more messages per CPU
+    /// second).
     pub work_stealing: bool,
     /// Run in the background (`-d` also sets it).
     pub daemon: bool,
@@ -1051,7 +1054,7 @@ impl Default for ServerSection {
     fn default() -> Self {
         ServerSection {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
-            work_stealing: true,
+            work_stealing: false,
             daemon: false,
             pid_file: "/tmp/gopush.pid".into(),
             upgrade_sock: "/tmp/gopush_upgrade.sock".into(),
