@@ -207,19 +207,24 @@ fn default_agent_ids_differ_per_process_start() {
     assert!(!a.agent().contains('/'));
 }
 
-#[tokio::test]
-async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_goodbye() {
+/// A directory of agent `id` whose Redis is never reached (no writer runs in these tests).
+fn agent(id: &str) -> Arc<Directory> {
     let cfg = ClusterConfig {
-        agent_id: Some("ag1".into()),
+        agent_id: Some(id.into()),
         ..ClusterConfig::default()
     };
-    // Redis never connected (no writer): the policy sees this agent's own connections only.
-    let dir = Arc::new(Directory::new(
+    Arc::new(Directory::new(
         &cfg,
         "redis://127.0.0.1:1",
         Duration::from_secs(60),
         "/socket.io/",
-    ));
+    ))
+}
+
+#[tokio::test]
+async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_goodbye() {
+    // Redis never connected (no writer): the policy sees this agent's own connections only.
+    let dir = agent("ag1");
     // Nothing listens there: the Engine.IO close to the backend fails (logged), which must not
     // change what the client is told.
     let b = Backend::new("127.0.0.1:1").unwrap();
@@ -253,19 +258,7 @@ async fn close_oldest_without_redis_closes_this_agents_oldest_and_the_poll_says_
 
 #[tokio::test]
 async fn a_closed_polling_session_leaves_its_marker_and_other_agents_answer_its_goodbye() {
-    let dir = |id: &str| {
-        let cfg = ClusterConfig {
-            agent_id: Some(id.into()),
-            ..ClusterConfig::default()
-        };
-        Arc::new(Directory::new(
-            &cfg,
-            "redis://127.0.0.1:1",
-            Duration::from_secs(60),
-            "/socket.io/",
-        ))
-    };
-    let (a, b) = (dir("ag-a"), dir("ag-b"));
+    let (a, b) = (agent("ag-a"), agent("ag-b"));
     let backend = Backend::new("127.0.0.1:1").unwrap();
     a.open_polling("sid-1", "u", &backend, 45_000, None, 3);
     a.state().queue.clear();
@@ -307,19 +300,7 @@ async fn a_closed_polling_session_leaves_its_marker_and_other_agents_answer_its_
 
 #[test]
 fn another_agents_session_is_reported_to_its_holder_a_few_times_per_idle_bound() {
-    let dir = |id: &str| {
-        let cfg = ClusterConfig {
-            agent_id: Some(id.into()),
-            ..ClusterConfig::default()
-        };
-        Arc::new(Directory::new(
-            &cfg,
-            "redis://127.0.0.1:1",
-            Duration::from_secs(60),
-            "/socket.io/",
-        ))
-    };
-    let (a, b) = (dir("ag-a"), dir("ag-b"));
+    let (a, b) = (agent("ag-a"), agent("ag-b"));
     let backend = Backend::new("127.0.0.1:1").unwrap();
     a.open_polling("s1", "u", &backend, 45_000, None, 4);
     // The sid key names the backend, the holder and the idle bound.

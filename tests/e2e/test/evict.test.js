@@ -93,6 +93,18 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     return !ids.includes(id) && ids.includes(keep) && all;
   }, 5000, `the backends to drop socket ${id}`);
 
+  /** Waits until a poll through `agent` is held by the backend (counted as an active request). */
+  const pollHeld = (agent) => h.until(async () => {
+    const st = await api(agent, '/api/status');
+    return st.pools[0].backends.some((x) => x.active_requests > 0);
+  }, 5000, 'the poll to be held by the backend');
+
+  /** `DELETE /api/connections/{agent}/{id}` through `via`, for a listed id `agent/id`. */
+  const adminClose = async (via, id) => {
+    const r = await h.admin(via, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
+    assert.equal(r.status, 202, r.text);
+  };
+
   for (const transport of ['websocket', 'polling']) {
     it(`close_oldest: a second connection through the other agent closes the first (${transport})`, async () => {
       const uid = `one-${transport}`;
@@ -140,8 +152,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
       // GET is not the way to close.
       assert.equal((await h.admin(a1, 'GET', `/api/connections/${agent}/${conn}`)).status, 405);
       // Asked from a1; a2 holds it (a command through Redis).
-      const r = await h.admin(a1, 'DELETE', `/api/connections/${encodeURIComponent(agent)}/${encodeURIComponent(conn)}`);
-      assert.equal(r.status, 202, r.text);
+      await adminClose(a1, id);
       await kickedForGood(victim, `admin-closed ${transport}`);
       await h.until(async () => (await user(a1, uid)).connections.length === 0, 5000, 'the directory to drop it');
       await backendsLetGo(bystander.socket, victim.socket.id, bystander.socket.id);
@@ -168,12 +179,8 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     // A poll the backend holds (it has nothing to say yet)...
     const pending = get(`&sid=${sid}`);
     // ... is pending at the backend once the agent counts it as an active request.
-    await h.until(async () => {
-      const st = await api(a1, '/api/status');
-      return st.pools[0].backends.some((x) => x.active_requests > 0);
-    }, 5000, 'the poll to be held by the backend');
-    const r = await h.admin(a1, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
-    assert.equal(r.status, 202, r.text);
+    await pollHeld(a1);
+    await adminClose(a1, id);
     // The backend answered the held poll (a noop after the Engine.IO close the agent posted); the
     // client got the Socket.IO DISCONNECT instead.
     assert.deepEqual(await pending, { status: 200, body: '41' });
@@ -213,13 +220,9 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     assert.match(answer.body, /^40\{"sid"/);
     // A poll through a2 that the backend holds...
     const pending = get(a2, `&sid=${sid}`);
-    await h.until(async () => {
-      const st = await api(a2, '/api/status');
-      return st.pools[0].backends.some((x) => x.active_requests > 0);
-    }, 5000, 'the poll to be held by the backend');
+    await pollHeld(a2);
     // ... when a1 closes the session (asked through a2: a command to a1 through Redis).
-    const r = await h.admin(a2, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
-    assert.equal(r.status, 202, r.text);
+    await adminClose(a2, id);
     // a2 got a1's goodbye before the backend answered the poll: the client gets the DISCONNECT.
     assert.deepEqual(await pending, { status: 200, body: '41' });
     const post = await fetch(`${url(a2)}&sid=${sid}`, { method: 'POST', body: '1', signal: AbortSignal.timeout(5000) });
@@ -275,8 +278,7 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
             const v = await user(a1, uid);
             return v.connections.length === 1 && v.connections.map((x) => x.id);
           }, 5000, 'the session listed');
-          const r = await h.admin(i % 2 ? a1 : a2, 'DELETE', `/api/connections/${id.split('/').map(encodeURIComponent).join('/')}`);
-          assert.equal(r.status, 202, r.text);
+          await adminClose(i % 2 ? a1 : a2, id);
           await kickedForGood(c, `${mode} client ${i}`);
         }
       } finally {
