@@ -5,6 +5,10 @@
 // `describe` registers no test: Node then reports the file itself as one passing "test"), so a
 // count in the summary line cannot tell "all passed" from "nothing ran". Counted here: only real
 // tests (not suites, not the file-level wrapper Node invents for a file without tests), by file.
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+
 export default async function* countReporter(source) {
   const files = {};
   const orphans = { pass: 0, fail: 0 }; // events without a file (a crash of the runner itself)
@@ -29,5 +33,8 @@ export default async function* countReporter(source) {
     if (d.nesting === 0 && d.name === d.file) { f.empty = true; continue; }
     f.pass += 1;
   }
+  // The run is over: the port reservations of its test files (lib/harness.js `freePorts`, a
+  // directory named after this runner's pid, their parent) go.
+  fs.rmSync(path.join(os.tmpdir(), `gopush-e2e-ports-${process.pid}`), { recursive: true, force: true });
   yield `${JSON.stringify({ files, orphans }, null, 2)}\n`;
 }

@@ -177,6 +177,27 @@ function bindOnce(port) {
   });
 }
 
+/**
+ * Ports handed out during this run are never handed out again, so that a server stopped and
+ * restarted on its own port (an agent SIGKILLed and started again with the same configuration)
+ * cannot find it taken in between by a server of another test file running in parallel. The
+ * files run as sibling processes of one `node --test`, so they share its parent's pid: a
+ * reservation is a file created exclusively in a directory named after it (removed by
+ * lib/count-reporter.mjs, which runs in that parent, when the run ends).
+ */
+const PORTS_DIR = path.join(os.tmpdir(), `gopush-e2e-ports-${process.ppid}`);
+
+function reserve(port) {
+  try {
+    fs.mkdirSync(PORTS_DIR, { recursive: true });
+    fs.closeSync(fs.openSync(path.join(PORTS_DIR, String(port)), 'wx'));
+    return true;
+  } catch (e) {
+    if (e.code === 'EEXIST') return false;
+    throw e;
+  }
+}
+
 /** `n` distinct free TCP ports on 127.0.0.1 (all held open until every one is picked). */
 async function freePorts(n) {
   const servers = [];
@@ -186,7 +207,9 @@ async function freePorts(n) {
         ? SERVER_PORTS.lo + Math.floor(Math.random() * (SERVER_PORTS.hi - SERVER_PORTS.lo + 1))
         : 0;
       const srv = await bindOnce(port);
-      if (srv) servers.push(srv);
+      if (!srv) continue;
+      if (reserve(srv.address().port)) servers.push(srv);
+      else srv.close();
     }
     if (servers.length < n) throw new Error(`could not find ${n} free ports`);
     return servers.map((s) => s.address().port);
