@@ -190,10 +190,18 @@ struct Kicked {
     eio: u8,
     /// The Socket.IO DISCONNECT was sent (the next poll gets the Engine.IO close).
     disconnect_sent: bool,
+    /// The Engine.IO close was sent too: the session's later requests go to the backend (which
+    /// answers 400), and the shared sid marker does not start the goodbye again.
+    done: bool,
 }
 
 /// How long a closed polling session's goodbye waits for the client's next poll.
 const KICKED_FOR: Duration = Duration::from_secs(120);
+
+/// The notices an agent sends the holder of a polling session it serves (`Write::Notify`,
+/// read by [`Directory::noticed`]): a request came, or the session ended or was upgraded here.
+const SEEN: &str = "seen";
+const CLOSED: &str = "closed";
 
 /// The shared sid memory's value for a session closed on purpose (then its Engine.IO version).
 const BYE: &str = "bye:";
@@ -549,7 +557,7 @@ impl Directory {
         st.push(Write::Notify {
             agent,
             id: sid.to_string(),
-            what: "seen",
+            what: SEEN,
         });
         drop(st);
         self.changed();
@@ -572,7 +580,7 @@ impl Directory {
             st.push(Write::Notify {
                 agent: f.agent,
                 id: sid.to_string(),
-                what: "closed",
+                what: CLOSED,
             });
             drop(st);
             self.changed();
@@ -589,8 +597,8 @@ impl Directory {
             return;
         }
         match what {
-            "seen" => c.last_seen = Instant::now(),
-            "closed" => {
+            SEEN => c.last_seen = Instant::now(),
+            CLOSED => {
                 st.remove(id);
                 drop(st);
                 self.changed();
@@ -773,15 +781,18 @@ impl Directory {
         id: &str,
         reason: crate::kick::Reason,
     ) -> Result<i64, String> {
+        let msg = json!({"id": id, "reason": reason.label()}).to_string();
+        self.publish_now(&self.cmd_channel(agent), msg).await
+    }
+
+    /// `PUBLISH` at once (not through the writer's queue), within `cluster.timeout`; answers
+    /// how many listeners got it.
+    async fn publish_now(&self, channel: &str, msg: String) -> Result<i64, String> {
         let Some(conn) = self.conn.load_full() else {
             return Err("redis unavailable".into());
         };
         let mut conn = (*conn).clone();
-        let msg = json!({"id": id, "reason": reason.label()}).to_string();
-        let cmd = redis::cmd("PUBLISH")
-            .arg(self.cmd_channel(agent))
-            .arg(msg)
-            .clone();
+        let cmd = redis::cmd("PUBLISH").arg(channel).arg(msg).clone();
         match tokio::time::timeout(self.cfg.timeout, cmd.query_async::<i64>(&mut conn)).await {
             Ok(Ok(n)) => Ok(n),
             Ok(Err(e)) => Err(e.to_string()),
@@ -851,13 +862,14 @@ impl Directory {
         done
     }
 
-    /// Answers the polls of session `sid` with the goodbye from now on (until they got it, or
-    /// for [`KICKED_FOR`]); a session already answered so keeps its state.
+    /// Answers the polls of session `sid` with the goodbye from now on (until they got it; the
+    /// state is kept for [`KICKED_FOR`]); a session already answered so keeps its state.
     fn remember_kicked(&self, st: &mut State, sid: &str, eio: u8) {
         st.kicked.entry(sid.to_string()).or_insert(Kicked {
             at: Instant::now(),
             eio,
             disconnect_sent: false,
+            done: false,
         });
         self.kicked.store(st.kicked.len(), Ordering::Relaxed);
     }
@@ -878,42 +890,42 @@ impl Directory {
 
     /// Tells every agent that this one closed polling session `sid` (`P:bye`).
     async fn announce_bye(&self, sid: &str, eio: u8) -> Result<(), String> {
-        let Some(conn) = self.conn.load_full() else {
-            return Err("redis unavailable".into());
-        };
-        let mut conn = (*conn).clone();
         let msg = json!({"agent": self.agent, "sid": sid, "eio": eio}).to_string();
-        let cmd = redis::cmd("PUBLISH")
-            .arg(self.bye_channel())
-            .arg(msg)
-            .clone();
-        match tokio::time::timeout(self.cfg.timeout, cmd.query_async::<i64>(&mut conn)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err("redis did not answer in time".into()),
+        self.publish_now(&self.bye_channel(), msg).await.map(|_| ())
+    }
+
+    /// The backend no longer knows session `sid` (its 400 to a poll through this agent). If
+    /// another agent closed it on purpose and its `P:bye` has not reached this one yet (or was
+    /// lost), the marker in the shared sid memory says so, and the poll gets the goodbye rather
+    /// than the 400. One bounded lookup, only for such a 400 of a session this agent did not
+    /// close itself.
+    pub async fn learn_closed(&self, uid: &str, sid: &str) {
+        let known =
+            self.kicked.load(Ordering::Relaxed) > 0 && self.state().kicked.contains_key(sid);
+        if !known {
+            let _ = self.lookup_sid(uid, sid).await;
         }
     }
 
     /// The agent's own answer to a request of polling session `sid` if this agent closed it:
     /// to a poll (`poll`), the goodbye of [`crate::kick::polling_goodbye`] (the first, then
-    /// the close, after which the session is forgotten); to a POST, `ok`.
+    /// the close, after which the backend answers again); to a POST, `ok`.
     pub fn goodbye(&self, sid: &str, poll: bool) -> Option<bytes::Bytes> {
         if self.kicked.load(Ordering::Relaxed) == 0 {
             return None;
         }
         let mut st = self.state();
-        let k = st.kicked.get_mut(sid)?;
+        let k = st.kicked.get_mut(sid).filter(|k| !k.done)?;
         if !poll {
             return Some(bytes::Bytes::from_static(b"ok"));
         }
-        let eio = k.eio;
         if !k.disconnect_sent {
             k.disconnect_sent = true;
-            return Some(crate::kick::polling_goodbye(eio, true));
+            return Some(crate::kick::polling_goodbye(k.eio, true));
         }
-        st.kicked.remove(sid);
-        self.kicked.store(st.kicked.len(), Ordering::Relaxed);
-        Some(crate::kick::polling_goodbye(eio, false))
+        // Kept (until KICKED_FOR) so that the marker cannot start it again.
+        k.done = true;
+        Some(crate::kick::polling_goodbye(k.eio, false))
     }
 
     fn cmd_channel(&self, agent: &str) -> String {
@@ -1290,28 +1302,13 @@ impl Directory {
                 self.index_uid(pipe, uid);
             }
             Write::Del { id, uid, last, sid } => {
-                if let Some(h) = presence {
-                    pipe.cmd("EVAL")
-                        .arg(crate::presence::CLOSE)
-                        .arg(4)
-                        .arg(self.conns_key(uid))
-                        .arg(self.users_key())
-                        .arg(crate::presence::online_key(&self.key, uid))
-                        .arg(crate::presence::pending_key(&self.key))
-                        .arg(format!("{}/{id}", self.agent))
-                        .arg(&**uid)
-                        .arg(offline_deadline(h, false))
-                        .ignore();
-                } else {
-                    pipe.cmd("EVAL")
-                        .arg(CLOSE_SCRIPT)
-                        .arg(2)
-                        .arg(self.conns_key(uid))
-                        .arg(self.users_key())
-                        .arg(format!("{}/{id}", self.agent))
-                        .arg(&**uid)
-                        .ignore();
-                }
+                self.delete_script(
+                    pipe,
+                    (CLOSE_SCRIPT, crate::presence::CLOSE),
+                    uid,
+                    &format!("{}/{id}", self.agent),
+                    presence.map(|h| (h, false)),
+                );
                 if *last {
                     pipe.cmd("SREM")
                         .arg(self.agent_uids_key(&self.agent))
@@ -1353,6 +1350,45 @@ impl Directory {
         }
     }
 
+    /// One call of a script that deletes `uid`'s connections `member` (one connection's field,
+    /// or an agent's field prefix) and drops the uid from the index when its hash is left empty:
+    /// `scripts.0`, or with presence webhooks `scripts.1`, which also schedules the offline
+    /// check (`presence`: the webhooks, and whether this agent is stopping).
+    fn delete_script(
+        &self,
+        pipe: &mut redis::Pipeline,
+        scripts: (&str, &str),
+        uid: &str,
+        member: &str,
+        presence: Option<(&crate::webhooks::Webhooks, bool)>,
+    ) {
+        let conns = self.conns_key(uid);
+        let users = self.users_key();
+        match presence {
+            Some((h, stopping)) => pipe
+                .cmd("EVAL")
+                .arg(scripts.1)
+                .arg(4)
+                .arg(conns)
+                .arg(users)
+                .arg(crate::presence::online_key(&self.key, uid))
+                .arg(crate::presence::pending_key(&self.key))
+                .arg(member)
+                .arg(uid)
+                .arg(offline_deadline(h, stopping))
+                .ignore(),
+            None => pipe
+                .cmd("EVAL")
+                .arg(scripts.0)
+                .arg(2)
+                .arg(conns)
+                .arg(users)
+                .arg(member)
+                .arg(uid)
+                .ignore(),
+        };
+    }
+
     /// A uid in the index and in this agent's set (with each of its connections' writes).
     fn index_uid(&self, pipe: &mut redis::Pipeline, uid: &str) {
         pipe.cmd("ZADD")
@@ -1387,28 +1423,13 @@ impl Directory {
         for chunk in uids.chunks(BATCH) {
             let mut pipe = redis::pipe();
             for uid in chunk {
-                if let Some(h) = &hooks {
-                    pipe.cmd("EVAL")
-                        .arg(crate::presence::REAP)
-                        .arg(4)
-                        .arg(self.conns_key(uid))
-                        .arg(self.users_key())
-                        .arg(crate::presence::online_key(&self.key, uid))
-                        .arg(crate::presence::pending_key(&self.key))
-                        .arg(&prefix)
-                        .arg(uid)
-                        .arg(offline_deadline(h, stopping))
-                        .ignore();
-                } else {
-                    pipe.cmd("EVAL")
-                        .arg(REAP_SCRIPT)
-                        .arg(2)
-                        .arg(self.conns_key(uid))
-                        .arg(self.users_key())
-                        .arg(&prefix)
-                        .arg(uid)
-                        .ignore();
-                }
+                self.delete_script(
+                    &mut pipe,
+                    (REAP_SCRIPT, crate::presence::REAP),
+                    uid,
+                    &prefix,
+                    hooks.as_deref().map(|h| (h, stopping)),
+                );
             }
             self.send(conn, &pipe).await?;
         }
@@ -1855,7 +1876,7 @@ impl Directory {
             tracing::warn!("cluster: unreadable command ignored");
             return;
         };
-        if matches!(cmd.reason.as_str(), "seen" | "closed") {
+        if matches!(cmd.reason.as_str(), SEEN | CLOSED) {
             return self.noticed(&cmd.id, &cmd.reason);
         }
         let Some(reason) = crate::kick::Reason::parse(&cmd.reason) else {

@@ -617,6 +617,9 @@ impl ProxyHttp for Agent {
         if let (Some(dir), Some(eio)) = (&self.directory, &ctx.eio) {
             let poll = eio.polling && session.req_header().method == http::Method::GET;
             if let (true, Some(sid)) = (poll, &eio.sid) {
+                if let (http::StatusCode::BAD_REQUEST, Some(uid)) = (status, &ctx.uid) {
+                    dir.learn_closed(uid.as_str(), sid).await;
+                }
                 if let Some(body) = dir.goodbye(sid, true) {
                     // A poll that was pending when the agent closed its session: the backend
                     // answers it with a noop (or 400, if it raced the close); the client gets

@@ -207,6 +207,11 @@ fn default_agent_ids_differ_per_process_start() {
     assert!(!a.agent().contains('/'));
 }
 
+/// The writes `dir` queued, taken.
+fn queued(dir: &Directory) -> Vec<Write> {
+    dir.state().queue.drain(..).collect()
+}
+
 /// A directory of agent `id` whose Redis is never reached (no writer runs in these tests).
 fn agent(id: &str) -> Arc<Directory> {
     let cfg = ClusterConfig {
@@ -264,7 +269,7 @@ async fn a_closed_polling_session_leaves_its_marker_and_other_agents_answer_its_
     a.state().queue.clear();
     assert!(a.kick_local("sid-1", crate::kick::Reason::Admin));
     // The sid key is not deleted with the connection: it becomes the marker.
-    let writes: Vec<Write> = a.state().queue.drain(..).collect();
+    let writes = queued(&a);
     assert!(
         matches!(&writes[0], Write::Del { sid: false, .. }),
         "{writes:?}"
@@ -322,7 +327,7 @@ fn another_agents_session_is_reported_to_its_holder_a_few_times_per_idle_bound()
     b.touch("s1");
     b.touch("s1");
     b.touch("unknown");
-    let notices: Vec<Write> = b.state().queue.drain(..).collect();
+    let notices = queued(&b);
     assert_eq!(
         notices,
         vec![Write::Notify {
@@ -339,7 +344,7 @@ fn another_agents_session_is_reported_to_its_holder_a_few_times_per_idle_bound()
     // The client's close through b: b tells the holder, once, and forgets the session.
     b.close_sid("s1");
     b.close_sid("s1");
-    let notices: Vec<Write> = b.state().queue.drain(..).collect();
+    let notices = queued(&b);
     assert_eq!(
         notices,
         vec![Write::Notify {

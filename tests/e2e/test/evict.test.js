@@ -223,8 +223,16 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     await pollHeld(a2);
     // ... when a1 closes the session (asked through a2: a command to a1 through Redis).
     await adminClose(a2, id);
-    // a2 got a1's goodbye before the backend answered the poll: the client gets the DISCONNECT.
-    assert.deepEqual(await pending, { status: 200, body: '41' });
+    // a2 got a1's goodbye (P:bye) before the backend answered the held poll: the client gets the
+    // DISCONNECT. Under load the backend's noop can win that race (the message is on its way,
+    // not waited for); then the next poll gets the DISCONNECT (from the message, or from the
+    // backend's 400 and the marker).
+    const held = await pending;
+    assert.equal(held.status, 200);
+    if (held.body !== '41') {
+      assert.equal(held.body, '6', 'the backend\'s noop, if not the goodbye');
+      assert.deepEqual(await get(a2, `&sid=${sid}`), { status: 200, body: '41' });
+    }
     const post = await fetch(`${url(a2)}&sid=${sid}`, { method: 'POST', body: '1', signal: AbortSignal.timeout(5000) });
     assert.equal(await post.text(), 'ok');
     assert.deepEqual(await get(a2, `&sid=${sid}`), { status: 200, body: '1' });
@@ -241,6 +249,52 @@ describe('closing connections: close_oldest across agents, admin disconnect', { 
     // Each of its two polls asked (the marker is not learnt as a backend).
     const lookups = await h.admin(a3, 'GET', '/metrics');
     assert.match(lookups.text, /gopush_cluster_sid_lookups_total\{result="closed"\} 2\n/);
+  });
+
+  it('an agent that missed the goodbye message turns the backend\'s 400 into the goodbye (the marker in the shared sid memory)', async () => {
+    const url = (a) => `${a.url}/socket.io/?EIO=4&transport=polling&uid=missed`;
+    const get = async (a, q) => {
+      const r = await fetch(`${url(a)}${q}`, { signal: AbortSignal.timeout(10000) });
+      return { status: r.status, body: await r.text() };
+    };
+    const open = await get(a1, '');
+    const { sid } = JSON.parse(open.body.slice(1));
+    const [id] = await h.until(async () => {
+      const v = await user(a2, 'missed');
+      return v.connections.length === 1 && v.connections.map((c) => c.id);
+    }, 5000, 'the session listed');
+    // a2 knows the session (its polls went there).
+    const connect = await fetch(`${url(a2)}&sid=${sid}`, { method: 'POST', body: '40', signal: AbortSignal.timeout(5000) });
+    assert.equal(await connect.text(), 'ok');
+    assert.match((await get(a2, `&sid=${sid}`)).body, /^40\{"sid"/);
+    const lookups = async () => {
+      const line = (await h.admin(a2, 'GET', '/metrics')).text.split('\n')
+        .find((l) => l.startsWith('gopush_cluster_sid_lookups_total{result="closed"}'));
+      return line === undefined ? 0 : Number(line.split(' ').pop());
+    };
+    const before = await lookups();
+    const listening = async () => (await h.redisCli(['-p', String(env.redis.port), 'PUBSUB', 'NUMSUB', 'gopush:bye'])).trim().split('\n').pop();
+    const agentsListening = await listening();
+    // Every agent's pub/sub connection dropped (they come back after 500 ms): a2 misses P:bye.
+    await h.redisCli(['-p', String(env.redis.port), 'CLIENT', 'KILL', 'TYPE', 'pubsub']);
+    await adminClose(a1, id);
+    // Through a2: the backend's noop to a poll it held when the close came, if any, then its 400,
+    // which a2 turns into the goodbye after reading the marker.
+    const bodies = [];
+    for (let i = 0; i < 3 && bodies.at(-1) !== '41'; i++) {
+      const r = await get(a2, `&sid=${sid}`);
+      assert.equal(r.status, 200, r.body);
+      bodies.push(r.body);
+    }
+    assert.equal(bodies.at(-1), '41', JSON.stringify(bodies));
+    assert.ok(bodies.slice(0, -1).every((b) => b === '6'), JSON.stringify(bodies));
+    assert.equal(await lookups(), before + 1, 'the marker was read');
+    assert.deepEqual(await get(a2, `&sid=${sid}`), { status: 200, body: '1' });
+    // Then the backend answers again: the marker does not start the goodbye over.
+    const after = await get(a2, `&sid=${sid}`);
+    assert.equal(after.status, 400, after.body);
+    // The agents subscribe again.
+    await h.until(async () => (await listening()) === agentsListening, 5000, 'the agents listening again');
   });
 
   // An L4 balancer without stickiness in front of both agents, and clients that open a new TCP
