@@ -897,12 +897,14 @@ impl Directory {
     /// The backend no longer knows session `sid` (its 400 to a poll through this agent). If
     /// another agent closed it on purpose and its `P:bye` has not reached this one yet (or was
     /// lost), the marker in the shared sid memory says so, and the poll gets the goodbye rather
-    /// than the 400. One bounded lookup, only for such a 400 of a session this agent did not
-    /// close itself.
+    /// than the 400. One bounded lookup, only for a session this agent served for another
+    /// agent (not for any sid a client makes up) and does not already say goodbye to.
     pub async fn learn_closed(&self, uid: &str, sid: &str) {
-        let known =
-            self.kicked.load(Ordering::Relaxed) > 0 && self.state().kicked.contains_key(sid);
-        if !known {
+        let ask = {
+            let st = self.state();
+            st.foreign.contains_key(sid) && !st.kicked.contains_key(sid)
+        };
+        if ask {
             let _ = self.lookup_sid(uid, sid).await;
         }
     }
