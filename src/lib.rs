@@ -29,6 +29,7 @@ pub mod jwt;
 pub mod kick;
 pub mod limits;
 pub mod live;
+pub mod local_tcp;
 pub mod logging;
 pub mod metrics;
 pub mod presence;

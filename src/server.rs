@@ -96,13 +96,21 @@ pub fn run(
     }
     let proxy = pingora::proxy::http_proxy(&server.configuration, agent);
     let limits_of = live.clone();
-    let proxy = HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout)
-        .with_listeners(live.listeners().clone());
     let mut proxy =
-        pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
+        HeadDeadlineApp::new(proxy, move || limits_of.load().config.limits.header_timeout)
+            .with_listeners(live.listeners().clone());
     // Pingora keeps a 64 KiB read buffer in front of every accepted connection unless told
     // otherwise; see `server.read_buffer_bytes`.
-    let l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
+    let mut l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
+    if !config.server.work_stealing && config.server.threads > 1 {
+        // One I/O driver per thread: each connection moves to its serving thread's driver
+        // (`crate::local_tcp`), which then holds the read buffer; the accepted stream, dropped
+        // at once, gets none.
+        proxy = proxy.with_rehome(config.server.read_buffer_bytes);
+        l4 = l4.read(0);
+    }
+    let mut proxy =
+        pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);
     // TLS listeners too are plain TCP to Pingora: the handshake is done by the wrapper above
     // (see `crate::tls`), so the graceful upgrade hands their sockets over like any other.
     for addr in config.listen.addrs() {

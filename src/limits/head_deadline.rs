@@ -16,8 +16,10 @@
 //! agent lifts the deadline ([`HeadDeadline::head_read`], from `early_request_filter`): bodies,
 //! long-polls and WebSocket tunnels are not affected.
 //!
-//! Costs: a timer and a `Notify` per connection, allocated at the accept; per request, two
-//! relaxed atomic stores and the timer reset — no allocation, no lock.
+//! Costs: a timer and an [`Expiry`] per connection, allocated at the accept; per request, two
+//! relaxed atomic stores and the timer reset — no allocation, no lock. Each wake-up of the
+//! connection (every message of a WebSocket tunnel) checks the expiry: an atomic load and a
+//! waker registration, not the lock a `tokio::sync::Notify` takes.
 
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
@@ -30,12 +32,11 @@ use pingora::server::ShutdownWatch;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::sync::Notify;
 use tokio::time::{Instant, Sleep};
 
 /// Reads fail once the deadline has passed.
@@ -54,14 +55,47 @@ pub struct HeadDeadline {
     state: AtomicU8,
     timer: Pin<Box<Sleep>>,
     /// Told when the deadline passes; without it (tests) the read fails with `TimedOut`.
-    expired: Option<Arc<Notify>>,
+    expired: Option<Arc<Expiry>>,
+}
+
+/// Set once a connection's head deadline passed; awaited by the app serving the connection.
+#[derive(Default)]
+pub struct Expiry {
+    expired: AtomicBool,
+    waker: futures::task::AtomicWaker,
+}
+
+impl Expiry {
+    fn set(&self) {
+        self.expired.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready once the deadline passed.
+    pub fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.expired.load(Ordering::Acquire) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Set between the load and the registration: its wake found no waker.
+        if self.expired.load(Ordering::Acquire) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
+    /// Resolves once the deadline passed.
+    pub async fn expired(&self) {
+        std::future::poll_fn(|cx| self.poll_expired(cx)).await
+    }
 }
 
 impl HeadDeadline {
     /// Wraps `inner`, armed: the first head must be complete within `timeout` from now.
     /// `expired` is notified when a deadline passes (and reads stop completing); without it a
     /// read after the deadline fails with `TimedOut`.
-    pub fn new(inner: Stream, timeout: Duration, expired: Option<Arc<Notify>>) -> Self {
+    pub fn new(inner: Stream, timeout: Duration, expired: Option<Arc<Expiry>>) -> Self {
         Self::armed_until(inner, timeout, Instant::now() + timeout, expired)
     }
 
@@ -69,7 +103,7 @@ impl HeadDeadline {
         inner: Stream,
         timeout: Duration,
         deadline: Instant,
-        expired: Option<Arc<Notify>>,
+        expired: Option<Arc<Expiry>>,
     ) -> Self {
         HeadDeadline {
             inner,
@@ -102,8 +136,8 @@ impl HeadDeadline {
     /// connection), else an error.
     fn expire(&self) -> Poll<io::Result<()>> {
         match &self.expired {
-            Some(notify) => {
-                notify.notify_one();
+            Some(expiry) => {
+                expiry.set();
                 Poll::Pending
             }
             None => Poll::Ready(Err(self.timed_out())),
@@ -267,6 +301,9 @@ pub struct HeadDeadlineApp<A> {
     timeout: Box<dyn Fn() -> Duration + Send + Sync>,
     /// Which listeners are TLS: their connections are handshaken here first.
     listeners: Option<Arc<crate::tls::Listeners>>,
+    /// Move each connection onto the serving thread's I/O driver, with this read buffer
+    /// (see [`crate::local_tcp`]).
+    rehome: Option<usize>,
 }
 
 impl<A> HeadDeadlineApp<A> {
@@ -277,7 +314,15 @@ impl<A> HeadDeadlineApp<A> {
             requests: Arc::new(NextRequest(Arc::new(app))),
             timeout: Box::new(timeout),
             listeners: None,
+            rehome: None,
         }
+    }
+
+    /// Each connection is first registered with the I/O driver of the runtime that serves it,
+    /// with a read buffer of `read_buffer` bytes (see [`crate::local_tcp`]).
+    pub fn with_rehome(mut self, read_buffer: usize) -> Self {
+        self.rehome = Some(read_buffer);
+        self
     }
 
     /// Connections to the TLS listeners among `listeners` get their TLS handshake here, within
@@ -333,7 +378,10 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut stream = stream;
+        let mut stream = match self.rehome {
+            Some(read_buffer) => crate::local_tcp::rehome(stream, read_buffer),
+            None => stream,
+        };
         // Plain listeners only (the usual case): no address lookup per accept.
         let tls = self
             .listeners
@@ -355,12 +403,12 @@ where
         if timeout.is_zero() {
             return self.requests.process_new(stream, shutdown).await;
         }
-        let expired = Arc::new(Notify::new());
+        let expired = Arc::new(Expiry::default());
         let stream: Stream = Box::new(HeadDeadline::new(stream, timeout, Some(expired.clone())));
         tokio::select! {
             biased;
             reused = self.requests.process_new(stream, shutdown) => reused,
-            () = expired.notified() => {
+            () = expired.expired() => {
                 // Dropping the processing closes the connection; nothing was proxied.
                 crate::metrics::counters().header_timeouts.inc();
                 tracing::debug!("request head not complete within limits.header_timeout: connection closed");
@@ -456,7 +504,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_watcher_the_expired_read_notifies_it_and_never_completes() {
         let (ours, mut client) = tokio::io::duplex(1024);
-        let notify = Arc::new(Notify::new());
+        let expiry = Arc::new(Expiry::default());
         let past = Instant::now()
             .checked_sub(Duration::from_secs(1))
             .unwrap_or_else(Instant::now);
@@ -464,14 +512,14 @@ mod tests {
             Box::new(ours),
             Duration::from_secs(10),
             past,
-            Some(notify.clone()),
+            Some(expiry.clone()),
         );
         client.write_all(b"GET / HT").await.unwrap();
         let mut buf = [0u8; 64];
         let outcome = tokio::time::timeout(BOUND, async {
             tokio::select! {
                 r = d.read(&mut buf) => Err(format!("the read completed: {r:?}")),
-                () = notify.notified() => Ok(()),
+                () = expiry.expired() => Ok(()),
             }
         })
         .await;
