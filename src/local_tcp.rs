@@ -8,7 +8,8 @@
 //! ack (an `eventfd` write and a wake of the other thread's `epoll_wait`), all from the thread
 //! that runs the listener. [`rehome`] registers a duplicate of the socket with the current
 //! runtime and closes the original, so a connection's events arrive on the thread that serves
-//! it (about four syscalls per connection, once).
+//! it. The cost is once per connection: five syscalls (`fcntl` dup, `getpeername`, `epoll_ctl`
+//! add and delete, `close`), ~5 µs of CPU in the TLS handshake benchmark (~3 % of a handshake).
 //!
 //! [`LocalTcp`] is what Pingora's own TCP stream would be, minus what gopush does not use
 //! (rewind buffer, receive timestamps, pending-time accounting): the same write buffer (1460
@@ -53,6 +54,30 @@ pub fn rehome(stream: Stream, read_buffer: usize) -> Stream {
             stream
         }
     }
+}
+
+/// Moves the connection in `slot` (Pingora's TCP stream, or a [`crate::tls::TlsConn`] over
+/// one) to the current runtime's I/O driver, in place; anything else stays as it is.
+pub fn rehome_connection(slot: &mut Stream) {
+    if slot.as_any().is::<crate::tls::TlsConn>() {
+        let stream = std::mem::replace(slot, placeholder());
+        *slot = match stream.into_any().downcast::<crate::tls::TlsConn>() {
+            Ok(mut tls) => {
+                tls.rehome_transport();
+                tls
+            }
+            // `is` said it is one: not reached.
+            Err(_) => placeholder(),
+        };
+    } else {
+        let stream = std::mem::replace(slot, placeholder());
+        *slot = rehome(stream, 0);
+    }
+}
+
+/// What fills a connection's place while it is being moved: no socket, no allocation.
+pub(crate) fn placeholder() -> Stream {
+    Box::new(std::io::Cursor::new(Vec::new()))
 }
 
 impl LocalTcp {
@@ -289,6 +314,126 @@ mod tests {
         let mut reply = Vec::new();
         std::io::Read::read_to_end(&mut client, &mut reply).unwrap();
         assert_eq!(reply, b"pong");
+    }
+
+    /// A TLS acceptor with a fresh self-signed certificate for `localhost`, and a connector
+    /// that trusts it.
+    fn tls_pair() -> (
+        tokio_rustls::TlsAcceptor,
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    ) {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from(key.serialize_der());
+        let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], der.into())
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        (
+            tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            tokio_rustls::TlsConnector::from(Arc::new(client)),
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+        )
+    }
+
+    /// Reads `n` bytes from `stream` on `rt`, bounded.
+    fn read_n(rt: &tokio::runtime::Runtime, stream: &mut Stream, n: usize) -> Option<Vec<u8>> {
+        rt.block_on(async {
+            let mut buf = vec![0u8; n];
+            match tokio::time::timeout(BOUND, stream.read_exact(&mut buf)).await {
+                Ok(Ok(_)) => Some(buf),
+                _ => None,
+            }
+        })
+    }
+
+    #[test]
+    fn a_head_deadline_moves_its_connection_when_it_upgrades_and_not_before() {
+        use crate::limits::head_deadline::HeadDeadline;
+        let (stream, mut client, _) = accepted_elsewhere();
+        let rt = current_thread();
+        let mut conn: Stream = rt.block_on(async {
+            Box::new(
+                HeadDeadline::new(stream, Duration::from_secs(10), None).rehome_when_long_lived(),
+            )
+        });
+        // One request, no upgrade: still on the (dropped) accepting runtime's driver.
+        std::io::Write::write_all(&mut client, b"GET").unwrap();
+        assert_eq!(read_n(&rt, &mut conn, 3), None, "not moved yet");
+        let deadline = HeadDeadline::of(&conn).expect("a head deadline");
+        deadline.head_read();
+        deadline.upgrading();
+        // Moved at the next read: served by this runtime.
+        std::io::Write::write_all(&mut client, b"ws!").unwrap();
+        assert_eq!(
+            read_n(&rt, &mut conn, 6).as_deref(),
+            Some(&b"GETws!"[..]),
+            "moved, nothing lost"
+        );
+    }
+
+    #[test]
+    fn a_tls_connection_moves_under_its_session() {
+        use crate::limits::head_deadline::HeadDeadline;
+        let (acceptor, connector, name) = tls_pair();
+        let accepting = current_thread();
+        let (stream, client) = accepting.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (tcp, peer) = listener.accept().await.unwrap();
+            let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
+            let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+            let _ = digest.peer_addr.set(Some(peer.into()));
+            stream.set_socket_digest(digest);
+            let stream: Stream = Box::new(stream);
+            (stream, client)
+        });
+        // The client: blocking rustls on its own thread (handshake, a message, the answer).
+        let client = std::thread::spawn(move || {
+            let config = connector.config().clone();
+            let conn = rustls::ClientConnection::new(config, name).unwrap();
+            let mut tls = rustls::StreamOwned::new(conn, client);
+            tls.sock.set_read_timeout(Some(BOUND)).unwrap();
+            std::io::Write::write_all(&mut tls, b"over tls").unwrap();
+            let mut back = [0u8; 4];
+            std::io::Read::read_exact(&mut tls, &mut back)
+                .map(|_| back)
+                .ok()
+        });
+        let conn = accepting
+            .block_on(crate::tls::TlsConn::accept(&acceptor, stream))
+            .expect("server handshake");
+        drop(accepting);
+        let rt = current_thread();
+        let mut conn: Stream = rt.block_on(async {
+            Box::new(
+                HeadDeadline::new(Box::new(conn), Duration::from_secs(10), None)
+                    .rehome_when_long_lived(),
+            )
+        });
+        let deadline = HeadDeadline::of(&conn).expect("a head deadline");
+        deadline.head_read();
+        deadline.upgrading();
+        assert_eq!(read_n(&rt, &mut conn, 8).as_deref(), Some(&b"over tls"[..]));
+        rt.block_on(async {
+            conn.write_all(b"back").await.unwrap();
+            conn.flush().await.unwrap();
+        });
+        assert_eq!(client.join().ok().flatten(), Some(*b"back"));
     }
 
     #[test]

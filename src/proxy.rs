@@ -414,6 +414,9 @@ impl ProxyHttp for Agent {
         // The head is in: lift `limits.header_timeout` until the connection's next request.
         if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
             deadline.head_read();
+            if session.is_upgrade_req() {
+                deadline.upgrading();
+            }
         }
         Ok(())
     }

@@ -101,13 +101,14 @@ pub fn run(
             .with_listeners(live.listeners().clone());
     // Pingora keeps a 64 KiB read buffer in front of every accepted connection unless told
     // otherwise; see `server.read_buffer_bytes`.
-    let mut l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
-    if !config.server.work_stealing && config.server.threads > 1 {
-        // One I/O driver per thread: each connection moves to its serving thread's driver
-        // (`crate::local_tcp`), which then holds the read buffer; the accepted stream, dropped
-        // at once, gets none.
-        proxy = proxy.with_rehome(config.server.read_buffer_bytes);
-        l4 = l4.read(0);
+    let l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
+    if !config.server.work_stealing
+        && config.server.threads > 1
+        && config.server.read_buffer_bytes == 0
+    {
+        // One I/O driver per thread: long-lived connections move to their serving thread's
+        // driver (`crate::local_tcp`).
+        proxy = proxy.with_rehome();
     }
     let mut proxy =
         pingora::services::listening::Service::new("Pingora HTTP Proxy Service".to_string(), proxy);

@@ -56,7 +56,17 @@ pub struct HeadDeadline {
     timer: Pin<Box<Sleep>>,
     /// Told when the deadline passes; without it (tests) the read fails with `TimedOut`.
     expired: Option<Arc<Expiry>>,
+    /// Moving the socket to the serving thread's I/O driver ([`crate::local_tcp`]): not wanted,
+    /// wanted once the connection proves long-lived, or due at the next read or write.
+    rehome: AtomicU8,
 }
+
+/// The connection stays on the driver it was accepted on (moved already, or not to be moved).
+const REHOME_NO: u8 = 0;
+/// To be moved if it turns out long-lived: a WebSocket upgrade, or a second request.
+const REHOME_LATER: u8 = 1;
+/// To be moved at the next read or write.
+const REHOME_DUE: u8 = 2;
 
 /// Set once a connection's head deadline passed; awaited by the app serving the connection.
 #[derive(Default)]
@@ -111,7 +121,44 @@ impl HeadDeadline {
             state: AtomicU8::new(ARMED),
             timer: Box::pin(tokio::time::sleep_until(deadline)),
             expired,
+            rehome: AtomicU8::new(REHOME_NO),
         }
+    }
+
+    /// Once the connection proves long-lived ([`Self::upgrading`], or a second request), its
+    /// socket moves to the I/O driver of the thread serving it (see [`crate::local_tcp`]).
+    pub fn rehome_when_long_lived(self) -> Self {
+        self.rehome.store(REHOME_LATER, Ordering::Relaxed);
+        self
+    }
+
+    /// The request just read is a protocol upgrade (a WebSocket): the connection will be a
+    /// long-lived tunnel.
+    pub fn upgrading(&self) {
+        self.rehome_soon();
+    }
+
+    fn rehome_soon(&self) {
+        let _ = self.rehome.compare_exchange(
+            REHOME_LATER,
+            REHOME_DUE,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// The move, if due: done between two I/O calls, where nothing is buffered in the
+    /// transport (Pingora has flushed its last response; no read buffer, see
+    /// [`HeadDeadlineApp::with_rehome`]).
+    fn rehome_if_due(&mut self, cx: &Context<'_>) {
+        if self.rehome.load(Ordering::Relaxed) != REHOME_DUE {
+            return;
+        }
+        self.rehome.store(REHOME_NO, Ordering::Relaxed);
+        crate::local_tcp::rehome_connection(&mut self.inner);
+        // Interest registered with the old socket (a read waiting while this is a write, say)
+        // went with it: a wake-up has every pending operation polled, and registered, again.
+        cx.waker().wake_by_ref();
     }
 
     /// The deadline of `stream`, if it was accepted through [`HeadDeadlineApp`].
@@ -130,6 +177,8 @@ impl HeadDeadline {
         let _ = self
             .state
             .compare_exchange(PASSING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
+        // Kept alive for a second request (the first one is not preceded by this call).
+        self.rehome_soon();
     }
 
     /// The read after the deadline: pending for good once the app was told (it drops the
@@ -172,6 +221,7 @@ impl AsyncRead for HeadDeadline {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        this.rehome_if_due(cx);
         match this.state.load(Ordering::Relaxed) {
             ARMED => {
                 if this.timer.as_mut().poll(cx).is_ready() {
@@ -201,7 +251,9 @@ impl AsyncWrite for HeadDeadline {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        this.rehome_if_due(cx);
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -217,7 +269,9 @@ impl AsyncWrite for HeadDeadline {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        this.rehome_if_due(cx);
+        Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -301,9 +355,9 @@ pub struct HeadDeadlineApp<A> {
     timeout: Box<dyn Fn() -> Duration + Send + Sync>,
     /// Which listeners are TLS: their connections are handshaken here first.
     listeners: Option<Arc<crate::tls::Listeners>>,
-    /// Move each connection onto the serving thread's I/O driver, with this read buffer
-    /// (see [`crate::local_tcp`]).
-    rehome: Option<usize>,
+    /// Move long-lived connections onto the serving thread's I/O driver (see
+    /// [`crate::local_tcp`]).
+    rehome: bool,
 }
 
 impl<A> HeadDeadlineApp<A> {
@@ -314,14 +368,16 @@ impl<A> HeadDeadlineApp<A> {
             requests: Arc::new(NextRequest(Arc::new(app))),
             timeout: Box::new(timeout),
             listeners: None,
-            rehome: None,
+            rehome: false,
         }
     }
 
-    /// Each connection is first registered with the I/O driver of the runtime that serves it,
-    /// with a read buffer of `read_buffer` bytes (see [`crate::local_tcp`]).
-    pub fn with_rehome(mut self, read_buffer: usize) -> Self {
-        self.rehome = Some(read_buffer);
+    /// A connection that proves long-lived (a WebSocket upgrade, a second request) moves to
+    /// the I/O driver of the runtime that serves it (see [`crate::local_tcp`]). Only without a
+    /// listener read buffer: the move leaves the old socket's buffers behind, and only a write
+    /// buffer is known to be empty between requests.
+    pub fn with_rehome(mut self) -> Self {
+        self.rehome = true;
         self
     }
 
@@ -378,10 +434,7 @@ where
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let mut stream = match self.rehome {
-            Some(read_buffer) => crate::local_tcp::rehome(stream, read_buffer),
-            None => stream,
-        };
+        let mut stream = stream;
         // Plain listeners only (the usual case): no address lookup per accept.
         let tls = self
             .listeners
@@ -404,7 +457,11 @@ where
             return self.requests.process_new(stream, shutdown).await;
         }
         let expired = Arc::new(Expiry::default());
-        let stream: Stream = Box::new(HeadDeadline::new(stream, timeout, Some(expired.clone())));
+        let mut deadline = HeadDeadline::new(stream, timeout, Some(expired.clone()));
+        if self.rehome {
+            deadline = deadline.rehome_when_long_lived();
+        }
+        let stream: Stream = Box::new(deadline);
         tokio::select! {
             biased;
             reused = self.requests.process_new(stream, shutdown) => reused,
