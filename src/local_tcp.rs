@@ -261,23 +261,22 @@ mod tests {
             .expect("a runtime")
     }
 
-    /// A connection accepted on its own runtime, as Pingora's listener hands it over, and the
-    /// client's end (a blocking std socket). The accepting runtime is dropped on return: nothing
-    /// drives its I/O driver any more.
+    /// A connection accepted on the current runtime, as Pingora's listener hands it over, and
+    /// the client's end (a blocking std socket).
+    async fn accept_one() -> (Stream, std::net::TcpStream, std::net::SocketAddr) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (tcp, peer) = listener.accept().await.unwrap();
+        let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
+        let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
+        let _ = digest.peer_addr.set(Some(peer.into()));
+        stream.set_socket_digest(digest);
+        (Box::new(stream), client, peer)
+    }
+
+    /// [`accept_one`] on a runtime dropped on return: nothing drives its I/O driver any more.
     fn accepted_elsewhere() -> (Stream, std::net::TcpStream, std::net::SocketAddr) {
-        let rt = current_thread();
-        rt.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let client = std::net::TcpStream::connect(addr).unwrap();
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
-            let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-            let _ = digest.peer_addr.set(Some(peer.into()));
-            stream.set_socket_digest(digest);
-            let stream: Stream = Box::new(stream);
-            (stream, client, peer)
-        })
+        current_thread().block_on(accept_one())
     }
 
     #[test]
@@ -391,17 +390,7 @@ mod tests {
         use crate::limits::head_deadline::HeadDeadline;
         let (acceptor, connector, name) = tls_pair();
         let accepting = current_thread();
-        let (stream, client) = accepting.block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-            let (tcp, peer) = listener.accept().await.unwrap();
-            let mut stream = pingora::protocols::l4::stream::Stream::from(tcp);
-            let digest = SocketDigest::from_raw_fd(stream.as_raw_fd());
-            let _ = digest.peer_addr.set(Some(peer.into()));
-            stream.set_socket_digest(digest);
-            let stream: Stream = Box::new(stream);
-            (stream, client)
-        });
+        let (stream, client, _) = accepting.block_on(accept_one());
         // The client: blocking rustls on its own thread (handshake, a message, the answer).
         let client = std::thread::spawn(move || {
             let config = connector.config().clone();
