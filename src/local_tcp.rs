@@ -75,6 +75,17 @@ pub fn rehome_connection(slot: &mut Stream) {
     }
 }
 
+/// A number for the current thread, the same at every call on it: the group key that keeps
+/// backend connections pooled per thread (`Agent::with_pools_per_thread`).
+pub fn thread_key() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    thread_local! {
+        static KEY: u64 = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    KEY.with(|k| *k)
+}
+
 /// What fills a connection's place while it is being moved: no socket, no allocation.
 pub(crate) fn placeholder() -> Stream {
     Box::new(std::io::Cursor::new(Vec::new()))
@@ -442,6 +453,19 @@ mod tests {
         assert_eq!(
             got.ok().and_then(Result::ok).as_deref(),
             Some(&b"hello, buffered"[..])
+        );
+    }
+
+    #[test]
+    fn the_thread_key_is_one_per_thread() {
+        let here = thread_key();
+        assert_eq!(thread_key(), here);
+        let there = std::thread::spawn(|| (thread_key(), thread_key()))
+            .join()
+            .ok();
+        assert!(
+            matches!(there, Some((a, b)) if a == b && a != here),
+            "{there:?} / {here}"
         );
     }
 

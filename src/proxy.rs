@@ -60,6 +60,8 @@ pub struct Agent {
     metrics: Arc<Metrics>,
     /// The cluster directory (`None` without a `cluster` section: nothing below touches it).
     directory: Option<Arc<Directory>>,
+    /// Backend connections are pooled per thread (see [`Agent::with_pools_per_thread`]).
+    pools_per_thread: bool,
 }
 
 /// One request, from its head to its end.
@@ -177,12 +179,22 @@ impl Agent {
             limiter: Arc::new(Limiter::default()),
             handover,
             demo_page: None,
+            pools_per_thread: false,
         }
     }
 
     /// Serves `page` at `GET /` (the demo).
     pub fn with_demo_page(mut self, page: &'static str) -> Self {
         self.demo_page = Some(page);
+        self
+    }
+
+    /// With one runtime per thread, a kept-alive backend connection is reused only by the
+    /// thread that opened it: its socket is registered with that thread's I/O driver, and on
+    /// another thread every event of it (every message, once it carries a WebSocket) would be
+    /// handed across threads (see [`crate::local_tcp`]).
+    pub fn with_pools_per_thread(mut self) -> Self {
+        self.pools_per_thread = true;
         self
     }
 
@@ -501,6 +513,10 @@ impl ProxyHttp for Agent {
         };
         let mut peer = HttpPeer::new(addr, false, String::new());
         peer.options.connection_timeout = Some(ctx.snap.config.upstream.connect_timeout);
+        if self.pools_per_thread {
+            // Pingora's pool matches connections by peer hash, which includes the group key.
+            peer.group_key = crate::local_tcp::thread_key();
+        }
         Ok(Box::new(peer))
     }
 

@@ -91,6 +91,9 @@ pub fn run(
         handover: handover.clone(),
     };
     let mut agent = Agent::new(live.clone(), handover);
+    if !config.server.work_stealing && config.server.threads > 1 {
+        agent = agent.with_pools_per_thread();
+    }
     if let Some(page) = demo_page {
         agent = agent.with_demo_page(page);
     }
