@@ -91,7 +91,7 @@ pub fn run(
         handover: handover.clone(),
     };
     let mut agent = Agent::new(live.clone(), handover);
-    if !config.server.work_stealing && config.server.threads > 1 {
+    if config.server.drivers_per_thread() {
         agent = agent.with_pools_per_thread();
     }
     if let Some(page) = demo_page {
@@ -105,10 +105,7 @@ pub fn run(
     // Pingora keeps a 64 KiB read buffer in front of every accepted connection unless told
     // otherwise; see `server.read_buffer_bytes`.
     let l4 = L4BufferSettings::default().read(config.server.read_buffer_bytes);
-    if !config.server.work_stealing
-        && config.server.threads > 1
-        && config.server.read_buffer_bytes == 0
-    {
+    if config.server.drivers_per_thread() && config.server.read_buffer_bytes == 0 {
         // One I/O driver per thread: long-lived connections move to their serving thread's
         // driver (`crate::local_tcp`).
         proxy = proxy.with_rehome();

@@ -1074,6 +1074,13 @@ impl Default for ServerSection {
 }
 
 impl ServerSection {
+    /// Several threads, each with its own runtime and I/O driver (no work stealing): then a
+    /// socket belongs to one thread's driver, and gopush keeps each connection's events on the
+    /// thread that serves it (`crate::local_tcp`).
+    pub fn drivers_per_thread(&self) -> bool {
+        !self.work_stealing && self.threads > 1
+    }
+
     /// The window over which tunnels are closed during a hand-over: the first half of the grace
     /// period (the second half leaves each tunnel time to meet its next Engine.IO ping), or zero
     /// when spreading is off.
