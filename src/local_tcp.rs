@@ -6,15 +6,16 @@
 //! for the connections spawned elsewhere every readiness event is taken by one thread and
 //! handed to another through its eventfd: measured, 0.46 cross-thread wake-ups per Socket.IO
 //! ack (an `eventfd` write and a wake of the other thread's `epoll_wait`), all from the thread
-//! that runs the listener. [`rehome`] registers a duplicate of the socket with the current
-//! runtime and closes the original, so a connection's events arrive on the thread that serves
-//! it. The cost is once per connection: five syscalls (`fcntl` dup, `getpeername`, `epoll_ctl`
-//! add and delete, `close`), ~5 µs of CPU in the TLS handshake benchmark (~3 % of a handshake).
+//! that runs the listener. [`rehome_in_place`] registers a duplicate of the socket with the
+//! current runtime and closes the original, so a connection's events arrive on the thread that
+//! serves it. It costs five syscalls (`fcntl` dup, `getpeername`, `epoll_ctl` add and delete,
+//! `close`), ~10 µs of CPU per connection in the TLS handshake benchmark, so only connections
+//! that prove long-lived are moved ([`crate::limits::head_deadline::HeadDeadline`] decides).
 //!
 //! [`LocalTcp`] is what Pingora's own TCP stream would be, minus what gopush does not use
-//! (rewind buffer, receive timestamps, pending-time accounting): the same write buffer (1460
-//! bytes, so a response head and a small body, or several TLS records, leave in one `write`)
-//! and the same optional read buffer (`server.read_buffer_bytes`).
+//! (rewind buffer, receive timestamps, pending-time accounting, a read buffer: connections are
+//! moved only without one): the same 1460-byte write buffer, so a response head and a small
+//! body, or several TLS records, leave in one `write`.
 
 use async_trait::async_trait;
 use pingora::protocols::{
@@ -27,22 +28,21 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufWriter, ReadBuf};
 use tokio::net::TcpStream;
 
 /// An accepted TCP connection registered with the runtime that serves it.
 pub struct LocalTcp {
-    io: Buffered,
+    io: BufWriter<TcpStream>,
     digest: Arc<SocketDigest>,
     established: SystemTime,
 }
 
-/// `stream` (as Pingora accepted it) registered with the current runtime, with a read buffer of
-/// `read_buffer` bytes (0: none). A stream that is not a TCP connection, or whose socket cannot
-/// be duplicated (out of descriptors), is returned as it was: it works, only with the
-/// cross-thread hand-off.
-pub fn rehome(stream: Stream, read_buffer: usize) -> Stream {
-    match LocalTcp::new(&stream, read_buffer) {
+/// `stream` (as Pingora accepted it) registered with the current runtime. A stream that is not
+/// a TCP connection, or whose socket cannot be duplicated (out of descriptors), is returned as
+/// it was: it works, only with the cross-thread hand-off.
+fn rehome(stream: Stream) -> Stream {
+    match LocalTcp::new(&stream) {
         Ok(local) => {
             // Deregisters the original from the accepting runtime and closes it; the socket
             // lives on in the duplicate.
@@ -56,23 +56,33 @@ pub fn rehome(stream: Stream, read_buffer: usize) -> Stream {
     }
 }
 
+/// Moves the TCP connection in `slot` to the current runtime's I/O driver, in place.
+pub fn rehome_in_place(slot: &mut Stream) {
+    let stream = std::mem::replace(slot, stand_in());
+    *slot = rehome(stream);
+}
+
 /// Moves the connection in `slot` (Pingora's TCP stream, or a [`crate::tls::TlsConn`] over
-/// one) to the current runtime's I/O driver, in place; anything else stays as it is.
+/// one: then only its transport) to the current runtime's I/O driver; anything else stays as
+/// it is.
 pub fn rehome_connection(slot: &mut Stream) {
-    if slot.as_any().is::<crate::tls::TlsConn>() {
-        let stream = std::mem::replace(slot, placeholder());
-        *slot = match stream.into_any().downcast::<crate::tls::TlsConn>() {
-            Ok(mut tls) => {
-                tls.rehome_transport();
-                tls
-            }
-            // `is` said it is one: not reached.
-            Err(_) => placeholder(),
-        };
-    } else {
-        let stream = std::mem::replace(slot, placeholder());
-        *slot = rehome(stream, 0);
+    if !slot.as_any().is::<crate::tls::TlsConn>() {
+        return rehome_in_place(slot);
     }
+    let stream = std::mem::replace(slot, stand_in());
+    *slot = match stream.into_any().downcast::<crate::tls::TlsConn>() {
+        Ok(mut tls) => {
+            tls.rehome_transport();
+            tls
+        }
+        // `is` said it is one: not reached.
+        Err(_) => stand_in(),
+    };
+}
+
+/// What holds a connection's place for the moment of its move: no socket (a small box).
+fn stand_in() -> Stream {
+    Box::new(std::io::Cursor::new(Vec::new()))
 }
 
 /// A number for the current thread, the same at every call on it: the group key that keeps
@@ -86,13 +96,8 @@ pub fn thread_key() -> u64 {
     KEY.with(|k| *k)
 }
 
-/// What fills a connection's place while it is being moved: no socket, no allocation.
-pub(crate) fn placeholder() -> Stream {
-    Box::new(std::io::Cursor::new(Vec::new()))
-}
-
 impl LocalTcp {
-    fn new(stream: &Stream, read_buffer: usize) -> io::Result<LocalTcp> {
+    fn new(stream: &Stream) -> io::Result<LocalTcp> {
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
@@ -116,48 +121,18 @@ impl LocalTcp {
             .first()
             .and_then(|d| d.as_ref().map(|d| d.established_ts))
             .unwrap_or_else(SystemTime::now);
-        let write = BufWriter::with_capacity(pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE, tcp);
         Ok(LocalTcp {
-            io: match read_buffer {
-                0 => Buffered::Write(write),
-                n => Buffered::ReadWrite(BufReader::with_capacity(n, write)),
-            },
+            io: BufWriter::with_capacity(pingora::listeners::DEFAULT_L4_WRITE_BUFFER_SIZE, tcp),
             digest: Arc::new(digest),
             established,
         })
     }
 }
 
-/// The socket behind a write buffer, and a read buffer if one is configured (tokio's
-/// `BufReader` has none of size 0).
-enum Buffered {
-    Write(BufWriter<TcpStream>),
-    ReadWrite(BufReader<BufWriter<TcpStream>>),
-}
-
-impl Buffered {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Buffered::Write(w) => w.get_ref(),
-            Buffered::ReadWrite(r) => r.get_ref().get_ref(),
-        }
-    }
-}
-
-/// Forwards one `AsyncRead`/`AsyncWrite` call to whichever buffering is in place.
-macro_rules! forward {
-    ($io:expr, $s:ident => $call:expr) => {
-        match $io {
-            Buffered::Write($s) => $call,
-            Buffered::ReadWrite($s) => $call,
-        }
-    };
-}
-
 impl std::fmt::Debug for LocalTcp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalTcp")
-            .field("fd", &self.io.tcp().as_raw_fd())
+            .field("fd", &self.io.get_ref().as_raw_fd())
             .field("peer", &self.digest.peer_addr())
             .finish()
     }
@@ -169,7 +144,7 @@ impl AsyncRead for LocalTcp {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        forward!(&mut self.get_mut().io, s => Pin::new(s).poll_read(cx, buf))
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
@@ -179,15 +154,15 @@ impl AsyncWrite for LocalTcp {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        forward!(&mut self.get_mut().io, s => Pin::new(s).poll_write(cx, buf))
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(&mut self.get_mut().io, s => Pin::new(s).poll_flush(cx))
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        forward!(&mut self.get_mut().io, s => Pin::new(s).poll_shutdown(cx))
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
@@ -195,11 +170,11 @@ impl AsyncWrite for LocalTcp {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        forward!(&mut self.get_mut().io, s => Pin::new(s).poll_write_vectored(cx, bufs))
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        forward!(&self.io, s => s.is_write_vectored())
+        self.io.is_write_vectored()
     }
 }
 
@@ -215,7 +190,7 @@ impl Shutdown for LocalTcp {
 
 impl UniqueID for LocalTcp {
     fn id(&self) -> UniqueIDType {
-        self.io.tcp().as_raw_fd()
+        self.io.get_ref().as_raw_fd()
     }
 }
 
@@ -295,7 +270,7 @@ mod tests {
         let (stream, mut client, peer) = accepted_elsewhere();
         // Without the move the read below would wait on the dropped runtime's driver forever.
         let rt = current_thread();
-        let mut local = rt.block_on(async { rehome(stream, 0) });
+        let mut local = rt.block_on(async { rehome(stream) });
         assert!(
             local.as_any().downcast_ref::<LocalTcp>().is_some(),
             "moved: {local:?}"
@@ -437,26 +412,6 @@ mod tests {
     }
 
     #[test]
-    fn with_a_read_buffer_the_moved_connection_reads_the_same() {
-        let (stream, mut client, _) = accepted_elsewhere();
-        let rt = current_thread();
-        let mut local = rt.block_on(async { rehome(stream, 4096) });
-        std::io::Write::write_all(&mut client, b"hello, buffered").unwrap();
-        client.shutdown(std::net::Shutdown::Write).unwrap();
-        let got = rt.block_on(async {
-            tokio::time::timeout(BOUND, async {
-                let mut all = Vec::new();
-                local.read_to_end(&mut all).await.map(|_| all)
-            })
-            .await
-        });
-        assert_eq!(
-            got.ok().and_then(Result::ok).as_deref(),
-            Some(&b"hello, buffered"[..])
-        );
-    }
-
-    #[test]
     fn the_thread_key_is_one_per_thread() {
         let here = thread_key();
         assert_eq!(thread_key(), here);
@@ -474,7 +429,7 @@ mod tests {
         let rt = current_thread();
         rt.block_on(async {
             let (ours, mut theirs) = tokio::io::duplex(64);
-            let mut stream = rehome(Box::new(ours), 0);
+            let mut stream = rehome(Box::new(ours));
             assert!(stream.as_any().downcast_ref::<LocalTcp>().is_none());
             theirs.write_all(b"ok").await.unwrap();
             let mut buf = [0u8; 2];

@@ -20,6 +20,10 @@
 //! relaxed atomic stores and the timer reset — no allocation, no lock. Each wake-up of the
 //! connection (every message of a WebSocket tunnel) checks the expiry: an atomic load and a
 //! waker registration, not the lock a `tokio::sync::Notify` takes.
+//!
+//! The wrapper is also where a connection that proves long-lived (a WebSocket upgrade, a second
+//! request) is moved to its serving thread's I/O driver (`crate::local_tcp`): between two of
+//! its I/O calls, which only it sees.
 
 use async_trait::async_trait;
 use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
@@ -82,7 +86,7 @@ impl Expiry {
     }
 
     /// Ready once the deadline passed.
-    pub fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.expired.load(Ordering::Acquire) {
             return Poll::Ready(());
         }

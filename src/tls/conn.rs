@@ -75,9 +75,7 @@ impl TlsConn {
     /// Moves the TCP connection under the TLS session to the current runtime's I/O driver
     /// ([`crate::local_tcp`]); rustls keeps its state, only the socket's registration changes.
     pub fn rehome_transport(&mut self) {
-        let tcp: &mut Stream = self.inner.get_mut().0;
-        let stream = std::mem::replace(tcp, crate::local_tcp::placeholder());
-        *tcp = crate::local_tcp::rehome(stream, 0);
+        crate::local_tcp::rehome_in_place(self.inner.get_mut().0);
     }
 
     fn tcp(&self) -> &Stream {
