@@ -9,8 +9,9 @@
 //! that runs the listener. [`rehome_in_place`] registers a duplicate of the socket with the
 //! current runtime and closes the original, so a connection's events arrive on the thread that
 //! serves it. It costs five syscalls (`fcntl` dup, `getpeername`, `epoll_ctl` add and delete,
-//! `close`), ~10 µs of CPU per connection in the TLS handshake benchmark, so only connections
-//! that prove long-lived are moved ([`crate::limits::head_deadline::HeadDeadline`] decides).
+//! `close`), which a connection serving one request would spend for nothing, so only
+//! connections that prove long-lived are moved ([`crate::limits::head_deadline::HeadDeadline`]
+//! decides).
 //!
 //! [`LocalTcp`] is what Pingora's own TCP stream would be, minus what gopush does not use
 //! (rewind buffer, receive timestamps, pending-time accounting, a read buffer: connections are

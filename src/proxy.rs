@@ -423,7 +423,7 @@ impl ProxyHttp for Agent {
     fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn early_request_filter(&self, session: &mut Session, _ctx: &mut Ctx) -> Result<()> {
-        // The head is in: lift `limits.header_timeout` until the connection's next request.
+        // The head is in: lift `limits.header_timeout` until the request is done (`logging`).
         if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
             deadline.head_read();
             if session.is_upgrade_req() {
@@ -796,6 +796,11 @@ impl ProxyHttp for Agent {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // Pingora runs this for every request before keeping the connection alive: the next
+        // head, if any, is under `limits.header_timeout` again from its first byte.
+        if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
+            deadline.request_done();
+        }
         if let (
             Some(dir),
             Some(Eio {

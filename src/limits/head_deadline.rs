@@ -17,17 +17,17 @@
 //! long-polls and WebSocket tunnels are not affected.
 //!
 //! Costs: a timer and an [`Expiry`] per connection, allocated at the accept; per request, two
-//! relaxed atomic stores and the timer reset — no allocation, no lock. Each wake-up of the
-//! connection (every message of a WebSocket tunnel) checks the expiry: an atomic load and a
-//! waker registration, not the lock a `tokio::sync::Notify` takes.
+//! relaxed atomic stores and the timer reset — no allocation, no lock. The proxy drives the
+//! state: [`HeadDeadline::head_read`] from `early_request_filter`, [`HeadDeadline::request_done`]
+//! from `logging` (which Pingora runs for every request before it keeps a connection alive), so
+//! no wrapper around Pingora's per-request processing is polled on each wake-up of a tunnel.
 //!
 //! The wrapper is also where a connection that proves long-lived (a WebSocket upgrade, a second
 //! request) is moved to its serving thread's I/O driver (`crate::local_tcp`): between two of
 //! its I/O calls, which only it sees.
 
 use async_trait::async_trait;
-use pingora::apps::{HttpServerApp, ReusedHttpStream, ServerApp};
-use pingora::protocols::http::ServerSession;
+use pingora::apps::{HttpServerApp, ServerApp};
 use pingora::protocols::{
     GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, Ssl, Stream, UniqueID,
     UniqueIDType, ALPN,
@@ -43,14 +43,16 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// Reads fail once the deadline has passed.
+/// The first head is awaited; reads fail once the deadline has passed.
 const ARMED: u8 = 0;
 /// The head is in: reads pass through.
 const PASSING: u8 = 1;
-/// Between requests: the first byte read arms the deadline.
+/// Between requests: the first byte read arms the deadline again.
 const IDLE: u8 = 2;
 /// The deadline passed while a head was awaited: reads never complete again.
 const EXPIRED: u8 = 3;
+/// A later head (the connection was kept alive) is awaited: as [`ARMED`].
+const REARMED: u8 = 4;
 
 /// A connection whose request heads must arrive within a deadline.
 pub struct HeadDeadline {
@@ -72,36 +74,22 @@ const REHOME_LATER: u8 = 1;
 /// To be moved at the next read or write.
 const REHOME_DUE: u8 = 2;
 
-/// Set once a connection's head deadline passed; awaited by the app serving the connection.
+/// Set once a connection's head deadline passed; checked by the app serving the connection.
+///
+/// A flag, not a waker: it is set only inside a read of the connection, and only the
+/// connection's own task reads it (HTTP/1.1; HTTP/2 is not wrapped), so the app sees it as soon
+/// as the poll in which it was set returns.
 #[derive(Default)]
-pub struct Expiry {
-    expired: AtomicBool,
-    waker: futures::task::AtomicWaker,
-}
+pub struct Expiry(AtomicBool);
 
 impl Expiry {
     fn set(&self) {
-        self.expired.store(true, Ordering::Release);
-        self.waker.wake();
+        self.0.store(true, Ordering::Relaxed);
     }
 
-    /// Ready once the deadline passed.
-    fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
-        if self.expired.load(Ordering::Acquire) {
-            return Poll::Ready(());
-        }
-        self.waker.register(cx.waker());
-        // Set between the load and the registration: its wake found no waker.
-        if self.expired.load(Ordering::Acquire) {
-            Poll::Ready(())
-        } else {
-            Poll::Pending
-        }
-    }
-
-    /// Resolves once the deadline passed.
-    pub async fn expired(&self) {
-        std::future::poll_fn(|cx| self.poll_expired(cx)).await
+    /// Whether the deadline passed.
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
     }
 }
 
@@ -170,19 +158,22 @@ impl HeadDeadline {
         stream.as_ref().as_any().downcast_ref::<HeadDeadline>()
     }
 
-    /// The request head has been read: reads pass through until the next request.
+    /// The request head has been read: reads pass through until the request is done. A head
+    /// after the first one means the connection was kept alive: it is long-lived, and moves
+    /// (at the next read or write: the previous response is flushed, the next not begun).
     pub fn head_read(&self) {
-        self.state.store(PASSING, Ordering::Relaxed);
+        if matches!(self.state.swap(PASSING, Ordering::Relaxed), REARMED | IDLE) {
+            self.rehome_soon();
+        }
     }
 
-    /// A kept-alive connection waits for its next request: the deadline starts again with the
-    /// first byte of it. (Does nothing before the first head is in.)
-    fn next_request(&self) {
+    /// The request is done (the proxy's `logging`): if the connection is kept alive, the
+    /// deadline starts again with the first byte of the next request. (Does nothing before
+    /// the first head is in.)
+    pub fn request_done(&self) {
         let _ = self
             .state
             .compare_exchange(PASSING, IDLE, Ordering::Relaxed, Ordering::Relaxed);
-        // Kept alive for a second request (the first one is not preceded by this call).
-        self.rehome_soon();
     }
 
     /// The read after the deadline: pending for good once the app was told (it drops the
@@ -227,7 +218,7 @@ impl AsyncRead for HeadDeadline {
         let this = self.get_mut();
         this.rehome_if_due(cx);
         match this.state.load(Ordering::Relaxed) {
-            ARMED => {
+            ARMED | REARMED => {
                 if this.timer.as_mut().poll(cx).is_ready() {
                     this.state.store(EXPIRED, Ordering::Relaxed);
                     return this.expire();
@@ -240,7 +231,7 @@ impl AsyncRead for HeadDeadline {
                 let read = Pin::new(&mut this.inner).poll_read(cx, buf);
                 if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
                     this.timer.as_mut().reset(Instant::now() + this.timeout);
-                    this.state.store(ARMED, Ordering::Relaxed);
+                    this.state.store(REARMED, Ordering::Relaxed);
                 }
                 read
             }
@@ -355,7 +346,7 @@ impl Peek for HeadDeadline {
 ///
 /// `A` is Pingora's `HttpProxy`; everything but the wrapping is delegated to it.
 pub struct HeadDeadlineApp<A> {
-    requests: Arc<NextRequest<A>>,
+    app: Arc<A>,
     timeout: Box<dyn Fn() -> Duration + Send + Sync>,
     /// Which listeners are TLS: their connections are handshaken here first.
     listeners: Option<Arc<crate::tls::Listeners>>,
@@ -369,7 +360,7 @@ impl<A> HeadDeadlineApp<A> {
     /// duration leaves the connection unwrapped.
     pub fn new(app: A, timeout: impl Fn() -> Duration + Send + Sync + 'static) -> Self {
         HeadDeadlineApp {
-            requests: Arc::new(NextRequest(Arc::new(app))),
+            app: Arc::new(app),
             timeout: Box::new(timeout),
             listeners: None,
             rehome: false,
@@ -453,12 +444,12 @@ where
                 // HTTP/2 frames its headers and the h2 crate bounds them; the deadline below
                 // reads HTTP/1.1 heads (one request per connection at a time) and would cut a
                 // multiplexed connection whose streams never lift it.
-                return self.requests.process_new(stream, shutdown).await;
+                return self.app.process_new(stream, shutdown).await;
             }
         }
         let timeout = (self.timeout)();
         if timeout.is_zero() {
-            return self.requests.process_new(stream, shutdown).await;
+            return self.app.process_new(stream, shutdown).await;
         }
         let expired = Arc::new(Expiry::default());
         let mut deadline = HeadDeadline::new(stream, timeout, Some(expired.clone()));
@@ -466,53 +457,24 @@ where
             deadline = deadline.rehome_when_long_lived();
         }
         let stream: Stream = Box::new(deadline);
-        tokio::select! {
-            biased;
-            reused = self.requests.process_new(stream, shutdown) => reused,
-            () = expired.expired() => {
-                // Dropping the processing closes the connection; nothing was proxied.
+        let mut serving = self.app.process_new(stream, shutdown);
+        std::future::poll_fn(|cx| match serving.as_mut().poll(cx) {
+            // Set in a read of this very poll (see `Expiry`): stop serving. Dropping the
+            // processing closes the connection; nothing was proxied.
+            Poll::Pending if expired.is_set() => {
                 crate::metrics::counters().header_timeouts.inc();
-                tracing::debug!("request head not complete within limits.header_timeout: connection closed");
-                None
+                tracing::debug!(
+                    "request head not complete within limits.header_timeout: connection closed"
+                );
+                Poll::Ready(None)
             }
-        }
+            polled => polled,
+        })
+        .await
     }
 
     async fn cleanup(&self) {
-        self.requests.cleanup().await
-    }
-}
-
-/// Pingora calls [`HttpServerApp::process_new_http`] once per request of a connection, before
-/// reading its head: the point where a kept-alive connection starts waiting for the next head.
-struct NextRequest<A>(Arc<A>);
-
-#[async_trait]
-impl<A> HttpServerApp for NextRequest<A>
-where
-    A: HttpServerApp + Send + Sync + 'static,
-{
-    async fn process_new_http(
-        self: &Arc<Self>,
-        session: ServerSession,
-        shutdown: &ShutdownWatch,
-    ) -> Option<ReusedHttpStream> {
-        if let Some(deadline) = session.stream().and_then(HeadDeadline::of) {
-            deadline.next_request();
-        }
-        self.0.process_new_http(session, shutdown).await
-    }
-
-    fn h2_options(&self) -> Option<pingora::protocols::http::v2::server::H2Options> {
-        self.0.h2_options()
-    }
-
-    fn server_options(&self) -> Option<&pingora::apps::HttpServerOptions> {
-        self.0.server_options()
-    }
-
-    async fn http_cleanup(&self) {
-        self.0.http_cleanup().await
+        self.app.cleanup().await
     }
 }
 
@@ -563,7 +525,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn with_a_watcher_the_expired_read_notifies_it_and_never_completes() {
+    async fn with_a_watcher_the_expired_read_sets_it_and_never_completes() {
         let (ours, mut client) = tokio::io::duplex(1024);
         let expiry = Arc::new(Expiry::default());
         let past = Instant::now()
@@ -577,18 +539,14 @@ mod tests {
         );
         client.write_all(b"GET / HT").await.unwrap();
         let mut buf = [0u8; 64];
-        let outcome = tokio::time::timeout(BOUND, async {
-            tokio::select! {
-                r = d.read(&mut buf) => Err(format!("the read completed: {r:?}")),
-                () = expiry.expired() => Ok(()),
-            }
-        })
-        .await;
-        assert_eq!(
-            outcome,
-            Ok(Ok(())),
-            "the watcher is told, the read stays pending"
+        let read = d.read(&mut buf);
+        tokio::pin!(read);
+        // One poll: the app checks the flag right after the poll that set it.
+        assert!(
+            futures::poll!(read.as_mut()).is_pending(),
+            "the read stays pending"
         );
+        assert!(expiry.is_set(), "the watcher is told in the same poll");
     }
 
     #[tokio::test]
@@ -625,7 +583,7 @@ mod tests {
         );
         // Next request on the kept-alive connection: idle until its first byte, which arms the
         // deadline (20 ms) again.
-        d.next_request();
+        d.request_done();
         client.write_all(b"GET").await.unwrap();
         assert_eq!(
             d.read(&mut buf).await.unwrap(),
@@ -637,11 +595,38 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn next_request_before_the_first_head_keeps_the_accept_deadline() {
+    async fn request_done_before_the_first_head_keeps_the_accept_deadline() {
         let (mut d, mut client) = expired(Duration::from_secs(10));
-        d.next_request();
+        d.request_done();
         client.write_all(b"G").await.unwrap();
         let err = read_until_error(&mut d).await;
         assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_due_to_move_at_an_upgrade_or_a_second_head_only() {
+        let due = |d: &HeadDeadline| d.rehome.load(Ordering::Relaxed) == REHOME_DUE;
+        let (ours, mut client) = tokio::io::duplex(1024);
+        let d = HeadDeadline::new(Box::new(ours), Duration::from_secs(10), None);
+        let mut d = d.rehome_when_long_lived();
+        // A first request, done: a one-request connection (most TLS handshakes) stays put.
+        d.head_read();
+        d.request_done();
+        assert!(!due(&d), "not after the first request");
+        // The kept-alive connection's second head: long-lived.
+        client.write_all(b"GET").await.unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(d.read(&mut buf).await.unwrap(), 3);
+        assert!(!due(&d), "not before the second head is in");
+        d.head_read();
+        assert!(due(&d), "due at the second head");
+
+        let (ours, _client) = tokio::io::duplex(1024);
+        let d = HeadDeadline::new(Box::new(ours), Duration::from_secs(10), None);
+        let d = d.rehome_when_long_lived();
+        d.head_read();
+        assert!(!due(&d), "not at the first head");
+        d.upgrading();
+        assert!(due(&d), "due at an upgrade");
     }
 }
