@@ -376,6 +376,23 @@ fn head_size(req: &RequestHeader) -> usize {
     req.uri.path_and_query().map_or(0, |p| p.as_str().len()) + headers
 }
 
+/// The backend connection for `addr`. With one runtime per thread (`pools_per_thread`), the
+/// thread's key joins the peer's hash, which Pingora's connection pool matches on: a kept-alive
+/// backend connection is reused only by the thread that opened it, whose I/O driver it is
+/// registered with (`crate::local_tcp`).
+fn backend_peer(
+    addr: std::net::SocketAddr,
+    connect_timeout: Duration,
+    pools_per_thread: bool,
+) -> HttpPeer {
+    let mut peer = HttpPeer::new(addr, false, String::new());
+    peer.options.connection_timeout = Some(connect_timeout);
+    if pools_per_thread {
+        peer.group_key = crate::local_tcp::thread_key();
+    }
+    peer
+}
+
 /// Writes a complete small response and keeps the connection reusable when that is safe.
 pub async fn respond(
     session: &mut Session,
@@ -511,13 +528,12 @@ impl ProxyHttp for Agent {
                 ))
             }
         };
-        let mut peer = HttpPeer::new(addr, false, String::new());
-        peer.options.connection_timeout = Some(ctx.snap.config.upstream.connect_timeout);
-        if self.pools_per_thread {
-            // Pingora's pool matches connections by peer hash, which includes the group key.
-            peer.group_key = crate::local_tcp::thread_key();
-        }
-        Ok(Box::new(peer))
+        let connect_timeout = ctx.snap.config.upstream.connect_timeout;
+        Ok(Box::new(backend_peer(
+            addr,
+            connect_timeout,
+            self.pools_per_thread,
+        )))
     }
 
     async fn connected_to_upstream(
@@ -888,5 +904,32 @@ impl ProxyHttp for Agent {
             .and_then(|r| r.listed.as_ref())
             .is_some_and(|l| l.kicked().is_some());
         going_away || kicked || matches!(error.esource(), pingora::ErrorSource::Downstream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora::upstreams::peer::Peer;
+
+    #[test]
+    fn backend_connections_are_pooled_per_thread_only_when_asked() {
+        let addr: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let timeout = Duration::from_secs(1);
+        // Pingora's pool offers a kept-alive connection to the peers of the same reuse hash.
+        let key = move |per_thread| backend_peer(addr, timeout, per_thread).reuse_hash();
+        let here = key(true);
+        assert_eq!(key(true), here, "one pool key on a thread");
+        let there = std::thread::spawn(move || key(true)).join().ok();
+        assert!(
+            there.is_some_and(|k| k != here),
+            "another thread, another pool"
+        );
+        let shared = std::thread::spawn(move || key(false)).join().ok();
+        assert_eq!(
+            shared,
+            Some(key(false)),
+            "without: one pool for all threads"
+        );
     }
 }
