@@ -440,7 +440,9 @@ cargo bench --bench resolve_select --bench hook_cost                  # the micr
 \`\`\`
 
 Needs \`wrk\`, \`nginx\` (nginx-light), \`redis-server\`, Node ≥ 20 with the e2e packages
-(\`cd tests/e2e && npm ci\`) and the release binary (\`cargo build --release\`; built if missing).
+(\`cd tests/e2e && npm ci\`) and cargo: a full run builds and measures the \`dist\` profile (fat LTO, what
+production builds; gopush and bare Pingora alike), a smoke run the \`release\` build the tests use
+(\`BENCH_PROFILE\` overrides).
 Options: \`--rounds N\`, \`--out DIR\`, \`--only/--skip LIST\`, \`--keep\` (keep the work directory with
 the generated nginx/gopush configs, every log and the raw \`results.jsonl\`).
 `);

@@ -32,8 +32,9 @@
 # written, failed scenarios marked), 2 on a setup problem.
 #
 # Requirements: wrk, nginx (nginx-light), redis-server, node >= 20 with the e2e suite's packages
-# (`(cd tests/e2e && npm ci)`), cargo for `micro`, and the release binary (built if missing).
-# Environment: GOPUSH_BIN, NGINX_BIN, REDIS_SERVER_BIN, WRK_BIN, NODE_PATH override the tools;
+# (`(cd tests/e2e && npm ci)`), and cargo (the binaries are built: see PROFILE below).
+# Environment: GOPUSH_BIN, BARE_BIN, NGINX_BIN, REDIS_SERVER_BIN, WRK_BIN, NODE_PATH override the
+# tools; BENCH_PROFILE the cargo profile built (full: dist, smoke: release);
 # BENCH_BACKEND_BACKLOG (4096; 0 = Node's 511), BENCH_BUDGET_S (watchdog: full 900, smoke 300).
 # BARE_L4_READ (unset): bare Pingora's downstream read buffer in bytes, for experiments (default: Pingora's 64 KiB).
 # BARE_WORK_STEALING (unset): `true` gives bare Pingora Pingora's work-stealing runtime (default: none, as gopush).
@@ -42,8 +43,6 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH="$ROOT/benches"
-GOPUSH_BIN=${GOPUSH_BIN:-$ROOT/target/release/gopush}
-BARE_BIN=${BARE_BIN:-$ROOT/target/release/examples/bare_pingora}
 NGINX_BIN=${NGINX_BIN:-/usr/sbin/nginx}
 REDIS_BIN=${REDIS_SERVER_BIN:-redis-server}
 # The Node load generator reuses the e2e suite's packages (socket.io-client, ws, ...).
@@ -61,11 +60,19 @@ while [ $# -gt 0 ]; do
     --only) ONLY=$2; shift ;;
     --skip) SKIP=$2; shift ;;
     --keep) KEEP=1 ;;
-    -h|--help) sed -n '2,33p' "${BASH_SOURCE[0]}"; exit 0 ;;
+    -h|--help) sed -n '2,40p' "${BASH_SOURCE[0]}"; exit 0 ;;
     *) echo "run.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
 done
+
+# What is measured: a full run builds the `dist` profile (fat LTO, one codegen unit; what a
+# production build uses, README "Deploying"), gopush and bare Pingora alike; a smoke run uses the
+# release build the tests made. BENCH_PROFILE overrides; GOPUSH_BIN / BARE_BIN skip the build.
+if [ "$MODE" = smoke ]; then PROFILE=${BENCH_PROFILE:-release}; else PROFILE=${BENCH_PROFILE:-dist}; fi
+BUILD_GOPUSH=0 BUILD_BARE=0
+[ -n "${GOPUSH_BIN:-}" ] || { GOPUSH_BIN=$ROOT/target/$PROFILE/gopush; BUILD_GOPUSH=1; }
+[ -n "${BARE_BIN:-}" ] || { BARE_BIN=$ROOT/target/$PROFILE/examples/bare_pingora; BUILD_BARE=1; }
 
 ALL_SCENARIOS="http http-static polling websocket idle storm micro https handshake wss idle-wss"
 for s in ${ONLY//,/ } ${SKIP//,/ }; do
@@ -212,14 +219,17 @@ done
 if [ ! -d "$NODE_PATH/socket.io-client" ] || [ ! -d "$NODE_PATH/ws" ]; then
   die "Node packages missing under $NODE_PATH: run (cd tests/e2e && npm ci --no-audit --no-fund)"
 fi
-if [ ! -x "$GOPUSH_BIN" ]; then
-  log "building $GOPUSH_BIN (cargo build --release --bin gopush)"
-  (cd "$ROOT" && cargo build --release --bin gopush) || die "build failed"
+# cargo does nothing when the binaries are up to date (the first dist build takes minutes).
+if [ "$BUILD_GOPUSH" = 1 ]; then
+  log "building $GOPUSH_BIN (cargo build --profile $PROFILE --bin gopush)"
+  (cd "$ROOT" && cargo build --profile "$PROFILE" --bin gopush) || die "build failed"
 fi
-if [ ! -x "$BARE_BIN" ] || [ "$BARE_BIN" -ot "$ROOT/examples/bare_pingora.rs" ]; then
-  log "building $BARE_BIN (cargo build --release --example bare_pingora)"
-  (cd "$ROOT" && cargo build --release --example bare_pingora) || die "build failed"
+if [ "$BUILD_BARE" = 1 ]; then
+  log "building $BARE_BIN (cargo build --profile $PROFILE --example bare_pingora)"
+  (cd "$ROOT" && cargo build --profile "$PROFILE" --example bare_pingora) || die "build failed"
 fi
+[ -x "$GOPUSH_BIN" ] || die "$GOPUSH_BIN is not an executable"
+[ -x "$BARE_BIN" ] || die "$BARE_BIN is not an executable"
 
 # Idle WebSockets need many descriptors: raise the soft limit to the hard one (inherited by
 # everything started below). A proxy holds 2 descriptors per proxied connection (client side +
@@ -749,7 +759,7 @@ ELAPSED=$(( $(date +%s) - RUN_START ))
 mkdir -p "$OUT"
 node "$BENCH/report.js" --results "$RESULTS" --out "$OUT" --mode "$MODE" --rounds "$ROUNDS" \
   --elapsed "$ELAPSED" --failed "$(IFS=,; echo "${FAILED[*]:-}")" --idle-note "$IDLE_NOTE" \
-  --config "http: wrk -t1 -c$WRK_CONNS ${HTTP_SECS}s (+${HTTP_WARM}s warm-up); polling: $POLL_CLIENTS clients x $POLL_ECHOES echoes; websocket: $WS_CLIENTS clients x ${WS_SECS}s; idle: $IDLE_TIERS_CSV; storm: $STORM_CLIENTS; TLS: ECDSA P-256 leaf, idle wss: ${IDLE_WSS_TIERS// /,}" \
+  --config "build: $PROFILE profile; http: wrk -t1 -c$WRK_CONNS ${HTTP_SECS}s (+${HTTP_WARM}s warm-up); polling: $POLL_CLIENTS clients x $POLL_ECHOES echoes; websocket: $WS_CLIENTS clients x ${WS_SECS}s; idle: $IDLE_TIERS_CSV; storm: $STORM_CLIENTS; TLS: ECDSA P-256 leaf, idle wss: ${IDLE_WSS_TIERS// /,}" \
   --gopush-version "$("$GOPUSH_BIN" --version 2>/dev/null | head -n 1)" \
   --commit "$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)$(git -C "$ROOT" diff --quiet HEAD -- src 2>/dev/null || echo '+dirty')" \
   || { log "report generation failed"; exit 1; }
