@@ -457,6 +457,7 @@ fn demo_tls(config: &mut Config) -> anyhow::Result<()> {
         default: None,
         h2: true,
         handshake_timeout: std::time::Duration::from_secs(10),
+        watch: std::time::Duration::from_secs(60),
     });
     config.listen.0.push(entry);
     Ok(())

@@ -21,6 +21,8 @@ use bytes::Bytes;
 use pingora::lb::HealthRegistry;
 use pingora::server::ShutdownWatch;
 use pingora::services::background::BackgroundService;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -376,6 +378,66 @@ impl BackgroundService for DiscoveryLoop {
             tokio::select! {
                 _ = shutdown.changed() => return,
                 _ = tokio::time::sleep(tick.max(std::time::Duration::from_millis(100))) => {}
+            }
+        }
+    }
+}
+
+/// `listen[].tls.watch`: loads certificate files that changed on disk (a renewal written over
+/// them by certbot, say) without a reload; files that do not load are reported once and the
+/// served certificates stay.
+pub struct CertWatch(pub Arc<Live>);
+
+impl CertWatch {
+    /// Checks the listeners whose `tls.watch` has passed since their last check (`last`), and
+    /// returns how long until one is due again (at most a second: a reload may shorten it).
+    fn check_due(
+        &self,
+        last: &mut HashMap<SocketAddr, tokio::time::Instant>,
+        failed: &mut HashMap<SocketAddr, Option<crate::tls::FileStamps>>,
+    ) -> std::time::Duration {
+        use crate::tls::FilesCheck;
+        let now = tokio::time::Instant::now();
+        let mut next = std::time::Duration::from_secs(1);
+        let listeners = self.0.listeners();
+        for listener in listeners.tls() {
+            let Some(every) = listener.resolver.table().watch() else {
+                continue;
+            };
+            let since = last.entry(listener.addr).or_insert(now);
+            let due = *since + every;
+            if due > now {
+                next = next.min(due - now);
+                continue;
+            }
+            *since = now;
+            next = next.min(every);
+            match listeners.check_files(listener, failed.entry(listener.addr).or_default()) {
+                FilesCheck::Unchanged => {}
+                FilesCheck::Loaded => {
+                    self.0.shared.metrics.set_certificates(listeners);
+                    tracing::info!(listen = %listener.addr, "certificate files changed on disk: loaded, new handshakes get them");
+                }
+                FilesCheck::Failed(key, message) => tracing::error!(
+                    listen = %listener.addr,
+                    "certificate files changed on disk but do not load, the served ones stay: {key}: {message}"
+                ),
+            }
+        }
+        next
+    }
+}
+
+#[async_trait]
+impl BackgroundService for CertWatch {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut last = HashMap::new();
+        let mut failed = HashMap::new();
+        loop {
+            let next = self.check_due(&mut last, &mut failed);
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(next) => {}
             }
         }
     }

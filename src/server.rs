@@ -6,7 +6,7 @@ use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::handover::HandOver;
 use crate::limits::head_deadline::HeadDeadlineApp;
-use crate::live::{DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
+use crate::live::{CertWatch, DiscoveryLoop, HealthLoop, Live, ReloadOnHangup};
 use crate::proxy::Agent;
 use async_trait::async_trait;
 use pingora::listeners::{L4BufferSettings, ListenerConfig};
@@ -165,6 +165,12 @@ pub fn run(
         server.add_service(background_service(
             "acme",
             crate::acme::AcmeService::new(acme, publish),
+        ));
+    }
+    if live.listeners().tls().next().is_some() {
+        server.add_service(background_service(
+            "certificate files",
+            CertWatch(live.clone()),
         ));
     }
     server.add_service(background_service("reload on SIGHUP", ReloadOnHangup(live)));

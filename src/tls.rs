@@ -35,6 +35,39 @@ pub struct LoadedCert {
     pub not_after: i64,
     /// What rustls serves.
     pub key: Arc<CertifiedKey>,
+    /// What the two files held when they were read (`tls.watch`).
+    stamps: [Option<Stamp>; 2],
+}
+
+/// A file's contents, hashed: what tells a rewritten file from the one that was read. Contents
+/// rather than metadata, whose mtime has the kernel tick's granularity: a file rewritten within
+/// a tick of the read, to the same length, would look unchanged. The files are a few kB and
+/// read once per `tls.watch`; the hash needs no strength (whoever can write them owns the key).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp(u64);
+
+impl Stamp {
+    fn of_bytes(bytes: &[u8]) -> Stamp {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        bytes.hash(&mut h);
+        Stamp(h.finish())
+    }
+
+    /// `None` for a file that cannot be read now (it differs from any file that could).
+    fn of(path: &Path) -> Option<Stamp> {
+        std::fs::read(path).ok().map(|b| Stamp::of_bytes(&b))
+    }
+}
+
+/// The files of a table's certificates, in order (cert, key, cert, key, ...).
+pub type FileStamps = Vec<Option<Stamp>>;
+
+impl LoadedCert {
+    /// Its two files as they are on disk now.
+    fn on_disk(&self) -> [Option<Stamp>; 2] {
+        [Stamp::of(&self.cert_file), Stamp::of(&self.key_file)]
+    }
 }
 
 impl std::fmt::Debug for LoadedCert {
@@ -123,6 +156,10 @@ pub fn load_cert(
         names,
         not_after,
         key: Arc::new(certified),
+        stamps: [
+            Some(Stamp::of_bytes(&cert_pem)),
+            Some(Stamp::of_bytes(&key_pem)),
+        ],
     })
 }
 
@@ -230,6 +267,18 @@ pub struct CertTable {
     pub certs: Vec<Arc<LoadedCert>>,
     /// `tls.default`, as configured.
     pub default_name: Option<String>,
+    /// What [`CertTable::load`] built it from, to load it again when its files change.
+    source: Option<Arc<TableSource>>,
+}
+
+/// A listener's `tls` entry as a table was loaded from it.
+#[derive(Debug)]
+struct TableSource {
+    /// Its index in `listen`, for error keys.
+    index: usize,
+    tls: TlsListen,
+    /// The configuration file's directory (relative paths).
+    dir: PathBuf,
 }
 
 impl CertTable {
@@ -247,7 +296,30 @@ impl CertTable {
                     .map_err(|(field, m)| (format!("listen[{i}].tls.certificates[{j}].{field}"), m))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        CertTable::new(tls, certs).map_err(|m| (format!("listen[{i}].tls.default"), m))
+        let mut table =
+            CertTable::new(tls, certs).map_err(|m| (format!("listen[{i}].tls.default"), m))?;
+        table.source = Some(Arc::new(TableSource {
+            index: i,
+            tls: tls.clone(),
+            dir: dir.to_path_buf(),
+        }));
+        Ok(table)
+    }
+
+    /// `tls.watch` of the entry it was loaded from (`None`: not watched).
+    pub fn watch(&self) -> Option<Duration> {
+        self.source
+            .as_ref()
+            .map(|s| s.tls.watch)
+            .filter(|w| !w.is_zero())
+    }
+
+    /// The files of its certificates as they are on disk now, if any differs from what was
+    /// read.
+    fn changed_on_disk(&self) -> Option<FileStamps> {
+        let now: FileStamps = self.certs.iter().flat_map(|c| c.on_disk()).collect();
+        let read = self.certs.iter().flat_map(|c| c.stamps);
+        (!now.iter().copied().eq(read)).then_some(now)
     }
 
     /// The table of `tls` with its certificates `certs` (in the order of `tls.certificates`).
@@ -436,6 +508,20 @@ impl TlsListener {
 #[derive(Default)]
 pub struct Listeners {
     entries: Vec<(SocketAddr, Option<Arc<TlsListener>>)>,
+    /// Held by whoever loads and swaps tables (a reload, the file check), so that an older
+    /// table never replaces a newer one.
+    swapping: std::sync::Mutex<()>,
+}
+
+/// What [`Listeners::check_files`] did for one listener.
+#[derive(Debug, PartialEq)]
+pub enum FilesCheck {
+    /// Its files are as they were read (or as they were when they last failed to load).
+    Unchanged,
+    /// They changed and loaded: new handshakes get them.
+    Loaded,
+    /// They changed and do not load: `(key, problem)`; the served certificates stay.
+    Failed(String, String),
 }
 
 impl Listeners {
@@ -456,7 +542,10 @@ impl Listeners {
             };
             entries.push((entry.addr, tls));
         }
-        Ok(Listeners { entries })
+        Ok(Listeners {
+            entries,
+            swapping: Default::default(),
+        })
     }
 
     /// The TLS listener a connection to `local` came in on (`None`: plain).
@@ -475,6 +564,7 @@ impl Listeners {
     /// returns the addresses of running TLS listeners that `config` has no TLS entry for (they
     /// keep their certificates).
     pub fn reload(&self, config: &Config) -> Result<Vec<SocketAddr>, (String, String)> {
+        let _swapping = self.swapping.lock().unwrap_or_else(|e| e.into_inner());
         let mut tables = Vec::new();
         let mut missing = Vec::new();
         for running in self.tls() {
@@ -497,6 +587,39 @@ impl Listeners {
             listener.resolver.store(table);
         }
         Ok(missing)
+    }
+
+    /// `tls.watch`: loads `listener`'s certificates again, all or none, from the entry its table
+    /// was loaded from, if one of their files changed on disk since it was read. `failed` holds
+    /// the files of the last failed attempt: the same files are not tried (and reported) again.
+    pub fn check_files(
+        &self,
+        listener: &TlsListener,
+        failed: &mut Option<FileStamps>,
+    ) -> FilesCheck {
+        let _swapping = self.swapping.lock().unwrap_or_else(|e| e.into_inner());
+        let current = listener.resolver.table();
+        let Some(source) = current.source.clone() else {
+            return FilesCheck::Unchanged;
+        };
+        let Some(now) = current.changed_on_disk() else {
+            *failed = None;
+            return FilesCheck::Unchanged;
+        };
+        if failed.as_ref() == Some(&now) {
+            return FilesCheck::Unchanged;
+        }
+        match CertTable::load(source.index, &source.tls, &source.dir) {
+            Ok(table) => {
+                *failed = None;
+                listener.resolver.store(table);
+                FilesCheck::Loaded
+            }
+            Err((key, message)) => {
+                *failed = Some(now);
+                FilesCheck::Failed(key, message)
+            }
+        }
     }
 }
 

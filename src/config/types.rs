@@ -225,6 +225,10 @@ pub struct TlsListen {
     /// A TLS handshake not complete within this is dropped.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// How often the certificate files are checked for changes (a renewal written over them);
+    /// changed files are loaded as a reload would. `0s`: only reloads read them.
+    #[serde(default = "default_cert_watch", with = "humantime_serde")]
+    pub watch: Duration,
 }
 
 fn yes() -> bool {
@@ -233,6 +237,10 @@ fn yes() -> bool {
 
 fn default_handshake_timeout() -> Duration {
     Duration::from_secs(10)
+}
+
+fn default_cert_watch() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// One certificate: its PEM chain and its PEM private key.

@@ -45,6 +45,7 @@ fn table_of(certs: &[CertificateFiles], default: Option<&str>) -> Result<CertTab
         default: default.map(str::to_string),
         h2: true,
         handshake_timeout: Duration::from_secs(10),
+        watch: Duration::from_secs(60),
     };
     let loaded = certs
         .iter()
@@ -364,4 +365,75 @@ fn the_acme_certificate_answers_its_names_and_survives_a_table_swap() {
     mixed.store(table_of(&[other], None).unwrap());
     assert!(is(mixed.lookup(Some("a.acme.test")), &acme.key));
     assert!(mixed.lookup(Some("site.test")).is_none());
+}
+
+#[test]
+fn watched_files_load_when_they_change_and_a_bad_pair_is_reported_once() {
+    let d = dir("watch");
+    write_cert(&d, "site", &["site.test"], false);
+    let yaml = format!(
+        "listen:\n  - addr: \"127.0.0.1:21443\"\n    tls:\n      certificates:\n        - {{cert: site.pem, key: site.key}}\n      watch: 5s\n{POOLS}"
+    );
+    let c = config_in(&d, &yaml).unwrap_or_else(|e| panic!("{e}"));
+    let listeners = Listeners::new(&c).unwrap();
+    let l = listeners.tls().next().unwrap();
+    assert_eq!(l.resolver.table().watch(), Some(Duration::from_secs(5)));
+    let mut failed = None;
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Unchanged);
+
+    // A renewal written over the files (its name tells it apart).
+    write_cert(&d, "site", &["renewed.test"], false);
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Loaded);
+    assert_eq!(
+        served(&l.resolver.table(), None).as_deref(),
+        Some("renewed.test")
+    );
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Unchanged);
+
+    // Half written: the next certificate beside the current key. Reported once; served: the
+    // loaded one.
+    let next = write_cert(&d, "next", &["next.test"], false);
+    std::fs::copy(&next.cert, d.join("site.pem")).unwrap();
+    match listeners.check_files(l, &mut failed) {
+        FilesCheck::Failed(key, message) => {
+            assert_eq!(key, "listen[0].tls.certificates[0].key");
+            assert!(
+                message.contains("does not match the certificate"),
+                "{message}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Unchanged);
+    assert_eq!(
+        served(&l.resolver.table(), None).as_deref(),
+        Some("renewed.test")
+    );
+
+    // The key follows: the pair loads.
+    std::fs::copy(&next.key, d.join("site.key")).unwrap();
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Loaded);
+    assert_eq!(
+        served(&l.resolver.table(), None).as_deref(),
+        Some("next.test")
+    );
+}
+
+#[test]
+fn watch_zero_is_off_and_defaults_to_a_minute() {
+    let d = dir("watch-off");
+    write_cert(&d, "site", &["site.test"], false);
+    let entry = |watch: &str| {
+        format!(
+            "listen:\n  - addr: \"127.0.0.1:21443\"\n    tls:\n      certificates:\n        - {{cert: site.pem, key: site.key}}\n{watch}{POOLS}"
+        )
+    };
+    let watch_of = |yaml: String| {
+        let c = config_in(&d, &yaml).unwrap_or_else(|e| panic!("{e}"));
+        let listeners = Listeners::new(&c).unwrap();
+        let w = listeners.tls().next().unwrap().resolver.table().watch();
+        w
+    };
+    assert_eq!(watch_of(entry("      watch: 0s\n")), None);
+    assert_eq!(watch_of(entry("")), Some(Duration::from_secs(60)));
 }

@@ -3,7 +3,8 @@
 // uid sources, a 430 with its body, sid memory), SNI certificate choice, X-Forwarded-Proto,
 // redirect_https, bad input on the TLS port (plain HTTP, unknown SNI, garbage after the
 // ClientHello, 1,000 half-open handshakes), and a SIGHUP certificate swap under 100 open wss
-// connections (plus a bad certificate on reload keeping the old one).
+// connections (plus a bad certificate on reload keeping the old one), and `tls.watch` loading
+// rewritten files without a signal (a second agent).
 //
 // One agent: a plain listener (readiness, control), a TLS listener (certificates `site` for
 // localhost/site.test/*.wild.test/127.0.0.1 and `other` for other.test, no `default`,
@@ -55,6 +56,8 @@ describe('TLS listeners', { timeout: 240_000 }, () => {
         tls: {
           certificates: [{ cert: 'site.pem', key: 'site.key' }, { cert: 'other.pem', key: 'other.key' }],
           handshake_timeout: `${HANDSHAKE_TIMEOUT_MS}ms`,
+          // Off: the swaps below must be the signal's doing (tls.watch has its own agent).
+          watch: '0s',
         },
       },
       { addr: `127.0.0.1:${redirect}`, redirect_https: true, https_port: secure },
@@ -71,9 +74,9 @@ describe('TLS listeners', { timeout: 240_000 }, () => {
   const httpsUrl = () => `https://127.0.0.1:${ports.secure}`;
 
   /** The leaf the TLS listener serves for `servername` (undefined: no SNI). */
-  const leafFor = (servername, { verify = true } = {}) => new Promise((resolve, reject) => {
+  const leafFor = (servername, { verify = true, port = ports.secure } = {}) => new Promise((resolve, reject) => {
     // Unverified for the names no certificate has: what fails must be the handshake itself.
-    const opts = { host: '127.0.0.1', port: ports.secure, ca: ca.pem, ALPNProtocols: ['http/1.1'], rejectUnauthorized: verify };
+    const opts = { host: '127.0.0.1', port, ca: ca.pem, ALPNProtocols: ['http/1.1'], rejectUnauthorized: verify };
     if (servername) opts.servername = servername;
     const s = tls.connect(opts, () => {
       const cert = s.getPeerCertificate();
@@ -364,6 +367,53 @@ describe('TLS listeners', { timeout: 240_000 }, () => {
     for (const c of clients) c.socket.close();
     // Put the matching key back for the next test's new process.
     fs.copyFileSync(next.key, path.join(env.dir, 'site.key'));
+  });
+
+  it('tls.watch loads rewritten certificate files without a signal, under open wss connections; a pair that does not load is reported and the served one stays', async () => {
+    const first = await h.issueCert(ca, 'watched', ['localhost', '127.0.0.1']);
+    const [plain, secure] = await h.freePorts(2);
+    const cfg = env.makeConfig({ port: plain, pools: { default: [A.addr, B.addr] } });
+    cfg.listen = [
+      `127.0.0.1:${plain}`,
+      { addr: `127.0.0.1:${secure}`, tls: { certificates: [{ cert: 'watched.pem', key: 'watched.key' }], watch: '200ms' } },
+    ];
+    const w = await env.startAgent(cfg, { file: 'watch.yaml' });
+    try {
+      const served = async () => (await leafFor('localhost', { port: secure })).fingerprint;
+      assert.equal(await served(), fingerprint(first.pem));
+      const clients = await h.mapLimit([...Array(20).keys()], 10, (i) => env.connect(`https://127.0.0.1:${secure}`, {
+        ca: ca.pem, transports: ['websocket'], query: { uid: `watch-${i}` },
+      }));
+      let drops = 0;
+      for (const c of clients) c.socket.on('disconnect', () => { drops++; });
+
+      // A key that does not match the certificate: reported with the key and the problem; the
+      // loaded pair stays served.
+      fs.copyFileSync(other.key, path.join(env.dir, 'watched.key'));
+      await w.proc.waitForOutput(/certificate files changed on disk but do not load, the served ones stay: listen\[1\]\.tls\.certificates\[0\]\.key: .*watched\.key does not match the certificate/,
+        10000, 'the unloadable pair in the log');
+      assert.equal(await served(), fingerprint(first.pem));
+
+      // A renewal over the same file names (with a name of its own, to find it in /metrics).
+      const renewed = await h.issueCert(ca, 'renewed', ['localhost', '127.0.0.1', 'renewed.test']);
+      fs.copyFileSync(renewed.cert, path.join(env.dir, 'watched.pem'));
+      fs.copyFileSync(renewed.key, path.join(env.dir, 'watched.key'));
+      await h.poll(async () => (await served()) === fingerprint(renewed.pem), {
+        attempts: 100, delayMs: 50, maxDelayMs: 200, what: 'new handshakes to get the renewed certificate',
+      });
+      assert.match(w.proc.out, /certificate files changed on disk: loaded/);
+      const notAfter = Math.floor(new Date(new crypto.X509Certificate(renewed.pem).validTo).getTime() / 1000);
+      const m = (await h.admin(w, 'GET', '/metrics')).text
+        .match(/gopush_tls_certificate_expiry_seconds\{[^}]*name="renewed\.test"[^}]*\} (\d+)/);
+      assert.ok(m, 'the renewed certificate in /metrics');
+      assert.equal(Number(m[1]), notAfter);
+      const acks = await h.mapLimit(clients, 10, (c) => h.emitAck(c.socket, 'whoami'));
+      acks.forEach((a, i) => assert.equal(a.uid, `watch-${i}`));
+      assert.equal(drops, 0);
+      for (const c of clients) c.socket.close();
+    } finally {
+      await w.proc.kill('SIGTERM');
+    }
   });
 
   it('a graceful upgrade (run -u) hands the TLS listener over: the new process serves TLS and h2', async () => {
