@@ -90,6 +90,18 @@ struct Goodbye {
     sent: bool,
 }
 
+impl Goodbye {
+    /// The backend's answer is replaced whole (its length was set in `response_filter`).
+    fn replace(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
+        if self.sent {
+            *body = None;
+        } else if body.is_some() || end_of_stream {
+            *body = Some(self.body.clone());
+            self.sent = true;
+        }
+    }
+}
+
 /// What the directory needs to know about a request under the Socket.IO path.
 struct Eio {
     /// The session's sid (every request after the handshake carries it).
@@ -274,6 +286,65 @@ impl Agent {
 
     /// A request of a polling session this agent closed: the agent answers it itself (a GET
     /// with the goodbye payload, once; a POST with `ok`), without asking the backend.
+    /// A chunk of a tunnel's server→client stream: a tunnel the agent cut (`kick`) gets its
+    /// closing frames at the upstream EOF; during a hand-over a tunnel whose moment has come is
+    /// closed cleanly in place of a ping, and ends at the client's next frame.
+    fn tunnel_chunk(
+        &self,
+        route: &mut Route,
+        eio: Option<&Eio>,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+    ) -> Result<()> {
+        let Some(tunnel) = &mut route.tunnel else {
+            return Ok(());
+        };
+        if let (Some(frames), Some(listed)) = (&mut route.frames, &route.listed) {
+            if let Some(b) = body.as_deref() {
+                frames.feed(b);
+            }
+            // The agent cut the backend socket: this is the upstream EOF.
+            if let (true, Some(reason)) = (end_of_stream, listed.kicked()) {
+                if tunnel.going_away {
+                    // The hand-over's close frame went out already: no second one.
+                    return Ok(());
+                }
+                let engine = eio.is_some_and(|e| matches!(e.version, 3 | 4));
+                if let Some(bye) = crate::kick::closing_frames(frames, engine, reason) {
+                    *body = Some(match body.take() {
+                        Some(b) => [b, bye].concat().into(),
+                        None => bye,
+                    });
+                }
+                return Ok(());
+            }
+        }
+        let Some(at) = tunnel.close_at else {
+            return Ok(());
+        };
+        if tunnel.going_away {
+            return Err(handed_over());
+        }
+        if body.as_deref().is_some_and(handover::is_lone_ping) && self.handover.tunnel_due(at) {
+            // The client reconnects through the new process.
+            *body = Some(Bytes::from_static(handover::GOING_AWAY));
+            tunnel.going_away = true;
+        }
+        Ok(())
+    }
+
+    /// Sid memory: the first chunk of a polling handshake's answer names the sid its backend
+    /// made (a handshake body is a few hundred bytes), remembered as `(uid, backend)`.
+    fn learn_sid(&self, route: &mut Route, chunk: Option<&Bytes>, uid: Option<&Uid>) {
+        let (Some(chunk), Some(memory), Some(uid)) = (chunk, self.live.sessions(), uid) else {
+            return;
+        };
+        route.decision.learn_sid = false;
+        if let Some(sid) = affinity::sid_in_open_packet(chunk) {
+            memory.learn(sid, uid.as_str(), route.decision.target.backend().clone());
+        }
+    }
+
     fn kicked_answer(&self, session: &Session, ctx: &Ctx) -> Option<Bytes> {
         let dir = self.directory.as_ref()?;
         let eio = ctx.eio.as_ref().filter(|e| e.polling)?;
@@ -283,6 +354,28 @@ impl Agent {
 }
 
 /// The Engine.IO side of a request, for the directory.
+/// The cluster directory's view of a polling answer: a handshake's answer opens the
+/// connection; a close packet in a poll's answer means the server ended the session.
+fn track_polling_answer(dir: &Directory, eio: &mut Eio, chunk: &[u8], uid: &Uid, route: &Route) {
+    if eio.handshake {
+        eio.handshake = false;
+        if let Some(open) = affinity::open_packet(chunk) {
+            dir.open_polling(
+                open.sid,
+                uid.as_str(),
+                route.decision.target.backend(),
+                open.idle_ms,
+                eio.client,
+                eio.version,
+            );
+        }
+    } else if eio.polling && affinity::has_close_packet(chunk) {
+        if let Some(sid) = &eio.sid {
+            dir.close_sid(sid);
+        }
+    }
+}
+
 fn eio_of(snap: &Snapshot, req: &RequestHeader, peer: Option<std::net::IpAddr>) -> Eio {
     let path = &snap.startup.affinity.path;
     let under = req.uri.path().starts_with(path.as_str());
@@ -727,86 +820,24 @@ impl ProxyHttp for Agent {
         end_of_stream: bool,
         ctx: &mut Ctx,
     ) -> Result<Option<Duration>> {
-        if let Some(g) = &mut ctx.goodbye {
-            // The backend's answer is replaced whole (its length was set in response_filter).
-            if g.sent {
-                *body = None;
-            } else if body.is_some() || end_of_stream {
-                *body = Some(g.body.clone());
-                g.sent = true;
-            }
+        if let Some(goodbye) = &mut ctx.goodbye {
+            goodbye.replace(body, end_of_stream);
             return Ok(None);
         }
         let Some(route) = &mut ctx.route else {
             return Ok(None);
         };
-        if let Some(tunnel) = &mut route.tunnel {
-            if let (Some(frames), Some(listed)) = (&mut route.frames, &route.listed) {
-                if let Some(b) = body.as_deref() {
-                    frames.feed(b);
-                }
-                // The agent cut the backend socket (`kick`): this is the upstream EOF.
-                if let (true, Some(reason)) = (end_of_stream, listed.kicked()) {
-                    if tunnel.going_away {
-                        // The hand-over's close frame went out already: no second one.
-                        return Ok(None);
-                    }
-                    let engine = ctx.eio.as_ref().is_some_and(|e| matches!(e.version, 3 | 4));
-                    if let Some(bye) = crate::kick::closing_frames(frames, engine, reason) {
-                        *body = Some(match body.take() {
-                            Some(b) => [b, bye].concat().into(),
-                            None => bye,
-                        });
-                    }
-                    return Ok(None);
-                }
-            }
-            let Some(at) = tunnel.close_at else {
-                return Ok(None);
-            };
-            if tunnel.going_away {
-                return Err(handed_over());
-            }
-            if body.as_deref().is_some_and(handover::is_lone_ping) && self.handover.tunnel_due(at) {
-                // Its moment has come during a hand-over: a clean close instead of this ping;
-                // the client reconnects through the new process.
-                *body = Some(Bytes::from_static(handover::GOING_AWAY));
-                tunnel.going_away = true;
-            }
+        if route.tunnel.is_some() {
+            self.tunnel_chunk(route, ctx.eio.as_ref(), body, end_of_stream)?;
             return Ok(None);
         }
         if let (Some(dir), Some(eio), Some(chunk), Some(uid)) =
             (&self.directory, &mut ctx.eio, body.as_deref(), &ctx.uid)
         {
-            if eio.handshake {
-                eio.handshake = false;
-                if let Some(open) = affinity::open_packet(chunk) {
-                    dir.open_polling(
-                        open.sid,
-                        uid.as_str(),
-                        route.decision.target.backend(),
-                        open.idle_ms,
-                        eio.client,
-                        eio.version,
-                    );
-                }
-            } else if eio.polling && affinity::has_close_packet(chunk) {
-                // The server ended the session (a close packet in a poll's answer).
-                if let Some(sid) = &eio.sid {
-                    dir.close_sid(sid);
-                }
-            }
+            track_polling_answer(dir, eio, chunk, uid, route);
         }
         if route.decision.learn_sid {
-            if let (Some(chunk), Some(memory), Some(uid)) =
-                (body.as_ref(), self.live.sessions(), &ctx.uid)
-            {
-                // A handshake body is a few hundred bytes: the first chunk decides.
-                route.decision.learn_sid = false;
-                if let Some(sid) = affinity::sid_in_open_packet(chunk) {
-                    memory.learn(sid, uid.as_str(), route.decision.target.backend().clone());
-                }
-            }
+            self.learn_sid(route, body.as_ref(), ctx.uid.as_ref());
         }
         Ok(None)
     }
