@@ -91,6 +91,16 @@ struct Goodbye {
 }
 
 impl Goodbye {
+    /// `body` replaces the answer `response` heads: a 200 of its length, in plain text.
+    fn answer(response: &mut ResponseHeader, body: Bytes) -> Result<Goodbye> {
+        response.set_status(200)?;
+        response.remove_header(&http::header::CONTENT_ENCODING);
+        response.remove_header(&http::header::TRANSFER_ENCODING);
+        response.insert_header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8")?;
+        response.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+        Ok(Goodbye { body, sent: false })
+    }
+
     /// The backend's answer is replaced whole (its length was set in `response_filter`).
     fn replace(&mut self, body: &mut Option<Bytes>, end_of_stream: bool) {
         if self.sent {
@@ -286,6 +296,36 @@ impl Agent {
 
     /// A request of a polling session this agent closed: the agent answers it itself (a GET
     /// with the goodbye payload, once; a POST with `ok`), without asking the backend.
+    /// The backend answered an upgrade with 101: the request becomes a tunnel (in its gauge, in
+    /// the hand-over's closing order and, with a cluster directory, listed with the duplicate of
+    /// its backend socket that `kick` closes it by).
+    fn open_tunnel(
+        &self,
+        route: &mut Route,
+        uid: Option<&Uid>,
+        eio: Option<&Eio>,
+        upstream: &mut Option<Cut>,
+    ) {
+        route.tunnel = Some(Tunnel {
+            close_at: self.handover.tunnel_opened(),
+            going_away: false,
+        });
+        if let Some(g) = &mut route.gauge {
+            g.become_tunnel();
+        }
+        if let (Some(dir), Some(uid), Some(eio)) = (&self.directory, uid, eio) {
+            route.listed = Some(dir.open_tunnel(
+                eio.sid.as_deref(),
+                uid.as_str(),
+                route.decision.target.backend(),
+                eio.client,
+                eio.version,
+                upstream.take(),
+            ));
+            route.frames = Some(FrameTracker::default());
+        }
+    }
+
     /// A chunk of a tunnel's server→client stream: a tunnel the agent cut (`kick`) gets its
     /// closing frames at the upstream EOF; during a hand-over a tunnel whose moment has come is
     /// closed cleanly in place of a ping, and ends at the client's next frame.
@@ -354,6 +394,26 @@ impl Agent {
 }
 
 /// The Engine.IO side of a request, for the directory.
+/// The goodbye for a poll (a GET) that was pending when the agent closed its session (`kick`):
+/// the backend answers it with a noop (or a 400, if it raced the close), and the client gets
+/// the goodbye instead, so that it does not reconnect. A 400 also makes the directory look up
+/// whether another agent closed the session.
+async fn goodbye_for_poll(
+    dir: &Directory,
+    eio: &Eio,
+    method: &http::Method,
+    status: http::StatusCode,
+    uid: Option<&Uid>,
+) -> Option<Bytes> {
+    let (true, Some(sid)) = (eio.polling && method == http::Method::GET, &eio.sid) else {
+        return None;
+    };
+    if let (http::StatusCode::BAD_REQUEST, Some(uid)) = (status, uid) {
+        dir.learn_closed(uid.as_str(), sid).await;
+    }
+    dir.goodbye(sid, true)
+}
+
 /// The cluster directory's view of a polling answer: a handshake's answer opens the
 /// connection; a close packet in a poll's answer means the server ended the session.
 fn track_polling_answer(dir: &Directory, eio: &mut Eio, chunk: &[u8], uid: &Uid, route: &Route) {
@@ -720,48 +780,17 @@ impl ProxyHttp for Agent {
         // A refused upgrade gives its reserved tunnel slot back now.
         ctx.slots.upgrade_answered(status.as_u16());
         if status == http::StatusCode::SWITCHING_PROTOCOLS {
-            route.tunnel = Some(Tunnel {
-                close_at: self.handover.tunnel_opened(),
-                going_away: false,
-            });
-            if let Some(g) = &mut route.gauge {
-                g.become_tunnel();
-            }
-            if let (Some(dir), Some(uid), Some(eio)) = (&self.directory, &ctx.uid, &ctx.eio) {
-                route.listed = Some(dir.open_tunnel(
-                    eio.sid.as_deref(),
-                    uid.as_str(),
-                    route.decision.target.backend(),
-                    eio.client,
-                    eio.version,
-                    ctx.upstream.take(),
-                ));
-                route.frames = Some(FrameTracker::default());
-            }
+            self.open_tunnel(route, ctx.uid.as_ref(), ctx.eio.as_ref(), &mut ctx.upstream);
         } else {
             // No tunnel: the duplicate must not keep the backend connection open.
             ctx.upstream = None;
         }
         if let (Some(dir), Some(eio)) = (&self.directory, &ctx.eio) {
-            let poll = eio.polling && session.req_header().method == http::Method::GET;
-            if let (true, Some(sid)) = (poll, &eio.sid) {
-                if let (http::StatusCode::BAD_REQUEST, Some(uid)) = (status, &ctx.uid) {
-                    dir.learn_closed(uid.as_str(), sid).await;
-                }
-                if let Some(body) = dir.goodbye(sid, true) {
-                    // A poll that was pending when the agent closed its session: the backend
-                    // answers it with a noop (or 400, if it raced the close); the client gets
-                    // the goodbye instead, so that it does not reconnect.
-                    upstream_response.set_status(200)?;
-                    upstream_response.remove_header(&http::header::CONTENT_ENCODING);
-                    upstream_response.remove_header(&http::header::TRANSFER_ENCODING);
-                    upstream_response
-                        .insert_header(http::header::CONTENT_TYPE, "text/plain; charset=UTF-8")?;
-                    upstream_response.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-                    route.decision.learn_sid = false;
-                    ctx.goodbye = Some(Goodbye { body, sent: false });
-                    return Ok(());
-                }
+            let method = &session.req_header().method;
+            if let Some(body) = goodbye_for_poll(dir, eio, method, status, ctx.uid.as_ref()).await {
+                route.decision.learn_sid = false;
+                ctx.goodbye = Some(Goodbye::answer(upstream_response, body)?);
+                return Ok(());
             }
         }
         if status != http::StatusCode::OK {
