@@ -437,3 +437,34 @@ fn watch_zero_is_off_and_defaults_to_a_minute() {
     assert_eq!(watch_of(entry("      watch: 0s\n")), None);
     assert_eq!(watch_of(entry("")), Some(Duration::from_secs(60)));
 }
+
+#[test]
+fn watched_files_behind_swapped_symlinks_load() {
+    // certbot's `live/NAME/*.pem` and a Kubernetes secret's `..data` are symlinks that a renewal
+    // points at new files; the files themselves are never rewritten.
+    let d = dir("watch-links");
+    let first = write_cert(&d, "first", &["first.test"], false);
+    let second = write_cert(&d, "second", &["second.test"], false);
+    let link = |target: &Path, name: &str| {
+        let tmp = d.join(format!("{name}.tmp"));
+        std::os::unix::fs::symlink(target, &tmp).unwrap();
+        std::fs::rename(&tmp, d.join(name)).unwrap();
+    };
+    link(&first.cert, "site.pem");
+    link(&first.key, "site.key");
+    let yaml = format!(
+        "listen:\n  - addr: \"127.0.0.1:21443\"\n    tls:\n      certificates:\n        - {{cert: site.pem, key: site.key}}\n{POOLS}"
+    );
+    let c = config_in(&d, &yaml).unwrap_or_else(|e| panic!("{e}"));
+    let listeners = Listeners::new(&c).unwrap();
+    let l = listeners.tls().next().unwrap();
+    let mut failed = None;
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Unchanged);
+    link(&second.cert, "site.pem");
+    link(&second.key, "site.key");
+    assert_eq!(listeners.check_files(l, &mut failed), FilesCheck::Loaded);
+    assert_eq!(
+        served(&l.resolver.table(), None).as_deref(),
+        Some("second.test")
+    );
+}
