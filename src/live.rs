@@ -415,7 +415,7 @@ impl CertWatch {
             match listeners.check_files(listener, failed.entry(listener.addr).or_default()) {
                 FilesCheck::Unchanged => {}
                 FilesCheck::Loaded => {
-                    self.0.shared.metrics.set_certificates(listeners);
+                    self.0.metrics().set_certificates(listeners);
                     tracing::info!(listen = %listener.addr, "certificate files changed on disk: loaded, new handshakes get them");
                 }
                 FilesCheck::Failed(key, message) => tracing::error!(

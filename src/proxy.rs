@@ -294,8 +294,6 @@ impl Agent {
         Ok(())
     }
 
-    /// A request of a polling session this agent closed: the agent answers it itself (a GET
-    /// with the goodbye payload, once; a POST with `ok`), without asking the backend.
     /// The backend answered an upgrade with 101: the request becomes a tunnel (in its gauge, in
     /// the hand-over's closing order and, with a cluster directory, listed with the duplicate of
     /// its backend socket that `kick` closes it by).
@@ -385,6 +383,8 @@ impl Agent {
         }
     }
 
+    /// A request of a polling session this agent closed: the agent answers it itself (a GET
+    /// with the goodbye payload, once; a POST with `ok`), without asking the backend.
     fn kicked_answer(&self, session: &Session, ctx: &Ctx) -> Option<Bytes> {
         let dir = self.directory.as_ref()?;
         let eio = ctx.eio.as_ref().filter(|e| e.polling)?;
@@ -393,7 +393,6 @@ impl Agent {
     }
 }
 
-/// The Engine.IO side of a request, for the directory.
 /// The goodbye for a poll (a GET) that was pending when the agent closed its session (`kick`):
 /// the backend answers it with a noop (or a 400, if it raced the close), and the client gets
 /// the goodbye instead, so that it does not reconnect. A 400 also makes the directory look up
@@ -436,6 +435,7 @@ fn track_polling_answer(dir: &Directory, eio: &mut Eio, chunk: &[u8], uid: &Uid,
     }
 }
 
+/// The Engine.IO side of a request, for the directory.
 fn eio_of(snap: &Snapshot, req: &RequestHeader, peer: Option<std::net::IpAddr>) -> Eio {
     let path = &snap.startup.affinity.path;
     let under = req.uri.path().starts_with(path.as_str());
